@@ -1,0 +1,85 @@
+"""Which transformers ditcache supports, and how to read their calls.
+
+A ``TransformerAdapter`` knows one transformer class: its model family (which preset applies), its
+blocks and their adapters, and where a call's latents and timestep are. Supporting a new model means
+adding an entry here and, for a new block family, one adapter module beside this file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from torch import nn
+
+from ..config import EngineSettings
+from .base import BlockAdapter
+from .basic_transformer import BasicTransformerBlockAdapter
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What the step hook reads from one transformer call."""
+
+    latents: torch.Tensor
+    timestep: float
+    grid: tuple[int, int]
+
+
+class TransformerAdapter:
+    """A DiT-style transformer: patchified 2D latents, ``transformer_blocks`` of one family."""
+
+    family: str = ""
+    block_adapter = BasicTransformerBlockAdapter
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+        self.signature = inspect.signature(type(transformer).forward)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"transformer_blocks.{i}", block) for i, block in enumerate(self.transformer.transformer_blocks)]
+
+    def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
+        blocks = self.blocks()
+        depth = max(len(blocks) - 1, 1)
+        return [self.block_adapter(block, name, i / depth, settings) for i, (name, block) in enumerate(blocks)]
+
+    def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
+        bound = self.signature.bind(None, *args, **kwargs).arguments
+        latents, timestep = bound["hidden_states"], bound.get("timestep")
+        if timestep is None:
+            raise ValueError(f"{type(self.transformer).__name__} was called without `timestep`; ditcache needs it.")
+        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        patch = self.transformer.config.patch_size
+        return CallInfo(latents, value, (latents.shape[-2] // patch, latents.shape[-1] // patch))
+
+    @staticmethod
+    def is_guidance_batch(latents: torch.Tensor) -> bool:
+        """A classifier-free-guidance batch repeats the same latents in both halves."""
+        batch = latents.shape[0]
+        return batch % 2 == 0 and torch.equal(latents[: batch // 2], latents[batch // 2 :])
+
+
+class DiTAdapter(TransformerAdapter):
+    family = "dit"
+
+
+class PixArtAdapter(TransformerAdapter):
+    family = "pixart"
+
+
+ADAPTERS: dict[type, type[TransformerAdapter]] = {
+    DiTTransformer2DModel: DiTAdapter,
+    PixArtTransformer2DModel: PixArtAdapter,
+}
+
+
+def transformer_adapter(transformer: nn.Module) -> TransformerAdapter:
+    """The adapter for ``transformer``; ``TypeError`` listing the supported models otherwise."""
+    for cls, adapter in ADAPTERS.items():
+        if isinstance(transformer, cls):
+            return adapter(transformer)
+    supported = ", ".join(f"{cls.__name__} ({adapter.family})" for cls, adapter in ADAPTERS.items())
+    raise TypeError(f"ditcache does not support {type(transformer).__name__}; supported transformers: {supported}.")

@@ -1,0 +1,113 @@
+"""What every block adapter shares: token selection, gather/scatter, score refresh, tap capture.
+
+A block adapter mirrors one diffusers block family's math split into branches, so that a full step
+can store each branch output (before its gate) and a partial step can reuse it, recomputing chosen
+tokens only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .. import scores as S
+from ..config import EngineSettings
+from ..state import BlockCache, RunState
+
+
+@contextmanager
+def capture_outputs(taps: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``taps`` (name -> module) during the ``with`` body.
+
+    Used on full steps to read the projections a score needs (queries, keys, values) from the
+    attention call itself, whatever attention processor the model uses.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
+        for name, module in taps.items()
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def split_heads(projection: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(batch, tokens, heads * dim)`` or ``(batch, heads, tokens, dim)`` to the latter."""
+    if projection.ndim == 4:
+        return projection
+    return projection.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def query_key_taps(attn: nn.Module) -> dict[str, nn.Module]:
+    """The modules whose outputs are the attention's final queries and keys."""
+    return {
+        "query": attn.norm_q if getattr(attn, "norm_q", None) is not None else attn.to_q,
+        "key": attn.norm_k if getattr(attn, "norm_k", None) is not None else attn.to_k,
+    }
+
+
+def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+
+
+def scatter_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    target.scatter_(1, index.unsqueeze(-1).expand(-1, -1, target.shape[-1]), rows.to(target.dtype))
+
+
+class BlockAdapter:
+    """Base of the per-family adapters.
+
+    Args:
+        block: the diffusers block.
+        name: its qualified name in the transformer (keys its cache).
+        layer_position: depth in [0, 1], for the layer factor of the ratio schedule.
+        settings: the resolved engine settings.
+    """
+
+    partial_branches: tuple[str, ...] = ()
+
+    def __init__(self, block: nn.Module, name: str, layer_position: float, settings: EngineSettings):
+        self.block = block
+        self.name = name
+        self.layer_position = layer_position
+        self.settings = settings
+
+    def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- scores -------------------------------------------------------------------------------
+    def store_base_score(self, run: RunState, cache: BlockCache, score: torch.Tensor, tokens: int) -> None:
+        """Keep a full step's score (one row per guidance pair) and zero the frequency counters."""
+        if run.guidance_batch:
+            score = S.merge_guidance_halves(score)
+        cache.base_score = score
+        rows = score.shape[0]
+        for branch in self.partial_branches:
+            cache.since_recompute[branch] = torch.zeros(rows, tokens, dtype=torch.int32, device=score.device)
+
+    def random_score(self, run: RunState, batch: int, tokens: int) -> torch.Tensor:
+        return S.random_scores(batch, tokens, run.generator)
+
+    def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> torch.Tensor | None:
+        """Indices ``(batch, k)`` of the tokens ``branch`` recomputes on this partial step, or None."""
+        settings = self.settings
+        fraction = settings.schedule.recompute_fraction(run.progress, self.layer_position, branch)
+        count = round(fraction * tokens)
+        run.add_recompute(count / tokens)
+        if count == 0:
+            return None
+        since = cache.since_recompute[branch]
+        interval = settings.schedule.interval_at(run.progress)
+        score = S.l2_normalize(cache.base_score) + settings.frequency_weight * since.float() / interval
+        score = S.spatial_bonus(score, run.signature.grid, settings.spatial_grid, settings.spatial_bonus)
+        index = S.top_tokens(score, count)
+        since.add_(1).scatter_(1, index, 0)
+        if run.guidance_batch:
+            index = torch.cat([index, index])
+        return index

@@ -1,0 +1,237 @@
+"""Adapter for diffusers' ``BasicTransformerBlock`` with adaLN modulation.
+
+Two forms are supported: ``ada_norm_zero`` (DiT: per-block timestep/class embedding, gated
+self-attention and MLP) and ``ada_norm_single`` (PixArt-alpha/Sigma: a shared timestep embedding
+plus a per-block ``scale_shift_table``, ungated cross-attention to the text).
+
+Branches: ``attn`` (self-attention, reused whole on partial steps), ``cross_attn`` and ``mlp``
+(recomputed for the selected tokens). The full path repeats diffusers' forward operation for
+operation, so it gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+
+from .. import scores as S
+from ..config import EngineSettings
+from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..state import BlockCache, RunState
+from .base import BlockAdapter, capture_outputs, gather_rows, query_key_taps, scatter_rows, split_heads
+
+SUPPORTED_NORMS = ("ada_norm_zero", "ada_norm_single")
+
+
+class BasicTransformerBlockAdapter(BlockAdapter):
+    def __init__(self, block: BasicTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
+        super().__init__(block, name, layer_position, settings)
+        if block.norm_type not in SUPPORTED_NORMS:
+            raise TypeError(
+                f"{name}: BasicTransformerBlock with norm_type={block.norm_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_NORMS)} (DiT, PixArt-alpha, PixArt-Sigma)."
+            )
+        if block.pos_embed is not None or block.only_cross_attention or hasattr(block, "fuser"):
+            raise TypeError(f"{name}: positional embeddings, only_cross_attention and GLIGEN are not supported.")
+        self.zero = block.norm_type == "ada_norm_zero"
+        self.partial_branches = ("cross_attn", "mlp") if block.attn2 is not None else ("mlp",)
+        if settings.score == "cross_attention_entropy" and block.attn2 is None:
+            raise ValueError(
+                "score='cross_attention_entropy' needs cross-attention blocks (PixArt); "
+                "this model has none: use 'attention', 'k_norm', 'v_norm' or 'random'."
+            )
+
+    # -- diffusers' math, piece by piece -------------------------------------------------------
+    def _modulation(self, hidden_states, timestep, class_labels):
+        """Six ``(batch, 1, dim)`` tensors: shift, scale, gate for attention, then for the MLP."""
+        block = self.block
+        if self.zero:
+            norm1 = block.norm1
+            emb = norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+            emb = norm1.linear(norm1.silu(emb))
+            return tuple(chunk[:, None] for chunk in emb.chunk(6, dim=1))
+        batch = hidden_states.shape[0]
+        return (block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+
+    def _attn_norm(self, hidden_states):
+        return self.block.norm1.norm(hidden_states) if self.zero else self.block.norm1(hidden_states)
+
+    def _cross_input(self, hidden_states):
+        return self.block.norm2(hidden_states) if self.zero else hidden_states
+
+    def _mlp_norm(self, hidden_states):
+        return self.block.norm3(hidden_states) if self.zero else self.block.norm2(hidden_states)
+
+    def _feed_forward(self, hidden_states):
+        block = self.block
+        if block._chunk_size is not None:
+            return _chunked_feed_forward(block.ff, hidden_states, block._chunk_dim, block._chunk_size)
+        return block.ff(hidden_states)
+
+    # -- entry point ---------------------------------------------------------------------------
+    def forward(
+        self,
+        run: RunState,
+        cache: BlockCache,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+        class_labels: torch.Tensor | None = None,
+        added_cond_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        attn_kwargs = dict(cross_attention_kwargs or {})
+        if "gligen" in attn_kwargs:
+            raise ValueError("GLIGEN inputs (cross_attention_kwargs['gligen']) are not supported by ditcache.")
+        modulation = self._modulation(hidden_states, timestep, class_labels)
+        text = (encoder_hidden_states, encoder_attention_mask)
+        if run.is_full:
+            return self._full(run, cache, hidden_states, modulation, attention_mask, text, attn_kwargs)
+        return self._partial(run, cache, hidden_states, modulation, text, attn_kwargs)
+
+    def _full(self, run, cache, hidden_states, modulation, attention_mask, text, attn_kwargs):
+        block = self.block
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        encoder_hidden_states, encoder_attention_mask = text
+        score = self.settings.score if self.settings.recomputes_tokens else None
+
+        norm_hidden_states = self._attn_norm(hidden_states) * (1 + scale_msa) + shift_msa
+        with capture_outputs(self._self_attention_taps(score)) as taps:
+            attn = block.attn1(norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs)
+        hidden_states = gate_msa * attn + hidden_states
+        cache.branches["attn"] = attn
+
+        if block.attn2 is not None:
+            cross_taps = query_key_taps(block.attn2) if score == "cross_attention_entropy" else {}
+            with capture_outputs(cross_taps) as taps_cross:
+                cross = block.attn2(
+                    self._cross_input(hidden_states),
+                    encoder_hidden_states=encoder_hidden_states,
+                    attention_mask=encoder_attention_mask,
+                    **attn_kwargs,
+                )
+            hidden_states = cross + hidden_states
+            cache.branches["cross_attn"] = cross
+            taps.update({f"cross_{name}": value for name, value in taps_cross.items()})
+
+        mlp = self._feed_forward(self._mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp)
+        hidden_states = gate_mlp * mlp + hidden_states
+        cache.branches["mlp"] = mlp
+
+        score_flops = self._refresh_scores(run, cache, score, taps, encoder_attention_mask, hidden_states.shape)
+        full = self._flops(hidden_states.shape, encoder_hidden_states, None)
+        run.add_flops(full + score_flops, full)
+        return hidden_states
+
+    def _partial(self, run, cache, hidden_states, modulation, text, attn_kwargs):
+        block = self.block
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        encoder_hidden_states, encoder_attention_mask = text
+        tokens = hidden_states.shape[1]
+        recomputed = {}
+
+        hidden_states = gate_msa * cache.current("attn") + hidden_states
+
+        if block.attn2 is not None:
+            cross = cache.current("cross_attn")
+            index = self.select(run, cache, "cross_attn", tokens)
+            if index is not None:
+                rows = self._cross_input(gather_rows(hidden_states, index))
+                refresh = self.settings.score == "cross_attention_entropy"
+                with capture_outputs({"query": query_key_taps(block.attn2)["query"]} if refresh else {}) as taps:
+                    cross_rows = block.attn2(
+                        rows, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **attn_kwargs
+                    )
+                scatter_rows(cross, index, cross_rows)
+                if refresh:
+                    self._refresh_entropy_rows(run, cache, taps["query"], index, encoder_attention_mask)
+                recomputed["cross_attn"] = index.shape[1]
+            hidden_states = cross + hidden_states
+
+        mlp = cache.current("mlp")
+        index = self.select(run, cache, "mlp", tokens)
+        if index is not None:
+            rows = self._mlp_norm(gather_rows(hidden_states, index)) * (1 + scale_mlp) + shift_mlp
+            scatter_rows(mlp, index, block.ff(rows))
+            recomputed["mlp"] = index.shape[1]
+        hidden_states = gate_mlp * mlp + hidden_states
+
+        run.add_flops(
+            self._flops(hidden_states.shape, encoder_hidden_states, recomputed),
+            self._flops(hidden_states.shape, encoder_hidden_states, None),
+        )
+        return hidden_states
+
+    # -- scores --------------------------------------------------------------------------------
+    def _self_attention_taps(self, score):
+        attn = self.block.attn1
+        if score == "attention":
+            return query_key_taps(attn)
+        if score == "k_norm":
+            return {"key": query_key_taps(attn)["key"]}
+        if score == "v_norm":
+            return {"value": attn.to_v}
+        return {}
+
+    def _refresh_scores(self, run, cache, score, taps, encoder_attention_mask, shape) -> int:
+        """Compute this full step's base score; return the FLOPs it cost."""
+        if score is None:
+            return 0
+        batch, tokens, _ = shape
+        attn = self.block.attn1
+        if score == "attention":
+            query, key = split_heads(taps["query"], attn.heads), split_heads(taps["key"], attn.heads)
+            value, flops = S.attention_received(query, key, attn.scale), 2 * query.numel() * tokens
+        elif score in ("k_norm", "v_norm"):
+            value, flops = S.projection_norm(split_heads(taps["key" if score == "k_norm" else "value"], attn.heads)), 0
+        elif score == "random":
+            value, flops = self.random_score(run, batch, tokens), 0
+        else:
+            cross = self.block.attn2
+            query, key = split_heads(taps["cross_query"], cross.heads), split_heads(taps["cross_key"], cross.heads)
+            value = S.cross_attention_entropy(query, key, cross.scale, _bias(encoder_attention_mask))
+            flops = 2 * query.numel() * key.shape[-2]
+            cache.text_keys = key
+        self.store_base_score(run, cache, value, tokens)
+        return flops
+
+    def _refresh_entropy_rows(self, run, cache, query, index, encoder_attention_mask) -> None:
+        """Recomputed tokens get their current cross-attention entropy."""
+        cross = self.block.attn2
+        query = split_heads(query, cross.heads)
+        rows = S.cross_attention_entropy(query, cache.text_keys, cross.scale, _bias(encoder_attention_mask))
+        if run.guidance_batch:
+            rows = S.merge_guidance_halves(rows)
+            index = index[: rows.shape[0]]
+        cache.base_score.scatter_(1, index, rows)
+        run.add_flops(2 * query.numel() * cache.text_keys.shape[-2], 0)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def _flops(self, shape, encoder_hidden_states, recomputed: dict[str, int] | None) -> int:
+        """FLOPs of one call; ``recomputed`` maps partial branches to recomputed tokens (None: full)."""
+        block = self.block
+        batch, tokens, _ = shape
+        flops = linears_flops(block.norm1, batch) if self.zero else 0
+        attn = block.attn1
+        if recomputed is None:
+            flops += linears_flops(attn, batch * tokens)
+            flops += attention_core_flops(batch, attn.heads, tokens, tokens, attn.inner_dim // attn.heads)
+        if block.attn2 is not None:
+            cross = block.attn2
+            rows = tokens if recomputed is None else recomputed.get("cross_attn", 0)
+            if rows:
+                text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else tokens
+                flops += (linear_flops(cross.to_q, batch * rows) + linear_flops(cross.to_out[0], batch * rows))
+                flops += linear_flops(cross.to_k, batch * text) + linear_flops(cross.to_v, batch * text)
+                flops += attention_core_flops(batch, cross.heads, rows, text, cross.inner_dim // cross.heads)
+        rows = tokens if recomputed is None else recomputed.get("mlp", 0)
+        return flops + linears_flops(block.ff, batch * rows)
+
+
+def _bias(encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive text mask as ``(batch, 1, 1, text)``, as the transformer passes it to the blocks."""
+    if encoder_attention_mask is None:
+        return None
+    return encoder_attention_mask.reshape(encoder_attention_mask.shape[0], 1, 1, -1)

@@ -1,0 +1,157 @@
+"""User-facing cache configurations.
+
+Each config validates itself on creation and resolves, for a detected model family, into the
+``EngineSettings`` the engine runs with. Fields left as ``None`` take the family's reference preset.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass
+
+from .schedule import PRESETS, CacheSchedule
+
+SCORES = ("attention", "cross_attention_entropy", "k_norm", "v_norm", "random")
+SCHEDULES = ("auto", "constant", *PRESETS)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_float(name: str, value, low: float, high: float | None = None) -> None:
+    bad_type = isinstance(value, bool) or not isinstance(value, numbers.Real)
+    if bad_type or value != value or value < low or (high is not None and value > high):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"`{name}` must be a number {allowed}, got {value!r}.")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything the engine needs, with no preset left to look up."""
+
+    method: str
+    schedule: CacheSchedule
+    score: str | None
+    frequency_weight: float
+    spatial_bonus: float
+    spatial_grid: int
+    seed: int
+
+    @property
+    def recomputes_tokens(self) -> bool:
+        return self.schedule.recompute > 0.0 and self.schedule.cache_interval > 1
+
+
+@dataclass
+class ToCaConfig:
+    """Token-wise caching (ToCa): partial steps reuse cached branch outputs and recompute the
+    highest-scoring tokens of the cross-attention and MLP branches.
+
+    Args:
+        cache_interval: N, a full step every N steps (>= 1; 1 disables caching).
+        cache_ratio: R, the fraction of tokens whose cached value is reused on a partial step, in
+            [0, 1]. 0.9 recomputes 10% of the tokens.
+        schedule: ``"auto"`` (the detected model's reference preset), ``"constant"`` (every step,
+            layer and branch recomputes exactly ``1 - cache_ratio``), or a preset name
+            (``"dit"``, ``"pixart"``).
+        score: which tokens to recompute: ``"attention"`` (attention received), ``"cross_attention_entropy"``,
+            ``"k_norm"``, ``"v_norm"`` or ``"random"``; ``"auto"`` takes the preset's.
+        frequency_weight: weight of the cache-frequency term (steps since a token was recomputed,
+            divided by N).
+        spatial_bonus: bonus, as a fraction of the maximum score, given to the best token of each
+            grid cell so that selections spread over the image; ``None`` takes the preset's.
+        spatial_grid: side, in tokens, of the cells of the spatial bonus; ``None`` takes the preset's.
+        full_steps_at_start: how many first steps are always full; ``None`` takes the preset's.
+        seed: seed of the ``random`` score, so that runs are reproducible.
+    """
+
+    cache_interval: int | None = None
+    cache_ratio: float | None = None
+    schedule: str = "auto"
+    score: str = "auto"
+    frequency_weight: float = 0.25
+    spatial_bonus: float | None = None
+    spatial_grid: int | None = None
+    full_steps_at_start: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cache_interval is not None:
+            _check_int("cache_interval", self.cache_interval, 1)
+        if self.cache_ratio is not None:
+            _check_float("cache_ratio", self.cache_ratio, 0.0, 1.0)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("score", self.score, ("auto", *SCORES))
+        _check_float("frequency_weight", self.frequency_weight, 0.0)
+        if self.spatial_bonus is not None:
+            _check_float("spatial_bonus", self.spatial_bonus, 0.0)
+        if self.spatial_grid is not None:
+            _check_int("spatial_grid", self.spatial_grid, 1)
+        if self.full_steps_at_start is not None:
+            _check_int("full_steps_at_start", self.full_steps_at_start, 1)
+        _check_int("seed", self.seed, 0)
+
+    def to_dict(self) -> dict:
+        return {"method": "toca", **asdict(self)}
+
+    def resolve(self, family: str) -> EngineSettings:
+        preset = PRESETS[self.schedule if self.schedule in PRESETS else family]
+        schedule = preset.schedule(
+            cache_interval=_default(self.cache_interval, preset.cache_interval),
+            cache_ratio=_default(self.cache_ratio, preset.cache_ratio),
+            full_steps_at_start=_default(self.full_steps_at_start, preset.full_steps_at_start),
+            constant=self.schedule == "constant",
+        )
+        return EngineSettings(
+            method="toca",
+            schedule=schedule,
+            score=preset.score if self.score == "auto" else self.score,
+            frequency_weight=self.frequency_weight,
+            spatial_bonus=_default(self.spatial_bonus, preset.spatial_bonus),
+            spatial_grid=_default(self.spatial_grid, preset.spatial_grid),
+            seed=self.seed,
+        )
+
+
+@dataclass
+class FORAConfig:
+    """Layer caching (FORA): partial steps reuse every branch output whole; gates are recomputed.
+
+    Args:
+        cache_interval: N, a full step every N steps (>= 1; 1 disables caching).
+        full_steps_at_start: how many first steps are always full; ``None`` takes the preset's.
+    """
+
+    cache_interval: int = 3
+    full_steps_at_start: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("cache_interval", self.cache_interval, 1)
+        if self.full_steps_at_start is not None:
+            _check_int("full_steps_at_start", self.full_steps_at_start, 1)
+
+    def to_dict(self) -> dict:
+        return {"method": "fora", **asdict(self)}
+
+    def resolve(self, family: str) -> EngineSettings:
+        preset = PRESETS[family]
+        schedule = CacheSchedule(
+            cache_interval=self.cache_interval,
+            recompute=0.0,
+            full_steps_at_start=_default(self.full_steps_at_start, preset.full_steps_at_start),
+        )
+        return EngineSettings("fora", schedule, None, 0.0, 0.0, 1, 0)
+
+
+CacheConfig = ToCaConfig | FORAConfig
+
+
+def _default(value, preset_value):
+    return preset_value if value is None else value

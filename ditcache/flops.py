@@ -1,0 +1,70 @@
+"""FLOPs accounting, counted the way ``torch.utils.flop_counter.FlopCounterMode`` counts them:
+matrix products and convolutions (2 FLOPs per multiply-add); norms, activations and softmax are free.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def linear_flops(layer: nn.Linear, rows: int) -> int:
+    return 2 * rows * layer.in_features * layer.out_features
+
+
+def linears_flops(module: nn.Module, rows: int) -> int:
+    """All ``nn.Linear`` layers of ``module`` applied once to ``rows`` rows."""
+    return sum(linear_flops(layer, rows) for layer in module.modules() if isinstance(layer, nn.Linear))
+
+
+def attention_core_flops(batch: int, heads: int, queries: int, keys: int, head_dim: int) -> int:
+    """``softmax(Q K^T) V``: two batched products."""
+    return 4 * batch * heads * queries * keys * head_dim
+
+
+def _layer_call_flops(layer: nn.Module, output: torch.Tensor) -> int:
+    if isinstance(layer, nn.Linear):
+        return 2 * output.numel() * layer.in_features
+    kernel = layer.weight.shape[1:].numel()  # in_channels / groups * kernel size
+    return 2 * output.numel() * kernel
+
+
+@contextmanager
+def record_layer_flops(module: nn.Module, include: Callable[[], bool]) -> Iterator[list[int]]:
+    """Sum the FLOPs of every linear and convolution call under ``module`` while ``include()`` is true.
+
+    Yields a one-element list holding the running total.
+    """
+    total = [0]
+
+    def count(layer, _inputs, output):
+        if include():
+            total[0] += _layer_call_flops(layer, output)
+
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    handles = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, layers)]
+    try:
+        yield total
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
+    """Run ``fn`` under ``FlopCounterMode`` and return ``(result, total FLOPs)``.
+
+    Adds the CPU fused attention kernel, which the stock counter leaves out, so CPU and CUDA counts
+    agree.
+    """
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        result = fn()
+    return result, counter.get_total_flops()

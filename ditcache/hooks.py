@@ -1,0 +1,186 @@
+"""Attach and detach the engine through diffusers' ``HookRegistry``, on instances only.
+
+The transformer gets a step hook that reads each call's timestep and shape, starts runs, counts
+steps and decides full or partial once per step; every block gets a hook that hands the call to its
+block adapter. Nothing is patched on a class: ``remove_cache`` restores the original forwards.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from diffusers import DiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from .adapters import TransformerAdapter, transformer_adapter
+from .adapters.base import BlockAdapter
+from .config import CacheConfig, FORAConfig, ToCaConfig
+from .flops import record_layer_flops
+from .state import CacheStats, CallSignature, RunState
+
+STEP_HOOK = "ditcache.step"
+BLOCK_HOOK = "ditcache.block"
+
+
+class StepHook(ModelHook):
+    """Transformer-level hook: one call per denoising step (or per guidance stream)."""
+
+    _is_stateful = True
+
+    def __init__(self, run: RunState, model: TransformerAdapter, pipeline: DiffusionPipeline | None):
+        super().__init__()
+        self.run = run
+        self.model = model
+        self.config: CacheConfig | None = None
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        run = self.run
+        self._enter(self.model.read_call(args, kwargs))
+        try:
+            if run.outside_flops is None:  # first call of a run: measure what runs outside the blocks
+                with record_layer_flops(module, lambda: not run.in_block) as outside:
+                    output = self.fn_ref.original_forward(*args, **kwargs)
+                run.outside_flops = outside[0]
+            else:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            run.reset()  # a failed call must not poison the next run
+            raise
+        run.in_call = False
+        run.end_call()
+        return output
+
+    def _enter(self, call) -> None:
+        run = self.run
+        latents = call.latents
+        signature = CallSignature(latents.shape[0], call.grid, latents.dtype, latents.device)
+        timestep = call.timestep
+        fresh = run.signature is None or run.in_call or run.run_finished or timestep > run.last_timestep
+        if not fresh and signature != run.signature:
+            if timestep < run.last_timestep:
+                previous, step = run.signature, run.step + 1
+                run.reset()
+                raise ValueError(
+                    f"batch size or resolution changed in the middle of a run (step {step}): "
+                    f"batch {previous.batch} -> {signature.batch}, token grid {previous.grid} -> {signature.grid}. "
+                    "Start a new run (a new pipeline call) to change them."
+                )
+            fresh = True
+        if fresh:
+            run.start(signature, timestep, self._total_steps(), self.model.is_guidance_batch(latents))
+            run.begin_step(timestep)
+        elif timestep == run.last_timestep:
+            run.stream += 1  # a second call at the same step, e.g. unbatched guidance
+        else:
+            run.begin_step(timestep)
+        run.in_call = True
+
+    def _total_steps(self) -> int | None:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+        return len(timesteps) if timesteps is not None and len(timesteps) else None
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.run.reset()
+        return module
+
+
+class BlockHook(ModelHook):
+    """Block-level hook: runs the block through its adapter while a cached call is in progress."""
+
+    def __init__(self, run: RunState, adapter: BlockAdapter):
+        super().__init__()
+        self.run = run
+        self.adapter = adapter
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        run = self.run
+        if not run.in_call:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        run.in_block = True
+        try:
+            return self.adapter.forward(run, run.block_cache(self.adapter.name), *args, **kwargs)
+        finally:
+            run.in_block = False
+
+
+def _split_target(target) -> tuple[nn.Module, DiffusionPipeline | None]:
+    if isinstance(target, DiffusionPipeline):
+        transformer = getattr(target, "transformer", None)
+        if transformer is None:
+            raise TypeError(f"{type(target).__name__} has no `transformer` component; ditcache caches transformers.")
+        return transformer, target
+    if isinstance(target, nn.Module):
+        return target, None
+    raise TypeError(f"apply_cache expects a diffusers pipeline or a transformer model, got {type(target).__name__}.")
+
+
+def _step_hook(transformer: nn.Module) -> StepHook | None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    return registry.get_hook(STEP_HOOK) if registry is not None else None
+
+
+def apply_cache(target, config: CacheConfig):
+    """Cache ``target`` (a pipeline, whose ``transformer`` is used, or a transformer) with ``config``.
+
+    Applying again replaces the previous configuration. Returns ``target``.
+    """
+    if not isinstance(config, (ToCaConfig, FORAConfig)):
+        raise TypeError(f"config must be a ToCaConfig or FORAConfig, got {type(config).__name__}.")
+    transformer, pipeline = _split_target(target)
+    model = transformer_adapter(transformer)
+    settings = config.resolve(model.family)
+    adapters = model.block_adapters(settings)
+    remove_cache(transformer)
+
+    run = RunState(settings)
+    step_hook = StepHook(run, model, pipeline)
+    step_hook.config = config
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
+    for adapter in adapters:
+        HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(BlockHook(run, adapter), BLOCK_HOOK)
+    transformer._diffusers_hook.invalidate_child_registries_cache()
+    return target
+
+
+def remove_cache(target):
+    """Detach ditcache from ``target``; the model then runs its original forwards. Returns ``target``."""
+    transformer, _ = _split_target(target)
+    if _step_hook(transformer) is None:
+        return target
+    transformer._diffusers_hook.remove_hook(STEP_HOOK, recurse=False)
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        registry.remove_hook(BLOCK_HOOK, recurse=False)
+        if not registry.hooks:
+            _drop_empty_registry(module)
+    if hasattr(transformer, "_diffusers_hook"):
+        transformer._diffusers_hook.invalidate_child_registries_cache()
+    return target
+
+
+def _drop_empty_registry(module: nn.Module) -> None:
+    """Leave a module as it was before any hook: no registry, no instance-level ``forward``."""
+    del module._diffusers_hook
+    if module.__dict__.get("forward") == type(module).forward.__get__(module):
+        del module.forward
+
+
+def cache_config(target) -> CacheConfig | None:
+    """The config ``target`` is cached with, or None."""
+    hook = _step_hook(_split_target(target)[0])
+    return hook.config if hook is not None else None
+
+
+def cache_stats(target) -> CacheStats:
+    """Statistics of the last run of ``target``'s transformer (the run in progress, if one is)."""
+    hook = _step_hook(_split_target(target)[0])
+    if hook is None:
+        raise RuntimeError("ditcache is not applied to this model; call ditcache.apply_cache first.")
+    if hook.run.completed_stats is None:
+        raise RuntimeError("the cached model has not run yet; cache_stats describes a completed run.")
+    return hook.run.completed_stats

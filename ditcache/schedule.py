@@ -1,0 +1,132 @@
+"""When to run a full step and how many tokens to recompute on the others.
+
+Everything here is plain arithmetic on step progress and layer position: no model classes. The named
+presets carry the reference hyper-parameters of each model family; ``constant`` switches every
+modulation off so that ``cache_ratio`` means exactly what it says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """A factor that moves linearly from ``start`` (position 0) to ``end`` (position 1)."""
+
+    start: float
+    end: float
+
+    def __call__(self, position: float) -> float:
+        return self.start + (self.end - self.start) * position
+
+
+FLAT = Ramp(1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class CacheSchedule:
+    """A resolved schedule: full-step decisions and per-branch recompute fractions.
+
+    Args:
+        cache_interval: the base interval N between full steps.
+        recompute: the base fraction of tokens recomputed on a partial step, ``1 - cache_ratio``.
+        full_steps_at_start: the first steps that are always full.
+        interval_divisor: N is divided by this ramp over progress (the reference shortens the
+            interval late in sampling for DiT and PixArt); ``FLAT`` keeps N constant.
+        time, layer: ramps over step progress and block depth multiplying ``recompute``.
+        module_factors: per-branch multipliers of ``recompute`` (missing branches use 1).
+    """
+
+    cache_interval: int
+    recompute: float
+    full_steps_at_start: int = 1
+    interval_divisor: Ramp = FLAT
+    time: Ramp = FLAT
+    layer: Ramp = FLAT
+    module_factors: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+    def interval_at(self, progress: float) -> int:
+        """The interval in force at ``progress`` (0 at the first step, 1 at the last); N = 1 stays 1."""
+        if self.cache_interval == 1:
+            return 1
+        return max(1, round(self.cache_interval / self.interval_divisor(progress)))
+
+    def is_full_step(self, step: int, steps_since_full: int, progress: float) -> bool:
+        """Decide once per denoising step, before the first block runs."""
+        return step < self.full_steps_at_start or steps_since_full >= self.interval_at(progress)
+
+    def recompute_fraction(self, progress: float, layer_position: float, branch: str) -> float:
+        """Fraction of tokens a partially computed branch recomputes, clamped to [0, 1]."""
+        if self.recompute == 0.0:
+            return 0.0
+        fraction = (
+            self.recompute
+            * self.time(progress)
+            * self.layer(layer_position)
+            * self.module_factors.get(branch, 1.0)
+        )
+        return min(max(fraction, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Reference defaults of one model family (see the design notes for their sources)."""
+
+    cache_interval: int
+    cache_ratio: float
+    full_steps_at_start: int
+    interval_divisor: Ramp
+    time: Ramp
+    layer: Ramp
+    module_factors: Mapping[str, float]
+    score: str
+    spatial_bonus: float
+    spatial_grid: int
+
+    def schedule(self, cache_interval: int, cache_ratio: float, full_steps_at_start: int, constant: bool) -> CacheSchedule:
+        if constant:
+            return CacheSchedule(cache_interval, 1.0 - cache_ratio, full_steps_at_start)
+        return CacheSchedule(
+            cache_interval=cache_interval,
+            recompute=1.0 - cache_ratio,
+            full_steps_at_start=full_steps_at_start,
+            interval_divisor=self.interval_divisor,
+            time=self.time,
+            layer=self.layer,
+            module_factors=self.module_factors,
+        )
+
+
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        # DiT-XL/2, DDIM 50: N_t = N / (0.6 + 0.8 p); no recompute in the first quarter, up to 3x late.
+        "dit": Preset(
+            cache_interval=4,
+            cache_ratio=0.93,
+            full_steps_at_start=1,
+            interval_divisor=Ramp(0.6, 1.4),
+            time=Ramp(-1.0, 3.0),
+            layer=Ramp(0.8, 1.2),
+            module_factors=MappingProxyType({"mlp": 2.5}),
+            score="attention",
+            spatial_bonus=0.6,
+            spatial_grid=2,
+        ),
+        # PixArt-alpha/Sigma, DPM-Solver 20: N_t = N / (0.8 + 0.4 p); more recompute early and shallow.
+        "pixart": Preset(
+            cache_interval=3,
+            cache_ratio=0.70,
+            full_steps_at_start=1,
+            interval_divisor=Ramp(0.8, 1.2),
+            time=Ramp(1.9, 0.1),
+            layer=Ramp(1.6, 0.4),
+            module_factors=MappingProxyType({"cross_attn": 0.6, "mlp": 1.6}),
+            score="cross_attention_entropy",
+            spatial_bonus=0.4,
+            spatial_grid=4,
+        ),
+    }
+)

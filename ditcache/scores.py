@@ -1,0 +1,101 @@
+"""Token scores: which tokens a partial step recomputes.
+
+Pure tensor functions on ``(batch, heads, tokens, head_dim)`` projections and ``(batch, tokens)``
+scores. Higher score, higher priority to recompute. Nothing here knows a model class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Upper bound on the probability block materialised at once by the attention-map scores.
+SCORE_BLOCK_BYTES = 64 * 2**20
+
+
+def _query_chunk(batch: int, heads: int, keys: int, tokens: int) -> int:
+    per_query = batch * heads * keys * 4
+    return max(1, min(tokens, SCORE_BLOCK_BYTES // per_query))
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Column sums of the head-averaged softmax attention map, ``s_j = sum_i mean_h A[h, i, j]``.
+
+    Computed over blocks of queries, so the whole ``N x N`` map never exists at once.
+    """
+    batch, heads, tokens, _ = query.shape
+    key_t = key.float().transpose(-1, -2)
+    received = torch.zeros(batch, key.shape[-2], device=query.device, dtype=torch.float32)
+    chunk = _query_chunk(batch, heads, key.shape[-2], tokens)
+    for start in range(0, tokens, chunk):
+        logits = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
+        received += logits.softmax(dim=-1).sum(dim=2).mean(dim=1)
+    return received
+
+
+def cross_attention_entropy(
+    query: torch.Tensor, key: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Entropy of each image token's head-averaged attention over the text tokens, plus one.
+
+    ``bias`` is the additive cross-attention mask, broadcastable to ``(batch, 1, 1, text_tokens)``.
+    """
+    batch, heads, tokens, _ = query.shape
+    key_t = key.float().transpose(-1, -2)
+    entropy = torch.empty(batch, tokens, device=query.device, dtype=torch.float32)
+    chunk = _query_chunk(batch, heads, key.shape[-2], tokens)
+    for start in range(0, tokens, chunk):
+        logits = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
+        if bias is not None:
+            logits = logits + bias.float()
+        probs = logits.softmax(dim=-1).mean(dim=1)
+        entropy[:, start : start + chunk] = -(probs * torch.log(probs + 1e-7)).sum(dim=-1)
+    return 1.0 + entropy
+
+
+def projection_norm(projection: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each token's key or value, averaged over heads."""
+    return projection.float().norm(dim=-1).mean(dim=1)
+
+
+def random_scores(batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform scores from a seeded generator (on the generator's device)."""
+    return torch.rand(batch, tokens, generator=generator, device=generator.device)
+
+
+def l2_normalize(scores: torch.Tensor) -> torch.Tensor:
+    """Scale each row to unit L2 norm so score terms of different origin are comparable."""
+    return scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def merge_guidance_halves(scores: torch.Tensor) -> torch.Tensor:
+    """Average the two halves of a classifier-free-guidance batch so both select the same tokens."""
+    first, second = scores.chunk(2, dim=0)
+    return (first + second) / 2
+
+
+def spatial_bonus(scores: torch.Tensor, grid: tuple[int, int], cell: int, bonus: float) -> torch.Tensor:
+    """Add ``bonus * max(score)`` to the best token of each ``cell x cell`` patch of the token grid.
+
+    ``grid`` is ``(height, width)`` in tokens; any size works (edge cells are smaller).
+    """
+    if bonus == 0.0:
+        return scores
+    height, width = grid
+    batch = scores.shape[0]
+    cells_h, cells_w = math.ceil(height / cell), math.ceil(width / cell)
+    padded = scores.new_full((batch, cells_h * cell, cells_w * cell), float("-inf"))
+    padded[:, :height, :width] = scores.view(batch, height, width)
+    blocks = padded.view(batch, cells_h, cell, cells_w, cell).permute(0, 1, 3, 2, 4).reshape(batch, -1, cell * cell)
+    best = blocks.argmax(dim=-1)
+    rows = torch.arange(cells_h, device=scores.device).repeat_interleave(cells_w) * cell + best // cell
+    cols = torch.arange(cells_w, device=scores.device).repeat(cells_h) * cell + best % cell
+    winners = rows * width + cols
+    boost = bonus * scores.amax(dim=-1, keepdim=True)
+    return scores.scatter_add(1, winners, boost.expand_as(winners).to(scores.dtype))
+
+
+def top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` highest-scoring tokens of each row."""
+    return scores.topk(count, dim=-1, sorted=False).indices

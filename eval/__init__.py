@@ -1,0 +1,1 @@
+"""Measurement tools of ditcache: speed and FLOPs benchmarks (quality metrics come later)."""
