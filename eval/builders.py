@@ -1,0 +1,116 @@
+"""Models and pipelines built from config, for offline tests, benchmarks and demos.
+
+Weights are random (seeded); the architecture is the real diffusers one. ``dit_transformer`` and
+``pixart_transformer`` take a width preset: ``"tiny"`` for tests, ``"xl"`` for the DiT-XL/2 and
+PixArt-alpha widths (1152 hidden, 16 heads) with a chosen number of blocks. Pipelines are written with
+``save_pretrained`` and read back with ``from_pretrained``, so the real loading code runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+)
+
+WIDTHS = {"tiny": (2, 16), "xl": (16, 72)}  # (heads, head_dim)
+PROMPT_WORDS = (
+    "a an the of in on with photo painting cat dog red fox snow digit seven handwritten astronaut riding horse "
+    "blue green small large"
+).split()
+
+
+def dit_transformer(width: str = "tiny", num_layers: int = 2, sample_size: int = 8, seed: int = 0) -> DiTTransformer2DModel:
+    heads, head_dim = WIDTHS[width]
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
+
+
+def pixart_transformer(
+    width: str = "tiny", num_layers: int = 2, sample_size: int = 8, caption_channels: int = 32, seed: int = 0
+) -> PixArtTransformer2DModel:
+    heads, head_dim = WIDTHS[width]
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        cross_attention_dim=heads * head_dim,
+        sample_size=sample_size,
+        patch_size=2,
+        caption_channels=caption_channels,
+        use_additional_conditions=False,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=16,
+    ).eval()
+
+
+def tiny_t5(seed: int = 0):
+    """A two-layer T5 encoder and a word-level T5 tokenizer built in code (no download)."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [(f"▁{word}", -1.0) for word in PROMPT_WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,."]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def tiny_dit_pipeline(path: str | Path | None = None) -> DiTPipeline:
+    """A DiT pipeline (DDIM); saved to and loaded from ``path`` when given."""
+    pipe = DiTPipeline(transformer=dit_transformer(), vae=tiny_vae(), scheduler=DDIMScheduler(), id2label={0: "zero", 1: "one"})
+    return _round_trip(pipe, path)
+
+
+def tiny_pixart_pipeline(path: str | Path | None = None, sigma: bool = False) -> PixArtAlphaPipeline | PixArtSigmaPipeline:
+    """A PixArt-alpha (or Sigma) pipeline (DPM-Solver); saved to and loaded from ``path`` when given."""
+    tokenizer, text_encoder = tiny_t5()
+    cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    pipe = cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=tiny_vae(),
+        transformer=pixart_transformer(),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    return _round_trip(pipe, path)
+
+
+def _round_trip(pipe, path):
+    if path is None:
+        return pipe.to("cpu")
+    pipe.save_pretrained(path)
+    return type(pipe).from_pretrained(path).to("cpu")

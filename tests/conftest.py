@@ -1,0 +1,35 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers/diffusers are imported: never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from ditcache.eval import builders
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def saved_pipelines(tmp_path_factory):
+    """Tiny pipelines written with save_pretrained, so tests load them with from_pretrained."""
+    root = tmp_path_factory.mktemp("pipelines")
+    builders.tiny_dit_pipeline(root / "dit")
+    builders.tiny_pixart_pipeline(root / "pixart_alpha")
+    builders.tiny_pixart_pipeline(root / "pixart_sigma", sigma=True)
+    return root
+
+
+@pytest.fixture
+def dit_pipe(saved_pipelines):
+    from diffusers import DiTPipeline
+
+    return DiTPipeline.from_pretrained(saved_pipelines / "dit")
+
+
+@pytest.fixture(params=["pixart_alpha", "pixart_sigma"])
+def pixart_pipe(request, saved_pipelines):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(saved_pipelines / request.param)
