@@ -58,13 +58,16 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
-    """Run ``fn`` under ``FlopCounterMode`` and return ``(result, total FLOPs)``.
+def count_flops(fn: Callable[[], object], module: nn.Module | None = None) -> tuple[object, int]:
+    """Run ``fn`` under ``FlopCounterMode`` and return ``(result, FLOPs)``.
 
-    Adds the CPU fused attention kernel, which the stock counter leaves out, so CPU and CUDA counts
-    agree.
+    With ``module``, only the FLOPs executed inside its calls are returned (``module`` must be called
+    as a top-level model, e.g. a pipeline's transformer). Adds the CPU fused attention kernel, which
+    the stock counter leaves out, so CPU and CUDA counts agree.
     """
     custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
     with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         result = fn()
-    return result, counter.get_total_flops()
+    if module is None:
+        return result, counter.get_total_flops()
+    return result, sum(counter.get_flop_counts().get(type(module).__name__, {}).values())

@@ -89,21 +89,31 @@ def tiny_t5(seed: int = 0):
     return tokenizer, T5EncoderModel(config).eval()
 
 
-def tiny_dit_pipeline(path: str | Path | None = None) -> DiTPipeline:
-    """A DiT pipeline (DDIM); saved to and loaded from ``path`` when given."""
-    pipe = DiTPipeline(transformer=dit_transformer(), vae=tiny_vae(), scheduler=DDIMScheduler(), id2label={0: "zero", 1: "one"})
+def dit_pipeline(
+    path: str | Path | None = None, width: str = "tiny", num_layers: int = 2, sample_size: int = 8
+) -> DiTPipeline:
+    """A DiT pipeline (DDIM) with a tiny VAE; saved to and loaded from ``path`` when given."""
+    pipe = DiTPipeline(
+        transformer=dit_transformer(width, num_layers, sample_size),
+        vae=tiny_vae(),
+        scheduler=DDIMScheduler(),
+        id2label={0: "zero", 1: "one"},
+    )
     return _round_trip(pipe, path)
 
 
-def tiny_pixart_pipeline(path: str | Path | None = None, sigma: bool = False) -> PixArtAlphaPipeline | PixArtSigmaPipeline:
-    """A PixArt-alpha (or Sigma) pipeline (DPM-Solver); saved to and loaded from ``path`` when given."""
+def pixart_pipeline(
+    path: str | Path | None = None, width: str = "tiny", num_layers: int = 2, sample_size: int = 8, sigma: bool = False
+) -> PixArtAlphaPipeline | PixArtSigmaPipeline:
+    """A PixArt-alpha (or Sigma) pipeline (DPM-Solver) with a tiny T5 and VAE; saved to and loaded
+    from ``path`` when given."""
     tokenizer, text_encoder = tiny_t5()
     cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
     pipe = cls(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=tiny_vae(),
-        transformer=pixart_transformer(),
+        transformer=pixart_transformer(width, num_layers, sample_size),
         scheduler=DPMSolverMultistepScheduler(),
     )
     return _round_trip(pipe, path)

@@ -15,9 +15,9 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 def saved_pipelines(tmp_path_factory):
     """Tiny pipelines written with save_pretrained, so tests load them with from_pretrained."""
     root = tmp_path_factory.mktemp("pipelines")
-    builders.tiny_dit_pipeline(root / "dit")
-    builders.tiny_pixart_pipeline(root / "pixart_alpha")
-    builders.tiny_pixart_pipeline(root / "pixart_sigma", sigma=True)
+    builders.dit_pipeline(root / "dit")
+    builders.pixart_pipeline(root / "pixart_alpha")
+    builders.pixart_pipeline(root / "pixart_sigma", sigma=True)
     return root
 
 

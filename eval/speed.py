@@ -1,0 +1,173 @@
+"""Wall-clock time and FLOPs of uncached, FORA and ToCa runs of one pipeline, side by side.
+
+    python -m ditcache.eval.speed                                  # tiny DiT, seconds, offline
+    python -m ditcache.eval.speed --width xl --layers 4 --size 32  # DiT-XL/2 width, 256 tokens
+
+Random weights (speed does not depend on them). Methods run interleaved, after a warm-up run each;
+the table shows the median time per pipeline call, the transformer's FLOPs counted by
+``FlopCounterMode`` next to the engine's own count, and the cache's memory. ``--out`` writes the
+rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, remove_cache
+from ditcache.flops import count_flops
+
+from . import builders
+
+DEFAULT_METHODS = ("uncached", "fora:3", "toca:3:0.9:attention", "toca:3:0.9:k_norm", "toca:3:0.9:random")
+
+
+def parse_method(spec: str) -> ToCaConfig | FORAConfig | None:
+    """``uncached``, ``fora:N`` or ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant)."""
+    name, *params = spec.split(":")
+    if name == "uncached" and not params:
+        return None
+    if name == "fora" and len(params) == 1:
+        return FORAConfig(cache_interval=int(params[0]))
+    if name == "toca" and 2 <= len(params) <= 4:
+        score = params[2] if len(params) > 2 else "auto"
+        schedule = params[3] if len(params) > 3 else "constant"
+        return ToCaConfig(cache_interval=int(params[0]), cache_ratio=float(params[1]), score=score, schedule=schedule)
+    raise ValueError(f"method {spec!r}: expected 'uncached', 'fora:N' or 'toca:N:R[:score[:schedule]]'.")
+
+
+@dataclass
+class Row:
+    method: str
+    times: list[float] = field(default_factory=list)
+    flops_counted: int = 0
+    flops_engine: int | None = None
+    cache_bytes: int = 0
+    recompute_fraction: float = 0.0
+    peak_memory: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def build(args):
+    dtype = getattr(torch, args.dtype)
+    if args.model == "dit":
+        pipe = builders.dit_pipeline(width=args.width, num_layers=args.layers, sample_size=args.size)
+        call = dict(class_labels=list(range(args.batch)), guidance_scale=4.0, num_inference_steps=args.steps, output_type="pt")
+    else:
+        pipe = builders.pixart_pipeline(width=args.width, num_layers=args.layers, sample_size=args.size)
+        call = dict(
+            prompt=["a red fox in snow"] * args.batch,
+            height=args.size * pipe.vae_scale_factor,
+            width=args.size * pipe.vae_scale_factor,
+            num_inference_steps=args.steps,
+            output_type="pt",
+            use_resolution_binning=False,
+            clean_caption=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device, dtype), call
+
+
+def run_once(pipe, call, device):
+    generator = torch.Generator(device).manual_seed(0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(generator=generator, **call)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def benchmark(args) -> list[Row]:
+    pipe, call = build(args)
+    methods = {spec: parse_method(spec) for spec in args.methods}
+    rows = {spec: Row(spec) for spec in methods}
+
+    def use(config):
+        remove_cache(pipe) if config is None else apply_cache(pipe, config)
+
+    with torch.inference_mode():
+        for spec, config in methods.items():  # FLOPs and stats, untimed
+            use(config)
+            _, rows[spec].flops_counted = count_flops(lambda: run_once(pipe, call, args.device), pipe.transformer)
+            if config is not None:
+                stats = cache_stats(pipe)
+                rows[spec].flops_engine, rows[spec].cache_bytes = stats.flops, stats.cache_bytes
+                rows[spec].recompute_fraction = stats.recompute_fraction
+        grid = [(r, spec) for r in range(args.warmup + args.repeats) for spec in methods]
+        for repeat, spec in tqdm(grid, desc="runs", disable=args.quiet):
+            use(methods[spec])
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            elapsed = run_once(pipe, call, args.device)
+            if repeat >= args.warmup:
+                rows[spec].times.append(elapsed)
+                if args.device.startswith("cuda"):
+                    rows[spec].peak_memory = torch.cuda.max_memory_allocated()
+    remove_cache(pipe)
+    return list(rows.values())
+
+
+def format_table(rows: list[Row]) -> str:
+    base = rows[0]
+    header = (
+        f"{'method':<28} {'time s':>8} {'speedup':>8} {'GFLOPs':>9} {'FLOPs x':>8} "
+        f"{'engine/counted':>14} {'recompute':>9} {'cache MiB':>9} {'peak MiB':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        agree = f"{row.flops_engine / row.flops_counted:.3f}" if row.flops_engine else "-"
+        peak = f"{row.peak_memory / 2**20:.0f}" if row.peak_memory else "-"
+        lines.append(
+            f"{row.method:<28} {row.median:>8.3f} {base.median / row.median:>8.2f} {row.flops_counted / 1e9:>9.1f} "
+            f"{base.flops_counted / row.flops_counted:>8.2f} {agree:>14} {row.recompute_fraction:>9.3f} "
+            f"{row.cache_bytes / 2**20:>9.1f} {peak:>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["dit", "pixart"], default="dit")
+    parser.add_argument("--width", choices=sorted(builders.WIDTHS), default="tiny", help="xl: 1152 hidden, 16 heads")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--size", type=int, default=16, help="latent side; tokens = (size / 2) ** 2")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=1, help="images per call (guidance doubles the transformer batch)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.methods[0] != "uncached":
+        args.methods.insert(0, "uncached")  # the baseline every ratio is taken against
+
+    rows = benchmark(args)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(
+        f"{args.model} width={args.width} layers={args.layers} tokens={(args.size // 2) ** 2} steps={args.steps} "
+        f"batch={args.batch} dtype={args.dtype} device={args.device} ({device}, {torch.get_num_threads()} threads)"
+    )
+    print(format_table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "device": device, "rows": [vars(r) | {"median": r.median} for r in rows]}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
