@@ -7,7 +7,7 @@ Each config validates itself on creation and resolves, for a detected model fami
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .schedule import PRESETS, CacheSchedule
 
@@ -64,7 +64,7 @@ class ToCaConfig:
         score: which tokens to recompute: ``"attention"`` (attention received), ``"cross_attention_entropy"``,
             ``"k_norm"``, ``"v_norm"`` or ``"random"``; ``"auto"`` takes the preset's.
         frequency_weight: weight of the cache-frequency term (steps since a token was recomputed,
-            divided by N).
+            divided by N) relative to the L2-normalised score, whose weight is 1.
         spatial_bonus: bonus, as a fraction of the maximum score, given to the best token of each
             grid cell so that selections spread over the image; ``None`` takes the preset's.
         spatial_grid: side, in tokens, of the cells of the spatial bonus; ``None`` takes the preset's.
@@ -97,9 +97,6 @@ class ToCaConfig:
         if self.full_steps_at_start is not None:
             _check_int("full_steps_at_start", self.full_steps_at_start, 1)
         _check_int("seed", self.seed, 0)
-
-    def to_dict(self) -> dict:
-        return {"method": "toca", **asdict(self)}
 
     def resolve(self, family: str) -> EngineSettings:
         preset = PRESETS[self.schedule if self.schedule in PRESETS else family]
@@ -137,9 +134,6 @@ class FORAConfig:
         if self.full_steps_at_start is not None:
             _check_int("full_steps_at_start", self.full_steps_at_start, 1)
 
-    def to_dict(self) -> dict:
-        return {"method": "fora", **asdict(self)}
-
     def resolve(self, family: str) -> EngineSettings:
         preset = PRESETS[family]
         schedule = CacheSchedule(
@@ -147,7 +141,9 @@ class FORAConfig:
             recompute=0.0,
             full_steps_at_start=_default(self.full_steps_at_start, preset.full_steps_at_start),
         )
-        return EngineSettings("fora", schedule, None, 0.0, 0.0, 1, 0)
+        return EngineSettings(
+            method="fora", schedule=schedule, score=None, frequency_weight=0.0, spatial_bonus=0.0, spatial_grid=1, seed=0
+        )
 
 
 CacheConfig = ToCaConfig | FORAConfig

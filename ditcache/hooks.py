@@ -28,11 +28,13 @@ class StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, run: RunState, model: TransformerAdapter, pipeline: DiffusionPipeline | None):
+    def __init__(
+        self, run: RunState, model: TransformerAdapter, config: CacheConfig, pipeline: DiffusionPipeline | None
+    ):
         super().__init__()
         self.run = run
         self.model = model
-        self.config: CacheConfig | None = None
+        self.config = config
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
@@ -136,8 +138,7 @@ def apply_cache(target, config: CacheConfig):
     remove_cache(transformer)
 
     run = RunState(settings)
-    step_hook = StepHook(run, model, pipeline)
-    step_hook.config = config
+    step_hook = StepHook(run, model, config, pipeline)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
     for adapter in adapters:
         HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(BlockHook(run, adapter), BLOCK_HOOK)

@@ -75,7 +75,10 @@ def build(args):
             clean_caption=False,
         )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(args.device, dtype), call
+    pipe.to(args.device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe, call
 
 
 def run_once(pipe, call, device):

@@ -91,9 +91,6 @@ class BlockAdapter:
         for branch in self.partial_branches:
             cache.since_recompute[branch] = torch.zeros(rows, tokens, dtype=torch.int32, device=score.device)
 
-    def random_score(self, run: RunState, batch: int, tokens: int) -> torch.Tensor:
-        return S.random_scores(batch, tokens, run.generator)
-
     def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> torch.Tensor | None:
         """Indices ``(batch, k)`` of the tokens ``branch`` recomputes on this partial step, or None."""
         settings = self.settings

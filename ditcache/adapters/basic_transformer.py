@@ -187,7 +187,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         elif score in ("k_norm", "v_norm"):
             value, flops = S.projection_norm(split_heads(taps["key" if score == "k_norm" else "value"], attn.heads)), 0
         elif score == "random":
-            value, flops = self.random_score(run, batch, tokens), 0
+            value, flops = S.random_scores(batch, tokens, run.generator), 0
         else:
             cross = self.block.attn2
             query, key = split_heads(taps["cross_query"], cross.heads), split_heads(taps["cross_key"], cross.heads)

@@ -1,0 +1,28 @@
+import pytest
+
+from ditcache import FORAConfig, ToCaConfig
+from ditcache.eval import speed
+
+
+def test_method_specs():
+    assert speed.parse_method("uncached") is None
+    assert speed.parse_method("fora:4") == FORAConfig(cache_interval=4)
+    assert speed.parse_method("toca:3:0.8:k_norm") == ToCaConfig(
+        cache_interval=3, cache_ratio=0.8, score="k_norm", schedule="constant"
+    )
+    with pytest.raises(ValueError, match="toca:N:R"):
+        speed.parse_method("toca:3")
+    with pytest.raises(ValueError, match="cache_ratio"):
+        speed.parse_method("toca:3:1.5")
+
+
+@pytest.mark.parametrize("model", ["dit", "pixart"])
+def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys, model):
+    out = tmp_path / "rows.json"
+    rows = speed.main(
+        ["--model", model, "--size", "8", "--steps", "4", "--repeats", "1", "--warmup", "0", "--quiet", "--out", str(out),
+         "--methods", "fora:2", "toca:2:0.5:random"]
+    )
+    assert [row.method for row in rows] == ["uncached", "fora:2", "toca:2:0.5:random"]
+    assert rows[1].flops_counted < rows[0].flops_counted and rows[1].flops_engine == pytest.approx(rows[1].flops_counted, rel=0.01)
+    assert "toca:2:0.5:random" in capsys.readouterr().out and out.exists()
