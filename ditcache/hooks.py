@@ -59,7 +59,8 @@ class StepHook(ModelHook):
         latents = call.latents
         signature = CallSignature(latents.shape[0], call.grid, latents.dtype, latents.device)
         timestep = call.timestep
-        fresh = run.signature is None or run.in_call or run.run_finished or timestep > run.last_timestep
+        same_step = run.signature is not None and not run.in_call and timestep == run.last_timestep
+        fresh = run.signature is None or run.in_call or (not same_step and (run.run_finished or timestep > run.last_timestep))
         if not fresh and signature != run.signature:
             if timestep < run.last_timestep:
                 previous, step = run.signature, run.step + 1
@@ -73,7 +74,7 @@ class StepHook(ModelHook):
         if fresh:
             run.start(signature, timestep, self._total_steps(), self.model.is_guidance_batch(latents))
             run.begin_step(timestep)
-        elif timestep == run.last_timestep:
+        elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
         else:
             run.begin_step(timestep)

@@ -128,5 +128,20 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             spatial_bonus=0.4,
             spatial_grid=4,
         ),
+        # FLUX.1: first 3 steps full, constant N; layer factor 1.5 - i/27 over the 38 single-stream
+        # blocks (FLUX.1-dev's depth; stretched over other depths); double-stream MLPs x0.4,
+        # single-stream MLP x1.6; random scores; no spatial bonus.
+        "flux": Preset(
+            cache_interval=4,
+            cache_ratio=0.90,
+            full_steps_at_start=3,
+            interval_divisor=FLAT,
+            time=FLAT,
+            layer=Ramp(1.5, 1.5 - 37 / 27),
+            module_factors=MappingProxyType({"mlp": 0.4, "context_mlp": 0.4, "single_mlp": 1.6}),
+            score="random",
+            spatial_bonus=0.0,
+            spatial_grid=1,
+        ),
     }
 )

@@ -24,7 +24,7 @@ class CacheStats:
             (cross-attention, MLP) over the partial steps; 0 for FORA.
         flops: FLOPs the transformer executed, scoring included, by the engine's own accounting.
         flops_full: what the same run costs without caching.
-        cache_bytes: memory held by the cache at the end of the run's last step.
+        cache_bytes: the most memory the cache held during the run.
         full_step_indices: which steps were full.
     """
 
@@ -48,8 +48,8 @@ class BlockCache:
     """One block's cached branch outputs (before their gates) and token-selection state."""
 
     branches: dict[str, torch.Tensor] = field(default_factory=dict)
-    base_score: torch.Tensor | None = None
-    since_recompute: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # per token group
+    since_recompute: dict[str, torch.Tensor] = field(default_factory=dict)  # per branch
     text_keys: torch.Tensor | None = None  # cross-attention keys, to refresh entropy rows
 
     def current(self, branch: str) -> torch.Tensor:
@@ -57,7 +57,7 @@ class BlockCache:
         return self.branches[branch]
 
     def nbytes(self) -> int:
-        tensors = [*self.branches.values(), *self.since_recompute.values(), self.base_score, self.text_keys]
+        tensors = [*self.branches.values(), *self.base_scores.values(), *self.since_recompute.values(), self.text_keys]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -153,10 +153,11 @@ class RunState:
     def end_call(self) -> None:
         self._flops += self.outside_flops or 0
         self._flops_full += self.outside_flops or 0
-        self._cache_bytes = sum(cache.nbytes() for cache in self.caches.values())
+        self._cache_bytes = max(self._cache_bytes, sum(cache.nbytes() for cache in self.caches.values()))
         self.completed_stats = self.stats()
-        if self.run_finished:
-            self.caches.clear()  # the run is over: hold no memory until the next one
+        if self.run_finished:  # this call's stream is done: hold no memory until the next run
+            for key in [key for key in self.caches if key[1] == self.stream]:
+                del self.caches[key]
 
     def stats(self) -> CacheStats:
         steps = self.step + 1

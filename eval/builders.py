@@ -3,7 +3,8 @@
 Weights are random (seeded); the architecture is the real diffusers one. ``dit_transformer`` and
 ``pixart_transformer`` take a width preset: ``"tiny"`` for tests, ``"xl"`` for the DiT-XL/2 and
 PixArt-alpha widths (1152 hidden, 16 heads) with a chosen number of blocks. Pipelines are written with
-``save_pretrained`` and read back with ``from_pretrained``, so the real loading code runs.
+``save_pretrained`` and read back with ``from_pretrained``, so the real loading code runs. ``"flux"``
+is FLUX.1's width (3072 hidden, 24 heads of 128).
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
 
-WIDTHS = {"tiny": (2, 16), "xl": (16, 72)}  # (heads, head_dim)
+WIDTHS = {"tiny": (2, 16), "xl": (16, 72), "flux": (24, 128)}  # (heads, head_dim)
+ROPE_AXES = {16: (4, 6, 6), 72: (8, 32, 32), 128: (16, 56, 56)}  # FLUX rotary axes per head_dim
 PROMPT_WORDS = (
     "a an the of in on with photo painting cat dog red fox snow digit seven handwritten astronaut riding horse "
     "blue green small large"
@@ -63,7 +68,26 @@ def pixart_transformer(
     ).eval()
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
+def flux_transformer(
+    width: str = "tiny", num_layers: int = 1, num_single_layers: int = 2, guidance_embeds: bool = True, seed: int = 0
+) -> FluxTransformer2DModel:
+    heads, head_dim = WIDTHS[width]
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=ROPE_AXES[head_dim],
+    ).eval()
+
+
+def tiny_vae(seed: int = 0, **config) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(8, 8),
@@ -74,6 +98,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=8,
         sample_size=16,
+        **config,
     ).eval()
 
 
@@ -87,6 +112,25 @@ def tiny_t5(seed: int = 0):
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     return tokenizer, T5EncoderModel(config).eval()
+
+
+def tiny_clip(seed: int = 0):
+    """A two-layer CLIP text encoder and a character-level CLIP tokenizer built in code."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for word in PROMPT_WORDS:
+        vocab[f"{word}</w>"] = len(vocab)
+    for char in "abcdefghijklmnopqrstuvwxyz,.":
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(f"{char}</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return tokenizer, CLIPTextModel(config).eval()
 
 
 def dit_pipeline(
@@ -115,6 +159,29 @@ def pixart_pipeline(
         vae=tiny_vae(),
         transformer=pixart_transformer(width, num_layers, sample_size),
         scheduler=DPMSolverMultistepScheduler(),
+    )
+    return _round_trip(pipe, path)
+
+
+def flux_pipeline(
+    path: str | Path | None = None,
+    width: str = "tiny",
+    num_layers: int = 1,
+    num_single_layers: int = 2,
+    guidance_embeds: bool = True,
+) -> FluxPipeline:
+    """A FLUX.1 pipeline (flow matching, guidance-distilled by default) with tiny CLIP, T5 and VAE;
+    saved to and loaded from ``path`` when given. Images must be a multiple of 4 pixels."""
+    tokenizer, text_encoder = tiny_clip()
+    tokenizer_2, text_encoder_2 = tiny_t5()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(shift_factor=0.0, scaling_factor=1.0),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=flux_transformer(width, num_layers, num_single_layers, guidance_embeds),
     )
     return _round_trip(pipe, path)
 

@@ -18,6 +18,7 @@ def saved_pipelines(tmp_path_factory):
     builders.dit_pipeline(root / "dit")
     builders.pixart_pipeline(root / "pixart_alpha")
     builders.pixart_pipeline(root / "pixart_sigma", sigma=True)
+    builders.flux_pipeline(root / "flux")
     return root
 
 
@@ -33,3 +34,12 @@ def pixart_pipe(request, saved_pipelines):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(saved_pipelines / request.param)
+
+
+@pytest.fixture
+def flux_pipe(saved_pipelines):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -71,7 +71,7 @@ def test_full_path_equals_diffusers_block(family, score):
         cache = BlockCache()
         actual = adapter.forward(run, cache, *args, **kwargs)
     assert (actual - expected).abs().max().item() <= 1e-6
-    assert cache.base_score.shape == (BATCH, TOKENS)
+    assert cache.base_scores["image"].shape == (BATCH, TOKENS)
     assert set(cache.branches) == ({"attn", "mlp"} if family == "dit" else {"attn", "cross_attn", "mlp"})
 
 

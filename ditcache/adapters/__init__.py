@@ -11,12 +11,13 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
 from torch import nn
 
 from ..config import EngineSettings
 from .base import BlockAdapter
 from .basic_transformer import BasicTransformerBlockAdapter
+from .flux import FluxDoubleBlockAdapter, FluxSingleBlockAdapter
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,12 @@ class TransformerAdapter:
         if timestep is None:
             raise ValueError(f"{type(self.transformer).__name__} was called without `timestep`; ditcache needs it.")
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        return CallInfo(latents, value, self.token_grid(latents, bound))
+
+    def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
+        """(height, width) of the image tokens: the patchified latent grid."""
         patch = self.transformer.config.patch_size
-        return CallInfo(latents, value, (latents.shape[-2] // patch, latents.shape[-1] // patch))
+        return latents.shape[-2] // patch, latents.shape[-1] // patch
 
     @staticmethod
     def is_guidance_batch(latents: torch.Tensor) -> bool:
@@ -70,9 +75,40 @@ class PixArtAdapter(TransformerAdapter):
     family = "pixart"
 
 
+class FluxAdapter(TransformerAdapter):
+    """FLUX.1: double-stream blocks, then single-stream blocks, on packed latents."""
+
+    family = "flux"
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        transformer = self.transformer
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)] + [
+            (f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)
+        ]
+
+    def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
+        # Both streams take the layer factor by index, spread over the single-stream depth.
+        depth = max(len(self.transformer.single_transformer_blocks) - 1, 1)
+        adapters = []
+        for name, block in self.blocks():
+            index = int(name.rsplit(".", 1)[1])
+            cls = FluxDoubleBlockAdapter if name.startswith("transformer_blocks") else FluxSingleBlockAdapter
+            adapters.append(cls(block, name, min(index / depth, 1.0), settings))
+        return adapters
+
+    def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
+        """From the last image position id (raster order); packed latents carry no grid of their own."""
+        img_ids = arguments.get("img_ids")
+        if img_ids is None:
+            return latents.shape[1], 1
+        _, row, col = img_ids.reshape(-1, img_ids.shape[-1])[-1].tolist()
+        return int(row) + 1, int(col) + 1
+
+
 ADAPTERS: dict[type, type[TransformerAdapter]] = {
     DiTTransformer2DModel: DiTAdapter,
     PixArtTransformer2DModel: PixArtAdapter,
+    FluxTransformer2DModel: FluxAdapter,
 }
 
 

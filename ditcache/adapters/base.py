@@ -35,6 +35,12 @@ def capture_outputs(taps: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tens
     finally:
         for handle in handles:
             handle.remove()
+    missing = sorted(name for name in taps if name not in captured)
+    if missing:
+        raise RuntimeError(
+            f"the attention processor did not call the modules that give {', '.join(missing)}; "
+            "choose score='random', which needs no projection."
+        )
 
 
 def split_heads(projection: torch.Tensor, heads: int) -> torch.Tensor:
@@ -70,7 +76,8 @@ class BlockAdapter:
         settings: the resolved engine settings.
     """
 
-    partial_branches: tuple[str, ...] = ()
+    # Partially computed branches and the token group each recomputes from ("image", "text", ...).
+    branch_groups: dict[str, str] = {}
 
     def __init__(self, block: nn.Module, name: str, layer_position: float, settings: EngineSettings):
         self.block = block
@@ -81,15 +88,20 @@ class BlockAdapter:
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def partial_branches(self) -> tuple[str, ...]:
+        return tuple(self.branch_groups)
+
     # -- scores -------------------------------------------------------------------------------
-    def store_base_score(self, run: RunState, cache: BlockCache, score: torch.Tensor, tokens: int) -> None:
-        """Keep a full step's score (one row per guidance pair) and zero the frequency counters."""
+    def store_base_score(self, run: RunState, cache: BlockCache, group: str, score: torch.Tensor) -> None:
+        """Keep a full step's score of one token group (one row per guidance pair) and zero the
+        frequency counters of the branches that recompute from it."""
         if run.guidance_batch:
             score = S.merge_guidance_halves(score)
-        cache.base_score = score
-        rows = score.shape[0]
-        for branch in self.partial_branches:
-            cache.since_recompute[branch] = torch.zeros(rows, tokens, dtype=torch.int32, device=score.device)
+        cache.base_scores[group] = score
+        for branch, branch_group in self.branch_groups.items():
+            if branch_group == group:
+                cache.since_recompute[branch] = torch.zeros(score.shape, dtype=torch.int32, device=score.device)
 
     def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> torch.Tensor | None:
         """Indices ``(batch, k)`` of the tokens ``branch`` recomputes on this partial step, or None."""
@@ -101,8 +113,11 @@ class BlockAdapter:
             return None
         since = cache.since_recompute[branch]
         interval = settings.schedule.interval_at(run.progress)
-        score = S.l2_normalize(cache.base_score) + settings.frequency_weight * since.float() / interval
-        score = S.spatial_bonus(score, run.signature.grid, settings.spatial_grid, settings.spatial_bonus)
+        score = S.l2_normalize(cache.base_scores[self.branch_groups[branch]])
+        score = score + settings.frequency_weight * since.float() / interval
+        grid = run.signature.grid
+        if grid[0] * grid[1] == tokens:  # the bonus needs the group to be the image token grid
+            score = S.spatial_bonus(score, grid, settings.spatial_grid, settings.spatial_bonus)
         index = S.top_tokens(score, count)
         since.add_(1).scatter_(1, index, 0)
         if run.guidance_batch:

@@ -34,7 +34,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         if block.pos_embed is not None or block.only_cross_attention or hasattr(block, "fuser"):
             raise TypeError(f"{name}: positional embeddings, only_cross_attention and GLIGEN are not supported.")
         self.zero = block.norm_type == "ada_norm_zero"
-        self.partial_branches = ("cross_attn", "mlp") if block.attn2 is not None else ("mlp",)
+        self.branch_groups = {"cross_attn": "image", "mlp": "image"} if block.attn2 is not None else {"mlp": "image"}
         if settings.score == "cross_attention_entropy" and block.attn2 is None:
             raise ValueError(
                 "score='cross_attention_entropy' needs cross-attention blocks (PixArt); "
@@ -194,7 +194,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             value = S.cross_attention_entropy(query, key, cross.scale, _bias(encoder_attention_mask))
             flops = 2 * query.numel() * key.shape[-2]
             cache.text_keys = key
-        self.store_base_score(run, cache, value, tokens)
+        self.store_base_score(run, cache, "image", value)
         return flops
 
     def _refresh_entropy_rows(self, run, cache, query, index, encoder_attention_mask) -> None:
@@ -205,7 +205,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         if run.guidance_batch:
             rows = S.merge_guidance_halves(rows)
             index = index[: rows.shape[0]]
-        cache.base_score.scatter_(1, index, rows)
+        cache.base_scores["image"].scatter_(1, index, rows)
         run.add_flops(2 * query.numel() * cache.text_keys.shape[-2], 0)
 
     # -- accounting ----------------------------------------------------------------------------

@@ -1,0 +1,242 @@
+"""Adapters for FLUX.1's blocks: ``FluxTransformerBlock`` (double stream) and
+``FluxSingleTransformerBlock`` (single stream).
+
+Double stream: the joint attention (image and text outputs, after their projections) is reused whole
+on partial steps; the image MLP (``mlp``) and the text MLP (``context_mlp``) are recomputed for their
+selected tokens. Single stream: the block runs on ``cat([text, image])``; the attention output
+(before the fused output projection) and the projection's output are cached; on partial steps the
+selected tokens get their norm, modulation and MLP half, then the output projection over
+``cat(cached attention rows, new MLP rows)`` (``single_mlp``). Full paths repeat diffusers' forwards
+operation for operation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+from .. import scores as S
+from ..config import EngineSettings
+from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..state import BlockCache, RunState
+from .base import BlockAdapter, capture_outputs, gather_rows, scatter_rows
+
+
+def _clip_half(hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype == torch.float16:
+        return hidden_states.clip(-65504, 65504)
+    return hidden_states
+
+
+def _score_taps(attn, score: str | None, joint: bool) -> dict:
+    """Modules whose outputs a score needs; ``joint`` adds the text projections of a double block."""
+    taps = {}
+    if score == "attention":
+        taps = {"query": attn.norm_q, "key": attn.norm_k}
+        if joint:
+            taps |= {"text_query": attn.norm_added_q, "text_key": attn.norm_added_k}
+    elif score == "k_norm":
+        taps = {"key": attn.norm_k} | ({"text_key": attn.norm_added_k} if joint else {})
+    elif score == "v_norm":
+        if attn.fused_projections:
+            raise ValueError("score='v_norm' cannot read values from fused QKV projections; unfuse them or use 'k_norm'.")
+        taps = {"value": attn.to_v} | ({"text_value": attn.add_v_proj} if joint else {})
+    return taps
+
+
+def _token_scores(run: RunState, attn, score: str, taps: dict, rotary, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
+    """Scores of the attention's whole sequence (text first), and the FLOPs they cost."""
+    if score == "random":
+        return S.random_scores(batch, tokens, run.generator), 0
+    if score == "v_norm":
+        values = [taps[name] for name in ("text_value", "value") if name in taps]
+        value = torch.cat(values, dim=1).unflatten(-1, (attn.heads, -1))  # (batch, tokens, heads, dim)
+        return S.projection_norm(value.transpose(1, 2)), 0
+    keys = torch.cat([taps[name] for name in ("text_key", "key") if name in taps], dim=1)
+    if score == "k_norm":
+        return S.projection_norm(keys.transpose(1, 2)), 0
+    queries = torch.cat([taps[name] for name in ("text_query", "query") if name in taps], dim=1)
+    if rotary is not None:
+        queries = apply_rotary_emb(queries, rotary, sequence_dim=1)
+        keys = apply_rotary_emb(keys, rotary, sequence_dim=1)
+    queries, keys = queries.transpose(1, 2), keys.transpose(1, 2)
+    received = S.attention_received(queries, keys, 1 / math.sqrt(queries.shape[-1]))
+    return received, 2 * queries.numel() * tokens
+
+
+def _qkv_flops(attn, image_rows: int, text_rows: int) -> int:
+    """Input and output projections of a FLUX attention (fused or not)."""
+    if attn.fused_projections:
+        flops = linear_flops(attn.to_qkv, image_rows)
+        if text_rows:
+            flops += linear_flops(attn.to_added_qkv, text_rows)
+    else:
+        flops = sum(linear_flops(layer, image_rows) for layer in (attn.to_q, attn.to_k, attn.to_v))
+        if text_rows:
+            flops += sum(linear_flops(layer, text_rows) for layer in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if not attn.pre_only:
+        flops += linear_flops(attn.to_out[0], image_rows)
+    if text_rows:
+        flops += linear_flops(attn.to_add_out, text_rows)
+    return flops
+
+
+class FluxDoubleBlockAdapter(BlockAdapter):
+    def __init__(self, block: FluxTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
+        super().__init__(block, name, layer_position, settings)
+        self.branch_groups = {"mlp": "image", "context_mlp": "text"}
+
+    def forward(
+        self,
+        run: RunState,
+        cache: BlockCache,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb=None,
+        joint_attention_kwargs: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn_kwargs = joint_attention_kwargs or {}
+        if run.is_full:
+            return self._full(run, cache, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attn_kwargs)
+        return self._partial(run, cache, hidden_states, encoder_hidden_states, temb)
+
+    def _full(self, run, cache, hidden_states, encoder_hidden_states, temb, rotary, attn_kwargs):
+        block = self.block
+        score = self.settings.score if self.settings.recomputes_tokens else None
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
+        norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(encoder_hidden_states, emb=temb)
+        with capture_outputs(_score_taps(block.attn, score, joint=True)) as taps:
+            outputs = block.attn(
+                hidden_states=norm_hidden_states, encoder_hidden_states=norm_context, image_rotary_emb=rotary, **attn_kwargs
+            )
+        attn, context_attn = outputs[0], outputs[1]
+
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn
+        mlp = block.ff(block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * mlp
+        if len(outputs) == 3:  # IP-Adapter
+            hidden_states = hidden_states + outputs[2]
+            cache.branches["ip_attn"] = outputs[2]
+
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn
+        context_mlp = block.ff_context(block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
+        encoder_hidden_states = _clip_half(encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_mlp)
+        cache.branches.update(attn=attn, context_attn=context_attn, mlp=mlp, context_mlp=context_mlp)
+
+        batch, text = encoder_hidden_states.shape[:2]
+        score_flops = 0
+        if score is not None:
+            scores, score_flops = _token_scores(run, block.attn, score, taps, rotary, batch, text + hidden_states.shape[1])
+            self.store_base_score(run, cache, "text", scores[:, :text])
+            self.store_base_score(run, cache, "image", scores[:, text:])
+        full = self._flops(batch, hidden_states.shape[1], text, None)
+        run.add_flops(full + score_flops, full)
+        return encoder_hidden_states, hidden_states
+
+    def _partial(self, run, cache, hidden_states, encoder_hidden_states, temb):
+        block = self.block
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
+        _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context.linear(
+            block.norm1_context.silu(temb)
+        ).chunk(6, dim=1)
+        recomputed = {}
+
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * cache.current("attn")
+        hidden_states, recomputed["mlp"] = self._partial_mlp(
+            run, cache, "mlp", block.ff, block.norm2, hidden_states, shift_mlp, scale_mlp, gate_mlp
+        )
+        if "ip_attn" in cache.branches:
+            hidden_states = hidden_states + cache.current("ip_attn")
+
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * cache.current("context_attn")
+        encoder_hidden_states, recomputed["context_mlp"] = self._partial_mlp(
+            run, cache, "context_mlp", block.ff_context, block.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp, c_gate_mlp
+        )
+        batch, text = encoder_hidden_states.shape[:2]
+        run.add_flops(
+            self._flops(batch, hidden_states.shape[1], text, recomputed), self._flops(batch, hidden_states.shape[1], text, None)
+        )
+        return _clip_half(encoder_hidden_states), hidden_states
+
+    def _partial_mlp(self, run, cache, branch, ff, norm, hidden_states, shift, scale, gate):
+        output = cache.current(branch)
+        index = self.select(run, cache, branch, hidden_states.shape[1])
+        if index is not None:
+            rows = norm(gather_rows(hidden_states, index)) * (1 + scale[:, None]) + shift[:, None]
+            scatter_rows(output, index, ff(rows))
+        return hidden_states + gate.unsqueeze(1) * output, 0 if index is None else index.shape[1]
+
+    def _flops(self, batch: int, image: int, text: int, recomputed: dict[str, int] | None) -> int:
+        block = self.block
+        flops = linears_flops(block.norm1.linear, batch) + linears_flops(block.norm1_context.linear, batch)
+        if recomputed is None:
+            attn = block.attn
+            flops += _qkv_flops(attn, batch * image, batch * text)
+            flops += attention_core_flops(batch, attn.heads, image + text, image + text, attn.head_dim)
+            recomputed = {"mlp": image, "context_mlp": text}
+        flops += linears_flops(block.ff, batch * recomputed["mlp"])
+        return flops + linears_flops(block.ff_context, batch * recomputed["context_mlp"])
+
+
+class FluxSingleBlockAdapter(BlockAdapter):
+    def __init__(self, block: FluxSingleTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
+        super().__init__(block, name, layer_position, settings)
+        self.branch_groups = {"single_mlp": "joint"}
+
+    def forward(
+        self,
+        run: RunState,
+        cache: BlockCache,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb=None,
+        joint_attention_kwargs: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.block
+        text = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        batch, tokens = hidden_states.shape[:2]
+
+        if run.is_full:
+            score = self.settings.score if self.settings.recomputes_tokens else None
+            norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
+            mlp = block.act_mlp(block.proj_mlp(norm_hidden_states))
+            with capture_outputs(_score_taps(block.attn, score, joint=False)) as taps:
+                attn = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+            output = block.proj_out(torch.cat([attn, mlp], dim=2))
+            cache.branches.update(attn=attn, output=output)
+            score_flops = 0
+            if score is not None:
+                scores, score_flops = _token_scores(run, block.attn, score, taps, image_rotary_emb, batch, tokens)
+                self.store_base_score(run, cache, "joint", scores)
+            full = self._flops(batch, tokens, None)
+            run.add_flops(full + score_flops, full)
+        else:
+            shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
+            output = cache.current("output")
+            index = self.select(run, cache, "single_mlp", tokens)
+            if index is not None:
+                rows = block.norm.norm(gather_rows(residual, index)) * (1 + scale[:, None]) + shift[:, None]
+                mlp_rows = block.act_mlp(block.proj_mlp(rows))
+                attn_rows = gather_rows(cache.current("attn"), index)
+                scatter_rows(output, index, block.proj_out(torch.cat([attn_rows, mlp_rows], dim=2)))
+            recomputed = 0 if index is None else index.shape[1]
+            run.add_flops(self._flops(batch, tokens, recomputed), self._flops(batch, tokens, None))
+
+        hidden_states = _clip_half(residual + gate.unsqueeze(1) * output)
+        return hidden_states[:, :text], hidden_states[:, text:]
+
+    def _flops(self, batch: int, tokens: int, recomputed: int | None) -> int:
+        block = self.block
+        flops = linears_flops(block.norm.linear, batch)
+        rows = tokens if recomputed is None else recomputed
+        if recomputed is None:
+            flops += _qkv_flops(block.attn, batch * tokens, 0)
+            flops += attention_core_flops(batch, block.attn.heads, tokens, tokens, block.attn.head_dim)
+        return flops + linear_flops(block.proj_mlp, batch * rows) + linear_flops(block.proj_out, batch * rows)

@@ -1,0 +1,175 @@
+"""FLUX.1 block adapters against diffusers' own blocks, and the engine on a FLUX pipeline."""
+
+import pytest
+import torch
+from torch import nn
+
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats
+from ditcache.adapters.flux import FluxDoubleBlockAdapter, FluxSingleBlockAdapter
+from ditcache.eval.builders import flux_transformer
+from ditcache.flops import count_flops
+from ditcache.hooks import STEP_HOOK
+from ditcache.state import BlockCache, CallSignature, RunState
+
+BATCH, GRID, TEXT = 2, (3, 4), 5
+IMAGE = GRID[0] * GRID[1]
+SCORES = ["attention", "k_norm", "v_norm", "random"]
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return flux_transformer(num_layers=1, num_single_layers=1)
+
+
+def block_inputs(transformer, seed):
+    generator = torch.Generator().manual_seed(seed)
+    dim = transformer.inner_dim
+    ids = torch.zeros(TEXT + IMAGE, 3)
+    ids[TEXT:, 1] = torch.arange(GRID[0]).repeat_interleave(GRID[1]).float()
+    ids[TEXT:, 2] = torch.arange(GRID[1]).repeat(GRID[0]).float()
+    return {
+        "hidden_states": torch.randn(BATCH, IMAGE, dim, generator=generator),
+        "encoder_hidden_states": torch.randn(BATCH, TEXT, dim, generator=generator),
+        "temb": torch.randn(BATCH, dim, generator=generator),
+        "image_rotary_emb": transformer.pos_embed(ids),
+    }
+
+
+def make_run(config):
+    run = RunState(config.resolve("flux"))
+    run.start(CallSignature(BATCH, GRID, torch.float32, torch.device("cpu")), 1.0, 10, False)
+    run.begin_step(1.0)
+    return run
+
+
+def adapters(transformer, config):
+    settings = config.resolve("flux")
+    return {
+        "double": FluxDoubleBlockAdapter(transformer.transformer_blocks[0], "d", 0.0, settings),
+        "single": FluxSingleBlockAdapter(transformer.single_transformer_blocks[0], "s", 0.0, settings),
+    }
+
+
+def replace_output(module: nn.Module, value):
+    return module.register_forward_hook(lambda _m, _i, _o: value)
+
+
+def partial_step(transformer, kind, config):
+    """A full step, then a partial one; returns the adapter, cache, the full step's branches and the
+    partial step's inputs and output."""
+    adapter = adapters(transformer, config)[kind]
+    run, cache = make_run(config), BlockCache()
+    for _ in range(config.resolve("flux").schedule.full_steps_at_start):
+        adapter.forward(run, cache, **block_inputs(transformer, seed=0))
+        run.begin_step(0.9)
+    assert not run.is_full
+    cached = {name: value.clone() for name, value in cache.branches.items()}
+    inputs = block_inputs(transformer, seed=1)
+    return adapter, cache, cached, inputs, adapter.forward(run, cache, **inputs)
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+@pytest.mark.parametrize("score", SCORES)
+def test_full_path_equals_diffusers_block(transformer, kind, score):
+    config = ToCaConfig(cache_interval=3, score=score)
+    adapter = adapters(transformer, config)[kind]
+    inputs = block_inputs(transformer, seed=0)
+    with torch.no_grad():
+        expected = adapter.block(**inputs)
+        cache = BlockCache()
+        actual = adapter.forward(make_run(config), cache, **inputs)
+    for a, e in zip(actual, expected):
+        assert (a - e).abs().max().item() <= 1e-6
+    groups = {"double": {"image": IMAGE, "text": TEXT}, "single": {"joint": TEXT + IMAGE}}[kind]
+    assert {g: s.shape for g, s in cache.base_scores.items()} == {g: (BATCH, n) for g, n in groups.items()}
+
+
+def test_double_block_fora_reuses_every_branch_with_current_gates(transformer):
+    with torch.no_grad():
+        adapter, cache, cached, inputs, actual = partial_step(transformer, "double", FORAConfig(cache_interval=4))
+        block = adapter.block
+        handles = [
+            replace_output(block.attn, (cached["attn"], cached["context_attn"])),
+            replace_output(block.ff, cached["mlp"]),
+            replace_output(block.ff_context, cached["context_mlp"]),
+        ]
+        expected = block(**inputs)
+        for handle in handles:
+            handle.remove()
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=0)
+
+
+def test_double_block_toca_recomputes_selected_rows_of_both_mlps(transformer):
+    config = ToCaConfig(cache_interval=4, cache_ratio=0.5, schedule="constant", score="k_norm")
+    with torch.no_grad():
+        adapter, cache, cached, inputs, actual = partial_step(transformer, "double", config)
+        block = adapter.block
+        fresh = {}
+        handles = [replace_output(block.attn, (cached["attn"], cached["context_attn"]))]
+        for name, module in (("mlp", block.ff), ("context_mlp", block.ff_context)):
+            handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: fresh.__setitem__(name, out)))
+        block(**inputs)
+        for handle in handles:
+            handle.remove()
+        for name, tokens in (("mlp", IMAGE), ("context_mlp", TEXT)):
+            selected = cache.since_recompute[name] == 0
+            assert selected.sum(-1).eq(round(tokens / 2)).all()
+            torch.testing.assert_close(
+                cache.branches[name], torch.where(selected[..., None], fresh[name], cached[name]), atol=1e-6, rtol=0
+            )
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_single_block_partial_step(transformer, ratio):
+    config = ToCaConfig(cache_interval=4, cache_ratio=ratio, schedule="constant", score="attention")
+    with torch.no_grad():
+        adapter, cache, cached, inputs, actual = partial_step(transformer, "single", config)
+        block = adapter.block
+        fresh = {}
+        handles = [
+            replace_output(block.attn, cached["attn"]),
+            block.proj_out.register_forward_hook(lambda _m, _i, out: fresh.__setitem__("output", out)),
+        ]
+        block(**inputs)
+        for handle in handles:
+            handle.remove()
+        if ratio < 1:
+            selected = cache.since_recompute["single_mlp"] == 0
+            assert selected.sum(-1).eq(round((1 - ratio) * (TEXT + IMAGE))).all()
+        else:  # nothing recomputed, no score kept
+            assert "single_mlp" not in cache.since_recompute
+            selected = torch.zeros(BATCH, TEXT + IMAGE, dtype=torch.bool)
+        mixed = torch.where(selected[..., None], fresh["output"], cached["output"])
+        torch.testing.assert_close(cache.branches["output"], mixed, atol=1e-6, rtol=0)
+        handle = replace_output(block.proj_out, mixed)
+        expected = block(**inputs)
+        handle.remove()
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=0)
+
+
+def run_flux(pipe, steps=8, **kwargs):
+    kwargs = {"height": 16, "width": 16, "max_sequence_length": 16, "output_type": "np"} | kwargs
+    return pipe("a red fox in snow", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def test_flux_preset_defaults_and_flops_agree_with_flop_counter(flux_pipe):
+    apply_cache(flux_pipe, ToCaConfig())
+    images, counted = count_flops(lambda: run_flux(flux_pipe, steps=10), flux_pipe.transformer)
+    stats = cache_stats(flux_pipe)
+    assert stats.full_step_indices == (0, 1, 2, 6)  # first 3 steps full, then every 4
+    assert abs(stats.flops - counted) <= 0.05 * counted
+    assert stats.flops < stats.flops_full and stats.recompute_fraction > 0
+    assert flux_pipe.transformer._diffusers_hook.get_hook(STEP_HOOK).run.settings.score == "random"
+
+
+def test_flux_true_guidance_keeps_a_cache_per_call(flux_pipe):
+    kwargs = {"negative_prompt": "a dog", "true_cfg_scale": 2.0}
+    uncached = run_flux(flux_pipe, **kwargs)
+    apply_cache(flux_pipe, ToCaConfig(cache_interval=1))
+    assert (run_flux(flux_pipe, **kwargs) == uncached).all()
+    apply_cache(flux_pipe, FORAConfig(cache_interval=2))
+    run_flux(flux_pipe, **kwargs)
+    stats = cache_stats(flux_pipe)
+    assert stats.steps == 8 and stats.partial_steps == 3
