@@ -4,5 +4,23 @@ from .config import FORAConfig, ToCaConfig
 from .hooks import apply_cache, cache_config, cache_stats, remove_cache
 from .state import CacheStats
 
-__all__ = ["ToCaConfig", "FORAConfig", "CacheStats", "apply_cache", "remove_cache", "cache_stats", "cache_config"]
+__all__ = [
+    "ToCaConfig",
+    "FORAConfig",
+    "CacheStats",
+    "apply_cache",
+    "remove_cache",
+    "cache_stats",
+    "cache_config",
+    "ToCaPipeline",
+]
+
+
+def __getattr__(name: str):
+    # ``ditcache.ToCaPipeline`` is re-exported lazily: the core itself never depends on ``pipelines``.
+    if name == "ToCaPipeline":
+        from .pipelines import ToCaPipeline
+
+        return ToCaPipeline
+    raise AttributeError(f"module 'ditcache' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ Each config validates itself on creation and resolves, for a detected model fami
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .schedule import PRESETS, CacheSchedule
 
@@ -147,6 +147,22 @@ class FORAConfig:
 
 
 CacheConfig = ToCaConfig | FORAConfig
+CONFIG_CLASSES = {"toca": ToCaConfig, "fora": FORAConfig}
+
+
+def config_to_dict(config: CacheConfig) -> dict:
+    """A JSON-ready dict naming the method, for saving next to a pipeline."""
+    method = next(name for name, cls in CONFIG_CLASSES.items() if isinstance(config, cls))
+    return {"method": method, **asdict(config)}
+
+
+def config_from_dict(data: dict) -> CacheConfig:
+    """The inverse of ``config_to_dict``; validates like the constructors do."""
+    fields = dict(data)
+    method = fields.pop("method", None)
+    if method not in CONFIG_CLASSES:
+        raise ValueError(f"`method` must be one of {', '.join(map(repr, CONFIG_CLASSES))}; got {method!r}.")
+    return CONFIG_CLASSES[method](**fields)
 
 
 def _default(value, preset_value):

@@ -141,8 +141,9 @@ def dit_pipeline(
         transformer=dit_transformer(width, num_layers, sample_size),
         vae=tiny_vae(),
         scheduler=DDIMScheduler(),
-        id2label={0: "zero", 1: "one"},
     )
+    pipe.register_to_config(id2label={0: "zero", 1: "one"})  # saved in model_index.json, as on the hub
+    pipe.labels = {"zero": 0, "one": 1}
     return _round_trip(pipe, path)
 
 

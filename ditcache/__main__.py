@@ -1,0 +1,32 @@
+"""The ``ditcache`` command (also ``python -m ditcache``).
+
+An entry point, not part of the library: it dispatches to ``ditcache.pipelines`` and ``ditcache.eval``,
+which the core itself never imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ditcache", description="Token-wise caching for diffusers' DiTs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from ditcache.pipelines import cli
+
+    cli.add_arguments(commands.add_parser("generate", help="generate one image with caching, timed"))
+    commands.add_parser("bench", help="speed and FLOPs of uncached, FORA and ToCa (see --help)", add_help=False)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from ditcache.eval import speed
+
+        speed.main(rest)
+    else:
+        parser.parse_args(argv)  # reject unknown options
+        cli.generate(args)
+
+
+if __name__ == "__main__":
+    main()

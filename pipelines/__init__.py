@@ -1,0 +1,5 @@
+"""Pipelines with caching built in: ``ToCaPipeline`` and the ``ditcache generate`` command."""
+
+from .toca_pipeline import SUPPORTED_PIPELINES, ToCaPipeline
+
+__all__ = ["ToCaPipeline", "SUPPORTED_PIPELINES"]

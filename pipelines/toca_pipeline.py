@@ -1,0 +1,174 @@
+"""``ToCaPipeline``: any supported diffusers pipeline, loaded with token-wise caching applied.
+
+The returned object is the pipeline diffusers loads, moved to a subclass made for it alone
+(``ToCaPipeline`` first, then the original class): ``isinstance`` holds for both, ``__call__`` keeps
+the original signature plus three per-call keywords, and no class is modified, so other pipelines of
+the same class in the process stay uncached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+
+from ditcache import CacheStats, FORAConfig, ToCaConfig, apply_cache, cache_stats, remove_cache
+from ditcache.adapters import ADAPTERS
+from ditcache.config import CacheConfig, config_from_dict, config_to_dict
+
+CONFIG_FILE = "ditcache_config.json"
+SUPPORTED_PIPELINES = (
+    "DiTPipeline",
+    "PixArtAlphaPipeline",
+    "PixArtSigmaPipeline",
+    "FluxPipeline",
+    "FluxImg2ImgPipeline",
+    "FluxInpaintPipeline",
+    "FluxKontextPipeline",
+    "FluxControlPipeline",
+    "FluxFillPipeline",
+)
+
+
+def resolve_config(
+    cache_interval: int | None = None, cache_ratio: float | None = None, cache_config: CacheConfig | None = None
+) -> CacheConfig:
+    """``cache_config`` (ToCa with the model's preset when None) with the two shortcuts applied."""
+    config = cache_config if cache_config is not None else ToCaConfig()
+    if cache_ratio is not None and isinstance(config, FORAConfig):
+        raise ValueError("`cache_ratio` does not apply to FORAConfig, which recomputes no token.")
+    changes = {"cache_interval": cache_interval, "cache_ratio": cache_ratio}
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+
+
+class ToCaPipeline(DiffusionPipeline):
+    """Load a diffusers pipeline with ToCa (or FORA) caching on its transformer.
+
+    ``ToCaPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16,
+    cache_interval=4, cache_ratio=0.9)`` returns a ``FluxPipeline`` that is also a ``ToCaPipeline``.
+    Calls accept ``cache_interval=``, ``cache_ratio=`` (that call only) and ``cache=False`` (that call
+    uncached); ``pipe.cache_stats`` describes the last call.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is ToCaPipeline:
+            raise TypeError("ToCaPipeline wraps a loaded pipeline: use ToCaPipeline.from_pretrained(...) or .from_pipe(pipe).")
+        return super().__new__(cls)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        cache_interval: int | None = None,
+        cache_ratio: float | None = None,
+        cache_config: CacheConfig | None = None,
+        **kwargs,
+    ) -> "ToCaPipeline":
+        """Load with ``DiffusionPipeline.from_pretrained`` (hub id or folder; ``kwargs`` go there) and
+        apply caching. Settings not given come from a ``ditcache_config.json`` saved in a local folder,
+        then from the model family's preset."""
+        saved = Path(pretrained_model_name_or_path) / CONFIG_FILE
+        if cache_config is None and saved.is_file():
+            cache_config = config_from_dict(json.loads(saved.read_text()))
+        config = resolve_config(cache_interval, cache_ratio, cache_config)
+        return cls.attach(DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs), config)
+
+    @classmethod
+    def from_pipe(
+        cls,
+        pipeline: DiffusionPipeline,
+        cache_interval: int | None = None,
+        cache_ratio: float | None = None,
+        cache_config: CacheConfig | None = None,
+        pipeline_class: type[DiffusionPipeline] | None = None,
+        **kwargs,
+    ) -> "ToCaPipeline":
+        """A cached pipeline built from ``pipeline``'s components (``pipeline_class`` switches task,
+        e.g. to ``FluxImg2ImgPipeline``).
+
+        The components are shared, not copied, and the cache lives on the shared transformer: from
+        then on ``pipeline`` runs cached too (with the new pipeline's settings), and ``remove_cache``
+        on either restores both. To keep ``pipeline`` uncached, pass
+        ``transformer=copy.deepcopy(pipeline.transformer)`` (at the cost of a second copy of the weights).
+        """
+        target = pipeline_class or _original_class(type(pipeline))
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = pipeline.dtype  # diffusers would cast the shared components to float32
+        if cache_config is None and isinstance(pipeline, ToCaPipeline):
+            cache_config = pipeline.cache_config
+        return cls.attach(target.from_pipe(pipeline, **kwargs), resolve_config(cache_interval, cache_ratio, cache_config))
+
+    @classmethod
+    def attach(cls, pipeline: DiffusionPipeline, config: CacheConfig) -> "ToCaPipeline":
+        """Turn a loaded ``pipeline`` into a cached one, in place."""
+        original = _original_class(type(pipeline))
+        transformer = getattr(pipeline, "transformer", None)
+        if not isinstance(transformer, tuple(ADAPTERS)):
+            raise TypeError(
+                f"ToCaPipeline does not support {original.__name__}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)} "
+                "(any pipeline whose transformer is a DiT, PixArt or FLUX transformer called the standard way)."
+            )
+        apply_cache(pipeline, config)
+        pipeline.__class__ = _cached_class(original)
+        pipeline._ditcache_config = config
+        pipeline._ditcache_stats = None
+        return pipeline
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self._ditcache_config
+
+    @property
+    def cache_stats(self) -> CacheStats | None:
+        """Statistics of the last call (None after an uncached call)."""
+        return self._ditcache_stats
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """Save as the original pipeline (plain diffusers loads the folder), plus the cache settings
+        in ``ditcache_config.json`` for ``ToCaPipeline.from_pretrained``."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / CONFIG_FILE).write_text(json.dumps(config_to_dict(self._ditcache_config), indent=2))
+
+    def _cached_call(self, original_call, args, kwargs, cache_interval, cache_ratio, cache):
+        config = self._ditcache_config
+        call_config = resolve_config(cache_interval, cache_ratio, config) if cache else None
+        if call_config != config:
+            remove_cache(self) if call_config is None else apply_cache(self, call_config)
+        try:
+            output = original_call(self, *args, **kwargs)
+            self._ditcache_stats = cache_stats(self) if cache else None
+            return output
+        finally:
+            if call_config != config:
+                apply_cache(self, config)
+
+
+def _original_class(cls: type) -> type:
+    return cls.__dict__.get("_ditcache_original", cls)
+
+
+@functools.cache
+def _cached_class(original: type) -> type:
+    """The subclass ``(ToCaPipeline, original)`` with the original's name, so that saved folders
+    name the original class."""
+    original_call = original.__call__
+
+    @functools.wraps(original_call)
+    def __call__(self, *args, cache_interval: int | None = None, cache_ratio: float | None = None, cache: bool = True, **kwargs):
+        return self._cached_call(original_call, args, kwargs, cache_interval, cache_ratio, cache)
+
+    signature = inspect.signature(original_call)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    extra = [
+        inspect.Parameter("cache_interval", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
+        inspect.Parameter("cache_ratio", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="float | None"),
+        inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool"),
+    ]
+    __call__.__signature__ = signature.replace(parameters=params[:at] + extra + params[at:])
+    namespace = {"__call__": __call__, "__module__": original.__module__, "_ditcache_original": original}
+    return type(original.__name__, (ToCaPipeline, original), namespace)

@@ -1,0 +1,158 @@
+"""ToCaPipeline: loading, per-call options, saving, and coexistence with plain pipelines and hooks."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FluxImg2ImgPipeline, FluxPipeline
+
+import ditcache
+from ditcache import FORAConfig, ToCaConfig, ToCaPipeline
+from ditcache.hooks import BLOCK_HOOK, STEP_HOOK
+
+FOLDERS = ["dit", "pixart_alpha", "pixart_sigma", "flux"]
+
+
+def ditcache_hooks(module):
+    registries = [m._diffusers_hook for m in module.modules() if hasattr(m, "_diffusers_hook")]
+    return [name for registry in registries for name in registry.hooks if name in (STEP_HOOK, BLOCK_HOOK)]
+
+
+def call_kwargs(folder, **extra):
+    if folder == "dit":
+        return {"class_labels": [0, 1], "num_inference_steps": 6} | extra
+    kwargs = {"prompt": "a red fox in snow", "num_inference_steps": 6, "height": 16, "width": 16}
+    if folder.startswith("pixart"):
+        kwargs |= {"clean_caption": False, "use_resolution_binning": False}
+    else:
+        kwargs |= {"max_sequence_length": 16}
+    return kwargs | extra
+
+
+def generate(pipe, folder, **extra):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(generator=torch.Generator().manual_seed(0), output_type="np", **call_kwargs(folder, **extra)).images
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_interval_one_reproduces_the_plain_pipeline(saved_pipelines, folder):
+    plain = DiffusionPipeline.from_pretrained(saved_pipelines / folder)
+    cached = ToCaPipeline.from_pretrained(saved_pipelines / folder, cache_interval=1)
+    assert isinstance(cached, type(plain)) and isinstance(cached, ToCaPipeline)
+    assert type(cached).__name__ == type(plain).__name__
+    np.testing.assert_array_equal(generate(cached, folder), generate(plain, folder))
+    assert cached.cache_stats.steps == 6 and cached.cache_stats.partial_steps == 0
+    assert ditcache_hooks(plain.transformer) == []  # the other pipeline of the class stays plain
+
+
+def test_call_keeps_the_original_signature(saved_pipelines):
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "flux")
+    original = inspect.signature(FluxPipeline.__call__).parameters
+    parameters = inspect.signature(pipe.__call__).parameters
+    assert list(parameters)[: len(original) - 1] == list(original)[1:]
+    assert {"cache_interval", "cache_ratio", "cache"} <= set(parameters)
+    assert FluxPipeline.__call__ is inspect.getattr_static(FluxPipeline, "__call__")  # the class is untouched
+
+
+def test_per_call_options_do_not_leak(saved_pipelines):
+    plain = generate(FluxPipeline.from_pretrained(saved_pipelines / "flux"), "flux", num_inference_steps=10)
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "flux", cache_ratio=0.8)
+    default = generate(pipe, "flux", num_inference_steps=10)
+    assert not np.array_equal(default, plain)
+    np.testing.assert_array_equal(generate(pipe, "flux", num_inference_steps=10, cache_interval=1), plain)
+    np.testing.assert_array_equal(generate(pipe, "flux", num_inference_steps=10, cache=False), plain)
+    assert pipe.cache_stats is None
+    np.testing.assert_array_equal(generate(pipe, "flux", num_inference_steps=10), default)
+    assert pipe.cache_config == ToCaConfig(cache_ratio=0.8)
+    other = generate(pipe, "flux", num_inference_steps=10, cache_ratio=0.5)
+    assert not np.array_equal(other, default) and pipe.cache_stats.recompute_fraction > 0
+    np.testing.assert_array_equal(generate(pipe, "flux", num_inference_steps=10), default)
+
+
+@pytest.mark.parametrize("folder", ["flux", "pixart_alpha"])
+def test_several_images_per_prompt_and_size_changes(saved_pipelines, folder):
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / folder)
+    assert generate(pipe, folder, num_images_per_prompt=2).shape[0] == 2
+    assert generate(pipe, folder, height=24, width=16).shape[1:3] == (24, 16)
+    assert generate(pipe, folder).shape[1:3] == (16, 16)
+
+
+def test_save_pretrained_writes_a_plain_diffusers_folder(saved_pipelines, tmp_path):
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "flux", cache_config=FORAConfig(cache_interval=2))
+    expected = generate(pipe, "flux")
+    pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    plain = DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert type(plain) is FluxPipeline and ditcache_hooks(plain.transformer) == []
+    reloaded = ToCaPipeline.from_pretrained(tmp_path / "saved")
+    assert reloaded.cache_config == FORAConfig(cache_interval=2)
+    np.testing.assert_array_equal(generate(reloaded, "flux"), expected)
+
+
+def test_from_pipe_shares_components_and_switches_task(saved_pipelines):
+    source = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+    img2img = ToCaPipeline.from_pipe(source, pipeline_class=FluxImg2ImgPipeline, cache_interval=2)
+    assert isinstance(img2img, FluxImg2ImgPipeline) and isinstance(img2img, ToCaPipeline)
+    assert img2img.transformer is source.transformer  # shared: the source now runs cached as well
+    image = np.full((16, 16, 3), 128, dtype=np.uint8)
+    img2img.set_progress_bar_config(disable=True)
+    out = img2img("a red fox in snow", image=image, strength=0.9, num_inference_steps=10, height=16, width=16,
+                  max_sequence_length=16, output_type="np").images
+    assert out.shape == (1, 16, 16, 3) and img2img.cache_stats.partial_steps > 0
+    same_task = ToCaPipeline.from_pipe(img2img)
+    assert type(same_task).__name__ == "FluxImg2ImgPipeline" and same_task.cache_config == img2img.cache_config
+
+
+def test_unsupported_pipelines_and_direct_construction_are_refused(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), norm_num_groups=8,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, layers_per_block=1)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(TypeError, match="supported pipelines: DiTPipeline, PixArtAlphaPipeline"):
+        ToCaPipeline.from_pretrained(tmp_path / "ddpm")
+    with pytest.raises(TypeError, match="from_pretrained"):
+        ToCaPipeline()
+    with pytest.raises(ValueError, match="cache_ratio"):
+        ToCaPipeline.from_pretrained(tmp_path / "ddpm", cache_ratio=1.5)
+
+
+def test_composes_with_layerwise_casting(saved_pipelines):
+    plain = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+    plain.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    expected = generate(plain, "flux")
+    ditcache.apply_cache(plain, ToCaConfig(cache_interval=1))
+    np.testing.assert_array_equal(generate(plain, "flux"), expected)
+    ditcache.apply_cache(plain, ToCaConfig(cache_interval=3, cache_ratio=0.5))
+    generate(plain, "flux")
+    assert ditcache.cache_stats(plain).partial_steps > 0
+    ditcache.remove_cache(plain)
+    casting = [m for m in plain.transformer.modules() if hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks]
+    assert casting and ditcache_hooks(plain.transformer) == []
+    np.testing.assert_array_equal(generate(plain, "flux"), expected)
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "ditcache", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_generate_runs_offline_without_a_model(tmp_path):
+    result = run_cli("generate", "--steps", "6", "--out", "fox.png", "--compare", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "tiny randomly initialised FLUX pipeline" in result.stdout and "speedup" in result.stdout
+    assert (tmp_path / "fox.png").stat().st_size > 0
+
+
+def test_generate_with_a_local_model(saved_pipelines, tmp_path):
+    result = run_cli("generate", "--model", str(saved_pipelines / "dit"), "--prompt", "one", "--steps", "4",
+                     "--cache-interval", "2", "--out", "one.png", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 partial steps" in result.stdout and (tmp_path / "one.png").exists()
+    bad = run_cli("generate", "--model", str(saved_pipelines / "dit"), "--cache-ratio", "2", cwd=tmp_path)
+    assert bad.returncode != 0 and "cache_ratio" in bad.stderr
