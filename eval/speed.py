@@ -2,6 +2,8 @@
 
     python -m ditcache.eval.speed                                  # tiny DiT, seconds, offline
     python -m ditcache.eval.speed --width xl --layers 4 --size 32  # DiT-XL/2 width, 256 tokens
+    python -m ditcache.eval.speed --model flux --width flux --size 32x64 --steps 50 \\
+        --methods uncached toca:4:0.9:auto:auto                   # FLUX width, 512 + 128 tokens
 
 Random weights (speed does not depend on them). Methods run interleaved, after a warm-up run each;
 the table shows the median time per pipeline call, the transformer's FLOPs counted by
@@ -30,7 +32,8 @@ DEFAULT_METHODS = ("uncached", "fora:3", "toca:3:0.9:attention", "toca:3:0.9:k_n
 
 
 def parse_method(spec: str) -> ToCaConfig | FORAConfig | None:
-    """``uncached``, ``fora:N`` or ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant)."""
+    """``uncached``, ``fora:N`` or ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant;
+    ``auto`` takes the model's preset, for the score or the schedule)."""
     name, *params = spec.split(":")
     if name == "uncached" and not params:
         return None
@@ -58,22 +61,34 @@ class Row:
         return statistics.median(self.times)
 
 
+def latent_size(text: str) -> tuple[int, int]:
+    """``"32"`` or ``"32x64"`` (height x width, in latent pixels)."""
+    height, _, width = text.partition("x")
+    return int(height), int(width or height)
+
+
 def build(args):
     dtype = getattr(torch, args.dtype)
+    height, width = latent_size(args.size)
     if args.model == "dit":
-        pipe = builders.dit_pipeline(width=args.width, num_layers=args.layers, sample_size=args.size)
-        call = dict(class_labels=list(range(args.batch)), guidance_scale=4.0, num_inference_steps=args.steps, output_type="pt")
+        if height != width:
+            raise ValueError("DiT generates square latents: give --size as one number.")
+        pipe = builders.dit_pipeline(width=args.width, num_layers=args.layers, sample_size=height)
+        call = dict(class_labels=list(range(args.batch)), guidance_scale=4.0)
     else:
-        pipe = builders.pixart_pipeline(width=args.width, num_layers=args.layers, sample_size=args.size)
-        call = dict(
+        if args.model == "pixart":
+            pipe = builders.pixart_pipeline(width=args.width, num_layers=args.layers, sample_size=height)
+            call = dict(use_resolution_binning=False, clean_caption=False)
+        else:
+            pipe = builders.flux_pipeline(width=args.width, num_layers=args.layers, num_single_layers=args.single_layers)
+            call = dict()
+        call |= dict(
             prompt=["a red fox in snow"] * args.batch,
-            height=args.size * pipe.vae_scale_factor,
-            width=args.size * pipe.vae_scale_factor,
-            num_inference_steps=args.steps,
-            output_type="pt",
-            use_resolution_binning=False,
-            clean_caption=False,
+            height=height * pipe.vae_scale_factor,
+            width=width * pipe.vae_scale_factor,
+            max_sequence_length=args.text_tokens,
         )
+    call |= dict(num_inference_steps=args.steps, output_type="pt")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     if dtype != torch.float32:
@@ -142,10 +157,14 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["dit", "pixart"], default="dit")
-    parser.add_argument("--width", choices=sorted(builders.WIDTHS), default="tiny", help="xl: 1152 hidden, 16 heads")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--size", type=int, default=16, help="latent side; tokens = (size / 2) ** 2")
+    parser.add_argument("--model", choices=["dit", "pixart", "flux"], default="dit")
+    parser.add_argument(
+        "--width", choices=sorted(builders.WIDTHS), default="tiny", help="xl: 1152 hidden, 16 heads; flux: 3072, 24 heads"
+    )
+    parser.add_argument("--layers", type=int, default=2, help="blocks (FLUX: double-stream blocks)")
+    parser.add_argument("--single-layers", type=int, default=2, help="FLUX single-stream blocks")
+    parser.add_argument("--size", default="16", help="latent HEIGHT[xWIDTH]; image tokens = (height / 2) * (width / 2)")
+    parser.add_argument("--text-tokens", type=int, default=128, help="text tokens (PixArt, FLUX)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1, help="images per call (guidance doubles the transformer batch)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
@@ -161,9 +180,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows = benchmark(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    height, width = latent_size(args.size)
+    layers = f"{args.layers}+{args.single_layers}" if args.model == "flux" else str(args.layers)
+    text = f" text_tokens={args.text_tokens}" if args.model != "dit" else ""
     print(
-        f"{args.model} width={args.width} layers={args.layers} tokens={(args.size // 2) ** 2} steps={args.steps} "
-        f"batch={args.batch} dtype={args.dtype} device={args.device} ({device}, {torch.get_num_threads()} threads)"
+        f"{args.model} width={args.width} layers={layers} image_tokens={(height // 2) * (width // 2)}{text} "
+        f"steps={args.steps} batch={args.batch} dtype={args.dtype} device={args.device} "
+        f"({device}, {torch.get_num_threads()} threads)"
     )
     print(format_table(rows))
     if args.out:

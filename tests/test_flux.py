@@ -173,3 +173,39 @@ def test_flux_true_guidance_keeps_a_cache_per_call(flux_pipe):
     run_flux(flux_pipe, **kwargs)
     stats = cache_stats(flux_pipe)
     assert stats.steps == 8 and stats.partial_steps == 3
+
+
+def test_flux_preset_50_steps_costs_at_most_40_percent(saved_pipelines):
+    """The FLUX-width measurement (eval/BENCHMARKS.md) at test size: 512 image + 128 text tokens."""
+    from ditcache import ToCaPipeline
+
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "flux", cache_interval=4, cache_ratio=0.9)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"height": 64, "width": 128, "max_sequence_length": 128, "num_inference_steps": 50, "output_type": "np"}
+    _, uncached = count_flops(lambda: pipe("a red fox", cache=False, **kwargs), pipe.transformer)
+    _, cached = count_flops(lambda: pipe("a red fox", **kwargs), pipe.transformer)
+    assert cached <= 0.40 * uncached
+    assert abs(pipe.cache_stats.flops - cached) <= 0.05 * cached
+
+
+def test_flux_without_guidance_embedding():
+    """FLUX.1-schnell-style transformers take no guidance input."""
+    transformer = flux_transformer(guidance_embeds=False)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(4 + 16, 3)
+    ids[4:, 1], ids[4:, 2] = torch.arange(4).repeat_interleave(4).float(), torch.arange(4).repeat(4).float()
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 4, 32, generator=generator),
+        "pooled_projections": torch.randn(1, 32, generator=generator),
+        "img_ids": ids[4:],
+        "txt_ids": ids[:4],
+    }
+    with torch.no_grad():
+        expected = [transformer(timestep=torch.tensor([t]), **inputs).sample for t in (1.0, 0.75, 0.5, 0.25)]
+        apply_cache(transformer, ToCaConfig(cache_interval=2, cache_ratio=0.5))
+        cached = [transformer(timestep=torch.tensor([t]), **inputs).sample for t in (1.0, 0.75, 0.5, 0.25)]
+    torch.testing.assert_close(cached[:3], expected[:3])  # the first 3 steps are full
+    assert not torch.allclose(cached[3], expected[3])
+    stats = cache_stats(transformer)
+    assert stats.full_step_indices == (0, 1, 2) and transformer._diffusers_hook.get_hook(STEP_HOOK).run.signature.grid == (4, 4)
