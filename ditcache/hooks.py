@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
@@ -72,7 +73,7 @@ class StepHook(ModelHook):
                 )
             fresh = True
         if fresh:
-            run.start(signature, timestep, self._total_steps(), self.model.is_guidance_batch(latents))
+            run.start(signature, timestep, self._schedule(), self.model.is_guidance_batch(latents))
             run.begin_step(timestep)
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
@@ -80,10 +81,13 @@ class StepHook(ModelHook):
             run.begin_step(timestep)
         run.in_call = True
 
-    def _total_steps(self) -> int | None:
+    def _schedule(self) -> tuple[float, ...] | None:
+        """The timesteps the pipeline's scheduler set for this run, if a pipeline is known."""
         pipeline = self._pipeline() if self._pipeline is not None else None
         timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
-        return len(timesteps) if timesteps is not None and len(timesteps) else None
+        if timesteps is None or not len(timesteps):
+            return None
+        return tuple(float(t) for t in timesteps.tolist()) if isinstance(timesteps, torch.Tensor) else tuple(map(float, timesteps))
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.run.reset()

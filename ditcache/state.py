@@ -86,7 +86,7 @@ class RunState:
         self.stream = 0
         self.last_timestep: float | None = None
         self.first_timestep: float | None = None
-        self.total_steps: int | None = None
+        self.schedule: tuple[float, ...] | None = None  # the run's timesteps, when the scheduler is known
         self.progress = 0.0
         self.is_full = True
         self.steps_since_full = 0
@@ -94,6 +94,7 @@ class RunState:
         self.in_call = False
         self.in_block = False
         self.caches: dict[tuple[str, int], BlockCache] = {}
+        self.tables: dict[str, tuple] = {}  # per-run values precomputed for every step, by block
         self.generator: torch.Generator | None = None
         self.outside_flops: int | None = None
         self._full_step_indices: list[int] = []
@@ -104,11 +105,13 @@ class RunState:
         self._cache_bytes = 0
 
     # -- run lifecycle -------------------------------------------------------------------------
-    def start(self, signature: CallSignature, timestep: float, total_steps: int | None, guidance_batch: bool) -> None:
+    def start(
+        self, signature: CallSignature, timestep: float, schedule: tuple[float, ...] | None, guidance_batch: bool
+    ) -> None:
         self.reset()
         self.signature = signature
         self.first_timestep = timestep
-        self.total_steps = total_steps
+        self.schedule = schedule
         self.guidance_batch = guidance_batch
         self.generator = torch.Generator(device=signature.device).manual_seed(self.settings.seed)
 
@@ -125,15 +128,20 @@ class RunState:
             self._full_step_indices.append(self.step)
 
     def _progress(self, timestep: float) -> float:
-        if self.total_steps is not None and self.total_steps > 1:
-            return min(self.step / (self.total_steps - 1), 1.0)
+        if self.schedule is not None and len(self.schedule) > 1:
+            return min(self.step / (len(self.schedule) - 1), 1.0)
         if self.first_timestep:  # no step count known: progress of the timestep itself
             return min(max(1.0 - timestep / self.first_timestep, 0.0), 1.0)
         return 0.0
 
     @property
     def run_finished(self) -> bool:
-        return self.total_steps is not None and self.step + 1 >= self.total_steps
+        return self.schedule is not None and self.step + 1 >= len(self.schedule)
+
+    @property
+    def on_schedule(self) -> bool:
+        """Whether this step's timestep is the scheduler's for this step, so per-step tables apply."""
+        return self.schedule is not None and self.step < len(self.schedule) and self.schedule[self.step] == self.last_timestep
 
     def block_cache(self, block_name: str) -> BlockCache:
         key = (block_name, self.stream)
@@ -158,6 +166,7 @@ class RunState:
         if self.run_finished:  # this call's stream is done: hold no memory until the next run
             for key in [key for key in self.caches if key[1] == self.stream]:
                 del self.caches[key]
+            self.tables.clear()
 
     def stats(self) -> CacheStats:
         steps = self.step + 1

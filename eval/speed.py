@@ -7,7 +7,8 @@
 
 Random weights (speed does not depend on them). Methods run interleaved, after a warm-up run each;
 the table shows the median time per pipeline call, the transformer's FLOPs counted by
-``FlopCounterMode`` next to the engine's own count, and the cache's memory. ``--out`` writes the
+``FlopCounterMode`` next to the engine's own count, the efficiency (time speedup over FLOPs speedup)
+and the cache's memory. ``--out`` writes the
 rows as JSON.
 """
 
@@ -140,16 +141,17 @@ def benchmark(args) -> list[Row]:
 def format_table(rows: list[Row]) -> str:
     base = rows[0]
     header = (
-        f"{'method':<28} {'time s':>8} {'speedup':>8} {'GFLOPs':>9} {'FLOPs x':>8} "
+        f"{'method':<28} {'time s':>8} {'speedup':>8} {'GFLOPs':>9} {'FLOPs x':>8} {'efficiency':>10} "
         f"{'engine/counted':>14} {'recompute':>9} {'cache MiB':>9} {'peak MiB':>9}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         agree = f"{row.flops_engine / row.flops_counted:.3f}" if row.flops_engine else "-"
         peak = f"{row.peak_memory / 2**20:.0f}" if row.peak_memory else "-"
+        speedup, flops_speedup = base.median / row.median, base.flops_counted / row.flops_counted
         lines.append(
-            f"{row.method:<28} {row.median:>8.3f} {base.median / row.median:>8.2f} {row.flops_counted / 1e9:>9.1f} "
-            f"{base.flops_counted / row.flops_counted:>8.2f} {agree:>14} {row.recompute_fraction:>9.3f} "
+            f"{row.method:<28} {row.median:>8.3f} {speedup:>8.2f} {row.flops_counted / 1e9:>9.1f} "
+            f"{flops_speedup:>8.2f} {speedup / flops_speedup:>10.2f} {agree:>14} {row.recompute_fraction:>9.3f} "
             f"{row.cache_bytes / 2**20:>9.1f} {peak:>9}"
         )
     return "\n".join(lines)

@@ -47,7 +47,7 @@ FAMILIES = {
 
 def make_run(config, family, guidance=False):
     run = RunState(config.resolve(family))
-    run.start(CallSignature(BATCH, GRID, torch.float32, torch.device("cpu")), 999.0, 10, guidance)
+    run.start(CallSignature(BATCH, GRID, torch.float32, torch.device("cpu")), 999.0, None, guidance)
     run.begin_step(999.0)
     return run
 
@@ -166,3 +166,22 @@ def test_unsupported_blocks_and_models_are_refused():
         apply_cache(dit_transformer(num_layers=1), ToCaConfig(score="cross_attention_entropy"))
     with pytest.raises(TypeError, match="ToCaConfig or FORAConfig"):
         apply_cache(dit_transformer(num_layers=1), {"cache_interval": 3})
+
+
+def test_dit_partial_steps_take_the_modulation_from_the_run_table():
+    block = FAMILIES["dit"][0]()
+    config = FORAConfig(cache_interval=3)
+    adapter = BasicTransformerBlockAdapter(block, "block", 0.5, config.resolve("dit"))
+    args, kwargs = dit_block_inputs(block, 0)
+    kwargs["timestep"] = torch.full((BATCH,), 900)
+    outputs = {}
+    for schedule in (None, (999.0, 900.0, 800.0)):
+        run, cache = RunState(config.resolve("dit")), BlockCache()
+        run.start(CallSignature(BATCH, GRID, torch.float32, torch.device("cpu")), 999.0, schedule, False)
+        run.begin_step(999.0)
+        with torch.no_grad():
+            adapter.forward(run, cache, *args, **(kwargs | {"timestep": torch.full((BATCH,), 999)}))
+            run.begin_step(900.0)
+            outputs[schedule is None] = adapter.forward(run, cache, *args, **kwargs)
+        assert ("block" in run.tables) == (schedule is not None)
+    torch.testing.assert_close(outputs[False], outputs[True], atol=1e-5, rtol=1e-5)

@@ -37,7 +37,7 @@ def block_inputs(transformer, seed):
 
 def make_run(config):
     run = RunState(config.resolve("flux"))
-    run.start(CallSignature(BATCH, GRID, torch.float32, torch.device("cpu")), 1.0, 10, False)
+    run.start(CallSignature(BATCH, GRID, torch.float32, torch.device("cpu")), 1.0, None, False)
     run.begin_step(1.0)
     return run
 

@@ -8,6 +8,7 @@ tokens only.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -58,12 +59,33 @@ def query_key_taps(attn: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+@dataclass(frozen=True)
+class Selection:
+    """The tokens a branch recomputes: ``index`` ``(batch, count)`` per sequence, and ``flat``, the
+    same rows in the ``(batch * tokens, dim)`` view, for whole-row copies."""
+
+    index: torch.Tensor
+    flat: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.index.shape[1]
 
 
-def scatter_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    target.scatter_(1, index.unsqueeze(-1).expand(-1, -1, target.shape[-1]), rows.to(target.dtype))
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``residual + gate * branch`` in one pass, into a new tensor laid out like the contiguous cached
+    ``branch`` (the residual may be a transposed view), so rows can be gathered without a copy."""
+    return torch.addcmul(residual, gate, branch, out=torch.empty_like(branch))
+
+
+def gather_rows(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
+    batch, tokens, dim = tensor.shape
+    return tensor.reshape(batch * tokens, dim).index_select(0, selection.flat).view(batch, selection.count, dim)
+
+
+def scatter_rows(target: torch.Tensor, selection: Selection, rows: torch.Tensor) -> None:
+    """Write ``rows`` into the selected rows of ``target`` (a contiguous cache tensor), in place."""
+    target.view(-1, target.shape[-1]).index_copy_(0, selection.flat, rows.reshape(-1, rows.shape[-1]).to(target.dtype))
 
 
 class BlockAdapter:
@@ -103,8 +125,8 @@ class BlockAdapter:
             if branch_group == group:
                 cache.since_recompute[branch] = torch.zeros(score.shape, dtype=torch.int32, device=score.device)
 
-    def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> torch.Tensor | None:
-        """Indices ``(batch, k)`` of the tokens ``branch`` recomputes on this partial step, or None."""
+    def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> Selection | None:
+        """The tokens ``branch`` recomputes on this partial step, or None when it recomputes none."""
         settings = self.settings
         fraction = settings.schedule.recompute_fraction(run.progress, self.layer_position, branch)
         count = round(fraction * tokens)
@@ -122,4 +144,5 @@ class BlockAdapter:
         since.add_(1).scatter_(1, index, 0)
         if run.guidance_batch:
             index = torch.cat([index, index])
-        return index
+        offsets = torch.arange(0, index.shape[0] * tokens, tokens, device=index.device)
+        return Selection(index, (index + offsets[:, None]).reshape(-1))

@@ -18,7 +18,15 @@ from .. import scores as S
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..state import BlockCache, RunState
-from .base import BlockAdapter, capture_outputs, gather_rows, query_key_taps, scatter_rows, split_heads
+from .base import (
+    BlockAdapter,
+    capture_outputs,
+    gated_residual,
+    gather_rows,
+    query_key_taps,
+    scatter_rows,
+    split_heads,
+)
 
 SUPPORTED_NORMS = ("ada_norm_zero", "ada_norm_single")
 
@@ -42,9 +50,11 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             )
 
     # -- diffusers' math, piece by piece -------------------------------------------------------
-    def _modulation(self, hidden_states, timestep, class_labels):
+    def _modulation(self, run, hidden_states, timestep, class_labels):
         """Six ``(batch, 1, dim)`` tensors: shift, scale, gate for attention, then for the MLP."""
         block = self.block
+        if self.zero and not run.is_full and run.on_schedule:
+            return self._modulation_table(run, timestep, class_labels, hidden_states.dtype)[run.step]
         if self.zero:
             norm1 = block.norm1
             emb = norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
@@ -52,6 +62,24 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             return tuple(chunk[:, None] for chunk in emb.chunk(6, dim=1))
         batch = hidden_states.shape[0]
         return (block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+
+    def _modulation_table(self, run, timestep, class_labels, dtype):
+        """DiT's per-block modulation for every step of the run at once, for the partial steps.
+
+        Each step needs a matrix-vector product with the block's largest weight (``dim x 6 dim``), which
+        costs memory traffic that the FLOPs of a partial step do not show; one product over all steps
+        reads the weight once per run.
+        """
+        labels, table = run.tables.get(self.name, (None, None))
+        if table is None or not torch.equal(labels, class_labels):
+            norm1, steps, batch = self.block.norm1, len(run.schedule), class_labels.shape[0]
+            timesteps = torch.tensor(run.schedule, dtype=timestep.dtype, device=timestep.device)
+            emb = norm1.emb(timesteps.repeat_interleave(batch), class_labels.repeat(steps), hidden_dtype=dtype)
+            values = norm1.linear(norm1.silu(emb)).view(steps, batch, -1)
+            table = [tuple(chunk[:, None] for chunk in values[step].chunk(6, dim=1)) for step in range(steps)]
+            run.tables[self.name] = (class_labels, table)
+            run.add_flops(linears_flops(norm1, steps * batch), 0)
+        return table
 
     def _attn_norm(self, hidden_states):
         return self.block.norm1.norm(hidden_states) if self.zero else self.block.norm1(hidden_states)
@@ -85,7 +113,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         attn_kwargs = dict(cross_attention_kwargs or {})
         if "gligen" in attn_kwargs:
             raise ValueError("GLIGEN inputs (cross_attention_kwargs['gligen']) are not supported by ditcache.")
-        modulation = self._modulation(hidden_states, timestep, class_labels)
+        modulation = self._modulation(run, hidden_states, timestep, class_labels)
         text = (encoder_hidden_states, encoder_attention_mask)
         if run.is_full:
             return self._full(run, cache, hidden_states, modulation, attention_mask, text, attn_kwargs)
@@ -101,7 +129,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         with capture_outputs(self._self_attention_taps(score)) as taps:
             attn = block.attn1(norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs)
         hidden_states = gate_msa * attn + hidden_states
-        cache.branches["attn"] = attn
+        cache.branches["attn"] = attn.contiguous()
 
         if block.attn2 is not None:
             cross_taps = query_key_taps(block.attn2) if score == "cross_attention_entropy" else {}
@@ -113,12 +141,12 @@ class BasicTransformerBlockAdapter(BlockAdapter):
                     **attn_kwargs,
                 )
             hidden_states = cross + hidden_states
-            cache.branches["cross_attn"] = cross
+            cache.branches["cross_attn"] = cross.contiguous()
             taps.update({f"cross_{name}": value for name, value in taps_cross.items()})
 
         mlp = self._feed_forward(self._mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp)
         hidden_states = gate_mlp * mlp + hidden_states
-        cache.branches["mlp"] = mlp
+        cache.branches["mlp"] = mlp.contiguous()
 
         score_flops = self._refresh_scores(run, cache, score, taps, encoder_attention_mask, hidden_states.shape)
         full = self._flops(hidden_states.shape, encoder_hidden_states, None)
@@ -132,34 +160,35 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         tokens = hidden_states.shape[1]
         recomputed = {}
 
-        hidden_states = gate_msa * cache.current("attn") + hidden_states
+        # One fused pass per branch over the residual stream; the first makes the tensor updated in place.
+        hidden_states = gated_residual(hidden_states, gate_msa, cache.current("attn"))
 
         if block.attn2 is not None:
             cross = cache.current("cross_attn")
-            index = self.select(run, cache, "cross_attn", tokens)
-            if index is not None:
-                rows = self._cross_input(gather_rows(hidden_states, index))
+            selection = self.select(run, cache, "cross_attn", tokens)
+            if selection is not None:
+                rows = self._cross_input(gather_rows(hidden_states, selection))
                 refresh = self.settings.score == "cross_attention_entropy"
                 with capture_outputs({"query": query_key_taps(block.attn2)["query"]} if refresh else {}) as taps:
                     cross_rows = block.attn2(
                         rows, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **attn_kwargs
                     )
-                scatter_rows(cross, index, cross_rows)
+                scatter_rows(cross, selection, cross_rows)
                 if refresh:
-                    self._refresh_entropy_rows(run, cache, taps["query"], index, encoder_attention_mask)
-                recomputed["cross_attn"] = index.shape[1]
-            hidden_states = cross + hidden_states
+                    self._refresh_entropy_rows(run, cache, taps["query"], selection.index, encoder_attention_mask)
+                recomputed["cross_attn"] = selection.count
+            hidden_states.add_(cross)
 
         mlp = cache.current("mlp")
-        index = self.select(run, cache, "mlp", tokens)
-        if index is not None:
-            rows = self._mlp_norm(gather_rows(hidden_states, index)) * (1 + scale_mlp) + shift_mlp
-            scatter_rows(mlp, index, block.ff(rows))
-            recomputed["mlp"] = index.shape[1]
-        hidden_states = gate_mlp * mlp + hidden_states
+        selection = self.select(run, cache, "mlp", tokens)
+        if selection is not None:
+            rows = self._mlp_norm(gather_rows(hidden_states, selection)) * (1 + scale_mlp) + shift_mlp
+            scatter_rows(mlp, selection, block.ff(rows))
+            recomputed["mlp"] = selection.count
+        hidden_states.addcmul_(gate_mlp, mlp)
 
         run.add_flops(
-            self._flops(hidden_states.shape, encoder_hidden_states, recomputed),
+            self._flops(hidden_states.shape, encoder_hidden_states, recomputed, modulation=not run.on_schedule),
             self._flops(hidden_states.shape, encoder_hidden_states, None),
         )
         return hidden_states
@@ -209,11 +238,12 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         run.add_flops(2 * query.numel() * cache.text_keys.shape[-2], 0)
 
     # -- accounting ----------------------------------------------------------------------------
-    def _flops(self, shape, encoder_hidden_states, recomputed: dict[str, int] | None) -> int:
-        """FLOPs of one call; ``recomputed`` maps partial branches to recomputed tokens (None: full)."""
+    def _flops(self, shape, encoder_hidden_states, recomputed: dict[str, int] | None, modulation: bool = True) -> int:
+        """FLOPs of one call; ``recomputed`` maps partial branches to recomputed tokens (None: full);
+        ``modulation`` False when it came from the run's table."""
         block = self.block
         batch, tokens, _ = shape
-        flops = linears_flops(block.norm1, batch) if self.zero else 0
+        flops = linears_flops(block.norm1, batch) if self.zero and modulation else 0
         attn = block.attn1
         if recomputed is None:
             flops += linears_flops(attn, batch * tokens)

@@ -22,7 +22,7 @@ from .. import scores as S
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..state import BlockCache, RunState
-from .base import BlockAdapter, capture_outputs, gather_rows, scatter_rows
+from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows, scatter_rows
 
 
 def _clip_half(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,9 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn
         context_mlp = block.ff_context(block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
         encoder_hidden_states = _clip_half(encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_mlp)
-        cache.branches.update(attn=attn, context_attn=context_attn, mlp=mlp, context_mlp=context_mlp)
+        cache.branches.update(
+            attn=attn.contiguous(), context_attn=context_attn.contiguous(), mlp=mlp.contiguous(), context_mlp=context_mlp.contiguous()
+        )
 
         batch, text = encoder_hidden_states.shape[:2]
         score_flops = 0
@@ -145,14 +147,14 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         ).chunk(6, dim=1)
         recomputed = {}
 
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * cache.current("attn")
+        hidden_states = gated_residual(hidden_states, gate_msa.unsqueeze(1), cache.current("attn"))
         hidden_states, recomputed["mlp"] = self._partial_mlp(
             run, cache, "mlp", block.ff, block.norm2, hidden_states, shift_mlp, scale_mlp, gate_mlp
         )
         if "ip_attn" in cache.branches:
             hidden_states = hidden_states + cache.current("ip_attn")
 
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * cache.current("context_attn")
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa.unsqueeze(1), cache.current("context_attn"))
         encoder_hidden_states, recomputed["context_mlp"] = self._partial_mlp(
             run, cache, "context_mlp", block.ff_context, block.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp, c_gate_mlp
         )
@@ -163,12 +165,13 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         return _clip_half(encoder_hidden_states), hidden_states
 
     def _partial_mlp(self, run, cache, branch, ff, norm, hidden_states, shift, scale, gate):
+        """``hidden_states`` (owned by this call) gets the gated MLP output added in place."""
         output = cache.current(branch)
-        index = self.select(run, cache, branch, hidden_states.shape[1])
-        if index is not None:
-            rows = norm(gather_rows(hidden_states, index)) * (1 + scale[:, None]) + shift[:, None]
-            scatter_rows(output, index, ff(rows))
-        return hidden_states + gate.unsqueeze(1) * output, 0 if index is None else index.shape[1]
+        selection = self.select(run, cache, branch, hidden_states.shape[1])
+        if selection is not None:
+            rows = norm(gather_rows(hidden_states, selection)) * (1 + scale[:, None]) + shift[:, None]
+            scatter_rows(output, selection, ff(rows))
+        return hidden_states.addcmul_(gate.unsqueeze(1), output), 0 if selection is None else selection.count
 
     def _flops(self, batch: int, image: int, text: int, recomputed: dict[str, int] | None) -> int:
         block = self.block
@@ -210,7 +213,7 @@ class FluxSingleBlockAdapter(BlockAdapter):
             with capture_outputs(_score_taps(block.attn, score, joint=False)) as taps:
                 attn = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
             output = block.proj_out(torch.cat([attn, mlp], dim=2))
-            cache.branches.update(attn=attn, output=output)
+            cache.branches.update(attn=attn.contiguous(), output=output.contiguous())
             score_flops = 0
             if score is not None:
                 scores, score_flops = _token_scores(run, block.attn, score, taps, image_rotary_emb, batch, tokens)
@@ -220,14 +223,16 @@ class FluxSingleBlockAdapter(BlockAdapter):
         else:
             shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
             output = cache.current("output")
-            index = self.select(run, cache, "single_mlp", tokens)
-            if index is not None:
-                rows = block.norm.norm(gather_rows(residual, index)) * (1 + scale[:, None]) + shift[:, None]
+            selection = self.select(run, cache, "single_mlp", tokens)
+            if selection is not None:
+                rows = block.norm.norm(gather_rows(residual, selection)) * (1 + scale[:, None]) + shift[:, None]
                 mlp_rows = block.act_mlp(block.proj_mlp(rows))
-                attn_rows = gather_rows(cache.current("attn"), index)
-                scatter_rows(output, index, block.proj_out(torch.cat([attn_rows, mlp_rows], dim=2)))
-            recomputed = 0 if index is None else index.shape[1]
+                attn_rows = gather_rows(cache.current("attn"), selection)
+                scatter_rows(output, selection, block.proj_out(torch.cat([attn_rows, mlp_rows], dim=2)))
+            recomputed = 0 if selection is None else selection.count
             run.add_flops(self._flops(batch, tokens, recomputed), self._flops(batch, tokens, None))
+            hidden_states = _clip_half(residual.addcmul_(gate.unsqueeze(1), output))  # the cat above is ours
+            return hidden_states[:, :text], hidden_states[:, text:]
 
         hidden_states = _clip_half(residual + gate.unsqueeze(1) * output)
         return hidden_states[:, :text], hidden_states[:, text:]
