@@ -28,23 +28,61 @@ from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, remove_ca
 from ditcache.flops import count_flops
 
 from . import builders
+from .peers import PEERS, DiffusersCache
 
-DEFAULT_METHODS = ("uncached", "fora:3", "toca:3:0.9:attention", "toca:3:0.9:k_norm", "toca:3:0.9:random")
+DEFAULT_METHODS = (
+    "uncached",
+    "fora:3",
+    "toca:3:0.9:attention",
+    "toca:3:0.9:k_norm",
+    "toca:3:0.9:v_norm",
+    "toca:3:0.9:random",
+    "fbc",
+    "taylorseer:3",
+    "magcache",
+    "pab",
+)
 
 
-def parse_method(spec: str) -> ToCaConfig | FORAConfig | None:
-    """``uncached``, ``fora:N`` or ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant;
-    ``auto`` takes the model's preset, for the score or the schedule)."""
+class Method:
+    """A benchmarked method: ``apply`` before a run, ``remove`` after it."""
+
+    def __init__(self, spec: str, config: ToCaConfig | FORAConfig | None = None, peer: DiffusersCache | None = None):
+        self.spec, self.config, self.peer = spec, config, peer
+
+    def apply(self, pipe, steps: int) -> None:
+        if self.config is not None:
+            apply_cache(pipe, self.config)
+        elif self.peer is not None:
+            self.peer.apply(pipe, steps)
+
+    def remove(self, pipe) -> None:
+        if self.config is not None:
+            remove_cache(pipe)
+        elif self.peer is not None:
+            self.peer.remove(pipe)
+
+
+def parse_method(spec: str) -> Method:
+    """``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant;
+    ``auto`` takes the model's preset, for the score or the schedule), or one of diffusers' caches:
+    ``fbc[:threshold]``, ``taylorseer[:interval]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``."""
     name, *params = spec.split(":")
     if name == "uncached" and not params:
-        return None
+        return Method(spec)
     if name == "fora" and len(params) == 1:
-        return FORAConfig(cache_interval=int(params[0]))
+        return Method(spec, config=FORAConfig(cache_interval=int(params[0])))
     if name == "toca" and 2 <= len(params) <= 4:
         score = params[2] if len(params) > 2 else "auto"
         schedule = params[3] if len(params) > 3 else "constant"
-        return ToCaConfig(cache_interval=int(params[0]), cache_ratio=float(params[1]), score=score, schedule=schedule)
-    raise ValueError(f"method {spec!r}: expected 'uncached', 'fora:N' or 'toca:N:R[:score[:schedule]]'.")
+        config = ToCaConfig(cache_interval=int(params[0]), cache_ratio=float(params[1]), score=score, schedule=schedule)
+        return Method(spec, config=config)
+    if name in PEERS and len(params) <= 1:
+        return Method(spec, peer=DiffusersCache(spec))
+    raise ValueError(
+        f"method {spec!r}: expected 'uncached', 'fora:N', 'toca:N:R[:score[:schedule]]' or one of "
+        f"{', '.join(PEERS)} with an optional ':value'."
+    )
 
 
 @dataclass
@@ -113,20 +151,18 @@ def benchmark(args) -> list[Row]:
     methods = {spec: parse_method(spec) for spec in args.methods}
     rows = {spec: Row(spec) for spec in methods}
 
-    def use(config):
-        remove_cache(pipe) if config is None else apply_cache(pipe, config)
-
     with torch.inference_mode():
-        for spec, config in methods.items():  # FLOPs and stats, untimed
-            use(config)
+        for spec, method in methods.items():  # FLOPs and stats, untimed
+            method.apply(pipe, args.steps)
             _, rows[spec].flops_counted = count_flops(lambda: run_once(pipe, call, args.device), pipe.transformer)
-            if config is not None:
+            if method.config is not None:
                 stats = cache_stats(pipe)
                 rows[spec].flops_engine, rows[spec].cache_bytes = stats.flops, stats.cache_bytes
                 rows[spec].recompute_fraction = stats.recompute_fraction
+            method.remove(pipe)
         grid = [(r, spec) for r in range(args.warmup + args.repeats) for spec in methods]
         for repeat, spec in tqdm(grid, desc="runs", disable=args.quiet):
-            use(methods[spec])
+            methods[spec].apply(pipe, args.steps)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             elapsed = run_once(pipe, call, args.device)
@@ -134,7 +170,7 @@ def benchmark(args) -> list[Row]:
                 rows[spec].times.append(elapsed)
                 if args.device.startswith("cuda"):
                     rows[spec].peak_memory = torch.cuda.max_memory_allocated()
-    remove_cache(pipe)
+            methods[spec].remove(pipe)
     return list(rows.values())
 
 

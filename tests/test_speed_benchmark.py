@@ -5,11 +5,14 @@ from ditcache.eval import speed
 
 
 def test_method_specs():
-    assert speed.parse_method("uncached") is None
-    assert speed.parse_method("fora:4") == FORAConfig(cache_interval=4)
-    assert speed.parse_method("toca:3:0.8:k_norm") == ToCaConfig(
+    assert speed.parse_method("uncached").config is None
+    assert speed.parse_method("fora:4").config == FORAConfig(cache_interval=4)
+    assert speed.parse_method("toca:3:0.8:k_norm").config == ToCaConfig(
         cache_interval=3, cache_ratio=0.8, score="k_norm", schedule="constant"
     )
+    assert speed.parse_method("taylorseer:4").peer.value == "4"
+    with pytest.raises(ValueError, match="fbc"):
+        speed.parse_method("teacache")
     with pytest.raises(ValueError, match="toca:N:R"):
         speed.parse_method("toca:3")
     with pytest.raises(ValueError, match="cache_ratio"):

@@ -1,0 +1,104 @@
+"""diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache, PyramidAttentionBroadcast), applied
+the same way on DiT, PixArt and FLUX pipelines, for side-by-side benchmarks with ditcache.
+
+DiT and PixArt transformers have no ``CacheMixin`` and their pipelines set no cache context, so a
+forward pre-hook sets one on every call (step index, step count, timestep) and resets the hooks'
+state when a new run starts. TaylorSeer's default patterns match no DiT or PixArt module; it is
+given the same branches ditcache caches.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    HookRegistry,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+    apply_first_block_cache,
+    apply_mag_cache,
+    apply_pyramid_attention_broadcast,
+    apply_taylorseer_cache,
+)
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+PEERS = ("fbc", "taylorseer", "magcache", "pab")
+BRANCH_PATTERNS = {
+    "DiTTransformer2DModel": [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"],
+    "PixArtTransformer2DModel": [r"transformer_blocks\.\d+\.attn[12]", r"transformer_blocks\.\d+\.ff"],
+}
+
+
+def _hook_names(module: torch.nn.Module) -> dict[torch.nn.Module, set[str]]:
+    return {m: set(m._diffusers_hook.hooks) for m in module.modules() if hasattr(m, "_diffusers_hook")}
+
+
+class DiffusersCache:
+    """One of diffusers' caches as a benchmark method: ``apply(pipe)``, run, ``remove(pipe)``.
+
+    ``spec`` is ``fbc[:threshold]``, ``taylorseer[:interval]``, ``magcache[:threshold]`` or
+    ``pab[:block_skip_range]``.
+    """
+
+    def __init__(self, spec: str):
+        name, _, value = spec.partition(":")
+        if name not in PEERS:
+            raise ValueError(f"unknown diffusers cache {name!r}; known: {', '.join(PEERS)}.")
+        self.name, self.value = name, value
+        self._added: dict[torch.nn.Module, set[str]] = {}
+        self._handle = None
+
+    def apply(self, pipe, steps: int) -> None:
+        transformer = pipe.transformer
+        self._step, self._last_timestep, self._steps = 0, None, steps
+        self._scale = 1000.0 if type(transformer).__name__.startswith("Flux") else 1.0  # FLUX gets t / 1000
+        before = _hook_names(transformer)
+        self._apply_config(pipe, steps)
+        after = _hook_names(transformer)
+        self._added = {m: names - before.get(m, set()) for m, names in after.items()}
+        self._handle = transformer.register_forward_pre_hook(self._set_context, with_kwargs=True)
+
+    def remove(self, pipe) -> None:
+        for module, names in self._added.items():
+            for name in names:
+                module._diffusers_hook.remove_hook(name, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
+        self._handle.remove()
+
+    def _apply_config(self, pipe, steps: int) -> None:
+        transformer, value = pipe.transformer, self.value
+        if self.name == "fbc":
+            apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=float(value or 0.05)))
+        elif self.name == "taylorseer":
+            config = TaylorSeerCacheConfig(
+                cache_interval=int(value or 4),
+                taylor_factors_dtype=transformer.dtype,
+                cache_identifiers=BRANCH_PATTERNS.get(type(transformer).__name__),
+            )
+            apply_taylorseer_cache(transformer, config)
+        elif self.name == "magcache":
+            ratios = FLUX_MAG_RATIOS if self._scale != 1.0 else torch.ones(steps)
+            config = MagCacheConfig(threshold=float(value or 0.06), num_inference_steps=steps, mag_ratios=ratios)
+            apply_mag_cache(transformer, config)
+        else:
+            config = PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=int(value or 2),
+                current_timestep_callback=lambda: self._last_timestep * self._scale,
+            )
+            apply_pyramid_attention_broadcast(transformer, config)
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+
+    def _set_context(self, module, args, kwargs):
+        timestep = kwargs.get("timestep")
+        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self._last_timestep is None or value > self._last_timestep:  # a new run
+            self._step = 0
+            module._diffusers_hook.reset_stateful_hooks()
+        elif value < self._last_timestep:
+            self._step += 1
+        self._last_timestep = value
+        context = CacheContext("cond", step_index=self._step, num_inference_steps=self._steps, timestep=value)
+        _set_cache_context(module, context)
+        return args, kwargs
