@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .kernels import received_attention
+
 # Upper bound on the probability block materialised at once by the attention-map scores.
 SCORE_BLOCK_BYTES = 64 * 2**20
 
@@ -20,18 +22,9 @@ def _query_chunk(batch: int, heads: int, keys: int, tokens: int) -> int:
 
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-    """Column sums of the head-averaged softmax attention map, ``s_j = sum_i mean_h A[h, i, j]``.
-
-    Computed over blocks of queries, so the whole ``N x N`` map never exists at once.
-    """
-    batch, heads, tokens, _ = query.shape
-    key_t = key.float().transpose(-1, -2)
-    received = torch.zeros(batch, key.shape[-2], device=query.device, dtype=torch.float32)
-    chunk = _query_chunk(batch, heads, key.shape[-2], tokens)
-    for start in range(0, tokens, chunk):
-        logits = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
-        received += logits.softmax(dim=-1).sum(dim=2).mean(dim=1)
-    return received
+    """Column sums of the head-averaged softmax attention map, ``s_j = sum_i mean_h A[h, i, j]``,
+    computed without the whole ``N x N`` map (see ``ditcache.kernels.received_attention``)."""
+    return received_attention(query, key, scale)
 
 
 def cross_attention_entropy(

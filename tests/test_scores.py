@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ditcache import scores as S
+from ditcache.kernels import attention_score
 
 
 def explicit_map(query, key, scale, bias=None):
@@ -13,9 +14,9 @@ def explicit_map(query, key, scale, bias=None):
     return logits.softmax(-1)
 
 
-@pytest.mark.parametrize("budget", [S.SCORE_BLOCK_BYTES, 2 * 3 * 40 * 4 * 7])  # one block / 7-query blocks
+@pytest.mark.parametrize("budget", [attention_score.SCORE_BLOCK_BYTES, 2 * 3 * 40 * 4 * 7])  # one block / 7-query blocks
 def test_attention_received_matches_the_explicit_map(monkeypatch, budget):
-    monkeypatch.setattr(S, "SCORE_BLOCK_BYTES", budget)
+    monkeypatch.setattr(attention_score, "SCORE_BLOCK_BYTES", budget)
     torch.manual_seed(0)
     query, key = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
     expected = explicit_map(query, key, 8**-0.5).mean(1).sum(1)

@@ -15,6 +15,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
 
 from .. import scores as S
+from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..state import BlockCache, RunState
@@ -181,11 +182,13 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
         mlp = cache.current("mlp")
         selection = self.select(run, cache, "mlp", tokens)
-        if selection is not None:
-            rows = self._mlp_norm(gather_rows(hidden_states, selection)) * (1 + scale_mlp) + shift_mlp
-            scatter_rows(mlp, selection, block.ff(rows))
+        if selection is None:
+            hidden_states.addcmul_(gate_mlp, mlp)
+        else:
+            norm = self.block.norm3 if self.zero else self.block.norm2
+            rows = gather_modulate(hidden_states, selection.flat, selection.count, scale_mlp, shift_mlp, norm.eps, norm.weight, norm.bias)
+            hidden_states = scatter_gate_residual(hidden_states, gate_mlp, mlp, block.ff(rows), selection.flat)
             recomputed["mlp"] = selection.count
-        hidden_states.addcmul_(gate_mlp, mlp)
 
         run.add_flops(
             self._flops(hidden_states.shape, encoder_hidden_states, recomputed, modulation=not run.on_schedule),

@@ -19,10 +19,11 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from .. import scores as S
+from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..state import BlockCache, RunState
-from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows, scatter_rows
+from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows
 
 
 def _clip_half(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -168,10 +169,12 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         """``hidden_states`` (owned by this call) gets the gated MLP output added in place."""
         output = cache.current(branch)
         selection = self.select(run, cache, branch, hidden_states.shape[1])
-        if selection is not None:
-            rows = norm(gather_rows(hidden_states, selection)) * (1 + scale[:, None]) + shift[:, None]
-            scatter_rows(output, selection, ff(rows))
-        return hidden_states.addcmul_(gate.unsqueeze(1), output), 0 if selection is None else selection.count
+        if selection is None:
+            return hidden_states.addcmul_(gate.unsqueeze(1), output), 0
+        rows = gather_modulate(
+            hidden_states, selection.flat, selection.count, scale[:, None], shift[:, None], norm.eps, norm.weight, norm.bias
+        )
+        return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, ff(rows), selection.flat), selection.count
 
     def _flops(self, batch: int, image: int, text: int, recomputed: dict[str, int] | None) -> int:
         block = self.block
@@ -224,14 +227,19 @@ class FluxSingleBlockAdapter(BlockAdapter):
             shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
             output = cache.current("output")
             selection = self.select(run, cache, "single_mlp", tokens)
-            if selection is not None:
-                rows = block.norm.norm(gather_rows(residual, selection)) * (1 + scale[:, None]) + shift[:, None]
-                mlp_rows = block.act_mlp(block.proj_mlp(rows))
+            if selection is None:
+                hidden_states = residual.addcmul_(gate.unsqueeze(1), output)  # the cat above is ours
+            else:
+                norm = block.norm.norm
+                rows = gather_modulate(
+                    residual, selection.flat, selection.count, scale[:, None], shift[:, None], norm.eps, norm.weight, norm.bias
+                )
                 attn_rows = gather_rows(cache.current("attn"), selection)
-                scatter_rows(output, selection, block.proj_out(torch.cat([attn_rows, mlp_rows], dim=2)))
+                new_rows = block.proj_out(torch.cat([attn_rows, block.act_mlp(block.proj_mlp(rows))], dim=2))
+                hidden_states = scatter_gate_residual(residual, gate.unsqueeze(1), output, new_rows, selection.flat)
             recomputed = 0 if selection is None else selection.count
             run.add_flops(self._flops(batch, tokens, recomputed), self._flops(batch, tokens, None))
-            hidden_states = _clip_half(residual.addcmul_(gate.unsqueeze(1), output))  # the cat above is ours
+            hidden_states = _clip_half(hidden_states)
             return hidden_states[:, :text], hidden_states[:, text:]
 
         hidden_states = _clip_half(residual + gate.unsqueeze(1) * output)
