@@ -150,10 +150,13 @@ class RunState:
         return self.caches[key]
 
     # -- accounting ----------------------------------------------------------------------------
+    # Bookkeeping runs outside compiled graphs: its Python counters must not become guards.
+    @torch.compiler.disable
     def add_flops(self, executed: int, uncached: int) -> None:
         self._flops += executed
         self._flops_full += uncached
 
+    @torch.compiler.disable
     def add_recompute(self, fraction: float) -> None:
         self._recompute_sum += fraction
         self._recompute_count += 1

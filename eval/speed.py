@@ -94,6 +94,8 @@ class Row:
     cache_bytes: int = 0
     recompute_fraction: float = 0.0
     peak_memory: int | None = None
+    graph_breaks: int | None = None  # with --compile: graph breaks while compiling this method
+    recompiles: int | None = None  # with --compile: graphs compiled during the timed runs (0 = none)
 
     @property
     def median(self) -> float:
@@ -146,31 +148,60 @@ def run_once(pipe, call, device):
     return time.perf_counter() - start
 
 
+def compile_blocks(transformer) -> None:
+    """``torch.compile`` each transformer block (diffusers' regional compilation)."""
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks()
+    else:
+        for block in transformer.transformer_blocks:
+            block.compile()
+
+
+def _compile_counts() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
 def benchmark(args) -> list[Row]:
     pipe, call = build(args)
     methods = {spec: parse_method(spec) for spec in args.methods}
     rows = {spec: Row(spec) for spec in methods}
+    if args.compile:
+        compile_blocks(pipe.transformer)
 
     with torch.inference_mode():
-        for spec, method in methods.items():  # FLOPs and stats, untimed
+        for spec, method in methods.items():  # FLOPs and stats, untimed and uncompiled
             method.apply(pipe, args.steps)
-            _, rows[spec].flops_counted = count_flops(lambda: run_once(pipe, call, args.device), pipe.transformer)
+            with torch.compiler.set_stance("force_eager"):
+                _, rows[spec].flops_counted = count_flops(lambda: run_once(pipe, call, args.device), pipe.transformer)
             if method.config is not None:
                 stats = cache_stats(pipe)
                 rows[spec].flops_engine, rows[spec].cache_bytes = stats.flops, stats.cache_bytes
                 rows[spec].recompute_fraction = stats.recompute_fraction
             method.remove(pipe)
-        grid = [(r, spec) for r in range(args.warmup + args.repeats) for spec in methods]
+        # Interleaved methods, or, when compiled, one method after the other so that each compiles
+        # in its own warm-up (switching hooks changes the compiled blocks' code).
+        runs = range(args.warmup + args.repeats)
+        grid = [(r, spec) for spec in methods for r in runs] if args.compile else [(r, spec) for r in runs for spec in methods]
         for repeat, spec in tqdm(grid, desc="runs", disable=args.quiet):
-            methods[spec].apply(pipe, args.steps)
+            row, method = rows[spec], methods[spec]
+            if args.compile and repeat == 0:
+                torch._dynamo.reset()
+            method.apply(pipe, args.steps)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
+            breaks, graphs = _compile_counts()
             elapsed = run_once(pipe, call, args.device)
+            if args.compile and repeat == 0:
+                row.graph_breaks, row.recompiles = _compile_counts()[0] - breaks, 0
+            elif args.compile and repeat >= args.warmup:
+                row.recompiles += _compile_counts()[1] - graphs
             if repeat >= args.warmup:
-                rows[spec].times.append(elapsed)
+                row.times.append(elapsed)
                 if args.device.startswith("cuda"):
-                    rows[spec].peak_memory = torch.cuda.max_memory_allocated()
-            methods[spec].remove(pipe)
+                    row.peak_memory = torch.cuda.max_memory_allocated()
+            method.remove(pipe)
     return list(rows.values())
 
 
@@ -180,6 +211,8 @@ def format_table(rows: list[Row]) -> str:
         f"{'method':<28} {'time s':>8} {'speedup':>8} {'GFLOPs':>9} {'FLOPs x':>8} {'efficiency':>10} "
         f"{'engine/counted':>14} {'recompute':>9} {'cache MiB':>9} {'peak MiB':>9}"
     )
+    if rows[0].graph_breaks is not None:
+        header += f" {'breaks':>6} {'recomp':>6}"
     lines = [header, "-" * len(header)]
     for row in rows:
         agree = f"{row.flops_engine / row.flops_counted:.3f}" if row.flops_engine else "-"
@@ -189,6 +222,7 @@ def format_table(rows: list[Row]) -> str:
             f"{row.method:<28} {row.median:>8.3f} {speedup:>8.2f} {row.flops_counted / 1e9:>9.1f} "
             f"{flops_speedup:>8.2f} {speedup / flops_speedup:>10.2f} {agree:>14} {row.recompute_fraction:>9.3f} "
             f"{row.cache_bytes / 2**20:>9.1f} {peak:>9}"
+            + (f" {row.graph_breaks:>6} {row.recompiles:>6}" if row.graph_breaks is not None else "")
         )
     return "\n".join(lines)
 
@@ -210,6 +244,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the blocks; count graph breaks and timed-run recompiles"
+    )
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -73,9 +73,9 @@ class Selection:
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``residual + gate * branch`` in one pass, into a new tensor laid out like the contiguous cached
-    ``branch`` (the residual may be a transposed view), so rows can be gathered without a copy."""
-    return torch.addcmul(residual, gate, branch, out=torch.empty_like(branch))
+    """``residual + gate * branch`` as a new tensor laid out like the contiguous cached ``branch`` (the
+    residual may be a transposed view), so that rows can be gathered without a copy."""
+    return (branch * gate).add_(residual)
 
 
 def gather_rows(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -115,6 +115,7 @@ class BlockAdapter:
         return tuple(self.branch_groups)
 
     # -- scores -------------------------------------------------------------------------------
+    @torch.compiler.disable
     def store_base_score(self, run: RunState, cache: BlockCache, group: str, score: torch.Tensor) -> None:
         """Keep a full step's score of one token group (one row per guidance pair) and zero the
         frequency counters of the branches that recompute from it."""
@@ -125,6 +126,7 @@ class BlockAdapter:
             if branch_group == group:
                 cache.since_recompute[branch] = torch.zeros(score.shape, dtype=torch.int32, device=score.device)
 
+    @torch.compiler.disable  # per-step Python state (counters, progress) stays out of compiled graphs
     def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> Selection | None:
         """The tokens ``branch`` recomputes on this partial step, or None when it recomputes none."""
         settings = self.settings

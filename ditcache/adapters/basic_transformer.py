@@ -54,8 +54,10 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     def _modulation(self, run, hidden_states, timestep, class_labels):
         """Six ``(batch, 1, dim)`` tensors: shift, scale, gate for attention, then for the MLP."""
         block = self.block
-        if self.zero and not run.is_full and run.on_schedule:
-            return self._modulation_table(run, timestep, class_labels, hidden_states.dtype)[run.step]
+        if self.zero and not run.is_full:
+            scheduled = self._scheduled_modulation(run, timestep, class_labels, hidden_states.dtype)
+            if scheduled is not None:
+                return scheduled
         if self.zero:
             norm1 = block.norm1
             emb = norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
@@ -64,13 +66,17 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         batch = hidden_states.shape[0]
         return (block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
 
-    def _modulation_table(self, run, timestep, class_labels, dtype):
-        """DiT's per-block modulation for every step of the run at once, for the partial steps.
+    @torch.compiler.disable
+    def _scheduled_modulation(self, run, timestep, class_labels, dtype):
+        """DiT's per-block modulation of this step from a table made for every step of the run at once,
+        for the partial steps; None when the run's schedule is unknown.
 
         Each step needs a matrix-vector product with the block's largest weight (``dim x 6 dim``), which
         costs memory traffic that the FLOPs of a partial step do not show; one product over all steps
         reads the weight once per run.
         """
+        if not run.on_schedule:
+            return None
         labels, table = run.tables.get(self.name, (None, None))
         if table is None or not torch.equal(labels, class_labels):
             norm1, steps, batch = self.block.norm1, len(run.schedule), class_labels.shape[0]
@@ -80,7 +86,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             table = [tuple(chunk[:, None] for chunk in values[step].chunk(6, dim=1)) for step in range(steps)]
             run.tables[self.name] = (class_labels, table)
             run.add_flops(linears_flops(norm1, steps * batch), 0)
-        return table
+        return table[run.step]
 
     def _attn_norm(self, hidden_states):
         return self.block.norm1.norm(hidden_states) if self.zero else self.block.norm1(hidden_states)
@@ -190,11 +196,13 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             hidden_states = scatter_gate_residual(hidden_states, gate_mlp, mlp, block.ff(rows), selection.flat)
             recomputed["mlp"] = selection.count
 
-        run.add_flops(
-            self._flops(hidden_states.shape, encoder_hidden_states, recomputed, modulation=not run.on_schedule),
-            self._flops(hidden_states.shape, encoder_hidden_states, None),
-        )
+        self._account_partial(run, hidden_states.shape, encoder_hidden_states, recomputed)
         return hidden_states
+
+    @torch.compiler.disable
+    def _account_partial(self, run, shape, encoder_hidden_states, recomputed) -> None:
+        executed = self._flops(shape, encoder_hidden_states, recomputed, modulation=not run.on_schedule)
+        run.add_flops(executed, self._flops(shape, encoder_hidden_states, None))
 
     # -- scores --------------------------------------------------------------------------------
     def _self_attention_taps(self, score):
@@ -207,6 +215,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             return {"value": attn.to_v}
         return {}
 
+    @torch.compiler.disable
     def _refresh_scores(self, run, cache, score, taps, encoder_attention_mask, shape) -> int:
         """Compute this full step's base score; return the FLOPs it cost."""
         if score is None:
@@ -229,6 +238,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         self.store_base_score(run, cache, "image", value)
         return flops
 
+    @torch.compiler.disable
     def _refresh_entropy_rows(self, run, cache, query, index, encoder_attention_mask) -> None:
         """Recomputed tokens get their current cross-attention entropy."""
         cross = self.block.attn2
