@@ -74,6 +74,8 @@ class StepHook(ModelHook):
             fresh = True
         if fresh:
             run.start(signature, timestep, self._schedule(), self.model.is_guidance_batch(latents))
+            if run.schedule is not None and run.settings.schedule.cache_interval > 1:
+                self.model.prepare_run(run, call.arguments)
             run.begin_step(timestep)
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
@@ -82,12 +84,13 @@ class StepHook(ModelHook):
         run.in_call = True
 
     def _schedule(self) -> tuple[float, ...] | None:
-        """The timesteps the pipeline's scheduler set for this run, if a pipeline is known."""
+        """The timesteps the pipeline's scheduler set for this run, in the model's units, if known."""
         pipeline = self._pipeline() if self._pipeline is not None else None
         timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
         if timesteps is None or not len(timesteps):
             return None
-        return tuple(float(t) for t in timesteps.tolist()) if isinstance(timesteps, torch.Tensor) else tuple(map(float, timesteps))
+        values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        return tuple(float(t) * self.model.timestep_scale for t in values)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.run.reset()

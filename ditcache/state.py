@@ -86,7 +86,7 @@ class RunState:
         self.stream = 0
         self.last_timestep: float | None = None
         self.first_timestep: float | None = None
-        self.schedule: tuple[float, ...] | None = None  # the run's timesteps, when the scheduler is known
+        self.schedule: tuple[float, ...] | None = None  # the run's timesteps as the model sees them, if known
         self.progress = 0.0
         self.is_full = True
         self.steps_since_full = 0
@@ -141,7 +141,10 @@ class RunState:
     @property
     def on_schedule(self) -> bool:
         """Whether this step's timestep is the scheduler's for this step, so per-step tables apply."""
-        return self.schedule is not None and self.step < len(self.schedule) and self.schedule[self.step] == self.last_timestep
+        if self.schedule is None or self.step >= len(self.schedule):
+            return False
+        expected = self.schedule[self.step]
+        return abs(expected - self.last_timestep) <= 1e-5 * max(1.0, abs(expected))
 
     def block_cache(self, block_name: str) -> BlockCache:
         key = (block_name, self.stream)

@@ -15,6 +15,7 @@ from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTrans
 from torch import nn
 
 from ..config import EngineSettings
+from ..flops import record_layer_flops
 from .base import BlockAdapter
 from .basic_transformer import BasicTransformerBlockAdapter
 from .flux import FluxDoubleBlockAdapter, FluxSingleBlockAdapter
@@ -27,6 +28,7 @@ class CallInfo:
     latents: torch.Tensor
     timestep: float
     grid: tuple[int, int]
+    arguments: dict  # every argument of the call, by name
 
 
 class TransformerAdapter:
@@ -34,6 +36,7 @@ class TransformerAdapter:
 
     family: str = ""
     block_adapter = BasicTransformerBlockAdapter
+    timestep_scale = 1.0  # the model's timestep per scheduler timestep
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
@@ -47,13 +50,16 @@ class TransformerAdapter:
         depth = max(len(blocks) - 1, 1)
         return [self.block_adapter(block, name, i / depth, settings) for i, (name, block) in enumerate(blocks)]
 
+    def prepare_run(self, run, arguments: dict) -> None:
+        """Precompute per-step values for a run whose schedule is known (nothing by default)."""
+
     def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
         bound = self.signature.bind(None, *args, **kwargs).arguments
         latents, timestep = bound["hidden_states"], bound.get("timestep")
         if timestep is None:
             raise ValueError(f"{type(self.transformer).__name__} was called without `timestep`; ditcache needs it.")
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        return CallInfo(latents, value, self.token_grid(latents, bound))
+        return CallInfo(latents, value, self.token_grid(latents, bound), bound)
 
     def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
         """(height, width) of the image tokens: the patchified latent grid."""
@@ -79,6 +85,24 @@ class FluxAdapter(TransformerAdapter):
     """FLUX.1: double-stream blocks, then single-stream blocks, on packed latents."""
 
     family = "flux"
+    timestep_scale = 1 / 1000  # FLUX pipelines pass t / 1000
+
+    def prepare_run(self, run, arguments: dict) -> None:
+        """The timestep embedding of every step of the run, for the blocks' modulation tables."""
+        transformer = self.transformer
+        guidance, pooled = arguments.get("guidance"), arguments.get("pooled_projections")
+        if pooled is None:
+            return
+        dtype, steps, batch = pooled.dtype, len(run.schedule), pooled.shape[0]
+        timesteps = torch.tensor(run.schedule, device=pooled.device).to(dtype).repeat_interleave(batch) * 1000
+        pooled = pooled.repeat(steps, 1)
+        with record_layer_flops(transformer.time_text_embed, lambda: True) as flops:
+            if guidance is None:
+                temb = transformer.time_text_embed(timesteps, pooled)
+            else:
+                temb = transformer.time_text_embed(timesteps, guidance.to(dtype).repeat(steps) * 1000, pooled)
+        run.add_flops(flops[0], 0)
+        run.tables["temb"] = temb.view(steps, batch, -1)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         transformer = self.transformer

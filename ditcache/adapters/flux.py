@@ -68,6 +68,31 @@ def _token_scores(run: RunState, attn, score: str, taps: dict, rotary, batch: in
     return received, 2 * queries.numel() * tokens
 
 
+@torch.compiler.disable
+def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunks: int) -> tuple | None:
+    """A block's modulation (``linear(silu(temb))`` split in ``chunks``) for this step, from a table made
+    once per run for every step; None when the run's schedule is unknown.
+
+    Each step's matrix-vector product reads the block's largest weights for a few rows: memory traffic
+    that a partial step's FLOPs do not show. One product over all steps reads them once per run.
+    """
+    temb = run.tables.get("temb")
+    if temb is None or not run.on_schedule:
+        return None
+    table = run.tables.get(key)
+    if table is None:
+        steps, batch, dim = temb.shape
+        table = linear(torch.nn.functional.silu(temb.reshape(steps * batch, dim))).view(steps, batch, -1)
+        run.tables[key] = table
+        run.add_flops(linear_flops(linear, steps * batch), 0)
+    return table[run.step].chunk(chunks, dim=1)
+
+
+def _modulation(run: RunState, key: str, norm, temb: torch.Tensor, chunks: int) -> tuple:
+    scheduled = scheduled_modulation(run, key, norm.linear, chunks)
+    return scheduled if scheduled is not None else norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
+
+
 def _qkv_flops(attn, image_rows: int, text_rows: int) -> int:
     """Input and output projections of a FLUX attention (fused or not)."""
     if attn.fused_projections:
@@ -142,10 +167,10 @@ class FluxDoubleBlockAdapter(BlockAdapter):
 
     def _partial(self, run, cache, hidden_states, encoder_hidden_states, temb):
         block = self.block
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
-        _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context.linear(
-            block.norm1_context.silu(temb)
-        ).chunk(6, dim=1)
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(run, f"{self.name}.norm1", block.norm1, temb, 6)
+        _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(
+            run, f"{self.name}.norm1_context", block.norm1_context, temb, 6
+        )
         recomputed = {}
 
         hidden_states = gated_residual(hidden_states, gate_msa.unsqueeze(1), cache.current("attn"))
@@ -159,11 +184,13 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         encoder_hidden_states, recomputed["context_mlp"] = self._partial_mlp(
             run, cache, "context_mlp", block.ff_context, block.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp, c_gate_mlp
         )
-        batch, text = encoder_hidden_states.shape[:2]
-        run.add_flops(
-            self._flops(batch, hidden_states.shape[1], text, recomputed), self._flops(batch, hidden_states.shape[1], text, None)
-        )
+        self._account_partial(run, encoder_hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1], recomputed)
         return _clip_half(encoder_hidden_states), hidden_states
+
+    @torch.compiler.disable
+    def _account_partial(self, run, batch, image, text, recomputed) -> None:
+        executed = self._flops(batch, image, text, recomputed, modulation=not (run.on_schedule and "temb" in run.tables))
+        run.add_flops(executed, self._flops(batch, image, text, None))
 
     def _partial_mlp(self, run, cache, branch, ff, norm, hidden_states, shift, scale, gate):
         """``hidden_states`` (owned by this call) gets the gated MLP output added in place."""
@@ -176,9 +203,9 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         )
         return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, ff(rows), selection.flat), selection.count
 
-    def _flops(self, batch: int, image: int, text: int, recomputed: dict[str, int] | None) -> int:
+    def _flops(self, batch: int, image: int, text: int, recomputed: dict[str, int] | None, modulation: bool = True) -> int:
         block = self.block
-        flops = linears_flops(block.norm1.linear, batch) + linears_flops(block.norm1_context.linear, batch)
+        flops = linears_flops(block.norm1.linear, batch) + linears_flops(block.norm1_context.linear, batch) if modulation else 0
         if recomputed is None:
             attn = block.attn
             flops += _qkv_flops(attn, batch * image, batch * text)
@@ -224,7 +251,7 @@ class FluxSingleBlockAdapter(BlockAdapter):
             full = self._flops(batch, tokens, None)
             run.add_flops(full + score_flops, full)
         else:
-            shift, scale, gate = block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
+            shift, scale, gate = _modulation(run, f"{self.name}.norm", block.norm, temb, 3)
             output = cache.current("output")
             selection = self.select(run, cache, "single_mlp", tokens)
             if selection is None:
@@ -237,17 +264,21 @@ class FluxSingleBlockAdapter(BlockAdapter):
                 attn_rows = gather_rows(cache.current("attn"), selection)
                 new_rows = block.proj_out(torch.cat([attn_rows, block.act_mlp(block.proj_mlp(rows))], dim=2))
                 hidden_states = scatter_gate_residual(residual, gate.unsqueeze(1), output, new_rows, selection.flat)
-            recomputed = 0 if selection is None else selection.count
-            run.add_flops(self._flops(batch, tokens, recomputed), self._flops(batch, tokens, None))
+            self._account_partial(run, batch, tokens, 0 if selection is None else selection.count)
             hidden_states = _clip_half(hidden_states)
             return hidden_states[:, :text], hidden_states[:, text:]
 
         hidden_states = _clip_half(residual + gate.unsqueeze(1) * output)
         return hidden_states[:, :text], hidden_states[:, text:]
 
-    def _flops(self, batch: int, tokens: int, recomputed: int | None) -> int:
+    @torch.compiler.disable
+    def _account_partial(self, run, batch, tokens, recomputed) -> None:
+        executed = self._flops(batch, tokens, recomputed, modulation=not (run.on_schedule and "temb" in run.tables))
+        run.add_flops(executed, self._flops(batch, tokens, None))
+
+    def _flops(self, batch: int, tokens: int, recomputed: int | None, modulation: bool = True) -> int:
         block = self.block
-        flops = linears_flops(block.norm.linear, batch)
+        flops = linears_flops(block.norm.linear, batch) if modulation else 0
         rows = tokens if recomputed is None else recomputed
         if recomputed is None:
             flops += _qkv_flops(block.attn, batch * tokens, 0)
