@@ -230,46 +230,48 @@ class FluxSingleBlockAdapter(BlockAdapter):
         image_rotary_emb=None,
         joint_attention_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        block = self.block
         text = encoder_hidden_states.shape[1]
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        residual = hidden_states
-        batch, tokens = hidden_states.shape[:2]
-
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # owned by this call
         if run.is_full:
-            score = self.settings.score if self.settings.recomputes_tokens else None
-            norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
-            mlp = block.act_mlp(block.proj_mlp(norm_hidden_states))
-            with capture_outputs(_score_taps(block.attn, score, joint=False)) as taps:
-                attn = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
-            output = block.proj_out(torch.cat([attn, mlp], dim=2))
-            cache.branches.update(attn=attn.contiguous(), output=output.contiguous())
-            score_flops = 0
-            if score is not None:
-                scores, score_flops = _token_scores(run, block.attn, score, taps, image_rotary_emb, batch, tokens)
-                self.store_base_score(run, cache, "joint", scores)
-            full = self._flops(batch, tokens, None)
-            run.add_flops(full + score_flops, full)
+            hidden_states = self._full(run, cache, hidden_states, temb, image_rotary_emb, joint_attention_kwargs or {})
         else:
-            shift, scale, gate = _modulation(run, f"{self.name}.norm", block.norm, temb, 3)
-            output = cache.current("output")
-            selection = self.select(run, cache, "single_mlp", tokens)
-            if selection is None:
-                hidden_states = residual.addcmul_(gate.unsqueeze(1), output)  # the cat above is ours
-            else:
-                norm = block.norm.norm
-                rows = gather_modulate(
-                    residual, selection.flat, selection.count, scale[:, None], shift[:, None], norm.eps, norm.weight, norm.bias
-                )
-                attn_rows = gather_rows(cache.current("attn"), selection)
-                new_rows = block.proj_out(torch.cat([attn_rows, block.act_mlp(block.proj_mlp(rows))], dim=2))
-                hidden_states = scatter_gate_residual(residual, gate.unsqueeze(1), output, new_rows, selection.flat)
-            self._account_partial(run, batch, tokens, 0 if selection is None else selection.count)
-            hidden_states = _clip_half(hidden_states)
-            return hidden_states[:, :text], hidden_states[:, text:]
-
-        hidden_states = _clip_half(residual + gate.unsqueeze(1) * output)
+            hidden_states = self._partial(run, cache, hidden_states, temb)
+        hidden_states = _clip_half(hidden_states)
         return hidden_states[:, :text], hidden_states[:, text:]
+
+    def _full(self, run, cache, hidden_states, temb, rotary, attn_kwargs):
+        block = self.block
+        batch, tokens = hidden_states.shape[:2]
+        score = self.settings.score if self.settings.recomputes_tokens else None
+        norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
+        mlp = block.act_mlp(block.proj_mlp(norm_hidden_states))
+        with capture_outputs(_score_taps(block.attn, score, joint=False)) as taps:
+            attn = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=rotary, **attn_kwargs)
+        output = block.proj_out(torch.cat([attn, mlp], dim=2))
+        cache.branches.update(attn=attn.contiguous(), output=output.contiguous())
+        score_flops = 0
+        if score is not None:
+            scores, score_flops = _token_scores(run, block.attn, score, taps, rotary, batch, tokens)
+            self.store_base_score(run, cache, "joint", scores)
+        full = self._flops(batch, tokens, None)
+        run.add_flops(full + score_flops, full)
+        return hidden_states + gate.unsqueeze(1) * output
+
+    def _partial(self, run, cache, hidden_states, temb):
+        block = self.block
+        shift, scale, gate = _modulation(run, f"{self.name}.norm", block.norm, temb, 3)
+        output = cache.current("output")
+        selection = self.select(run, cache, "single_mlp", hidden_states.shape[1])
+        self._account_partial(run, *hidden_states.shape[:2], 0 if selection is None else selection.count)
+        if selection is None:
+            return hidden_states.addcmul_(gate.unsqueeze(1), output)
+        norm = block.norm.norm
+        rows = gather_modulate(
+            hidden_states, selection.flat, selection.count, scale[:, None], shift[:, None], norm.eps, norm.weight, norm.bias
+        )
+        attn_rows = gather_rows(cache.current("attn"), selection)
+        new_rows = block.proj_out(torch.cat([attn_rows, block.act_mlp(block.proj_mlp(rows))], dim=2))
+        return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, new_rows, selection.flat)
 
     @torch.compiler.disable
     def _account_partial(self, run, batch, tokens, recomputed) -> None:
