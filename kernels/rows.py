@@ -34,7 +34,7 @@ def scatter_gate_residual_reference(
 ) -> torch.Tensor:
     """Write ``rows`` into the selected rows of ``cache`` (in place) and return ``residual + gate * cache``."""
     cache.view(-1, cache.shape[-1]).index_copy_(0, flat, rows.reshape(-1, rows.shape[-1]).to(cache.dtype))
-    return (cache * gate).add_(residual)
+    return torch.addcmul(residual, gate, cache)
 
 
 def gather_modulate(hidden_states, flat, count, scale, shift, eps, weight=None, bias=None) -> torch.Tensor:

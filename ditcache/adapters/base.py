@@ -73,9 +73,9 @@ class Selection:
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``residual + gate * branch`` as a new tensor laid out like the contiguous cached ``branch`` (the
-    residual may be a transposed view), so that rows can be gathered without a copy."""
-    return (branch * gate).add_(residual)
+    """``residual + gate * branch`` in one pass, as a contiguous tensor (the residual entering the first
+    block may be a transposed view) so that rows can be gathered without a copy."""
+    return torch.addcmul(residual, gate, branch).contiguous()
 
 
 def gather_rows(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
