@@ -1,5 +1,6 @@
 """FLUX.1 block adapters against diffusers' own blocks, and the engine on a FLUX pipeline."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -173,6 +174,12 @@ def test_flux_true_guidance_keeps_a_cache_per_call(flux_pipe):
     run_flux(flux_pipe, **kwargs)
     stats = cache_stats(flux_pipe)
     assert stats.steps == 8 and stats.partial_steps == 3
+    # Per-run modulation tables (scheduler known) must give each stream its own conditioning.
+    config = ToCaConfig(cache_interval=2, cache_ratio=0.5)
+    apply_cache(flux_pipe, config)
+    with_tables = run_flux(flux_pipe, **kwargs)
+    apply_cache(flux_pipe.transformer, config)  # no pipeline, no schedule, no tables
+    np.testing.assert_allclose(run_flux(flux_pipe, **kwargs), with_tables, atol=1e-5)
 
 
 def test_flux_preset_50_steps_costs_at_most_40_percent(saved_pipelines):

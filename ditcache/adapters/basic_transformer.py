@@ -77,14 +77,15 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         """
         if not run.on_schedule:
             return None
-        labels, table = run.tables.get(self.name, (None, None))
+        key = f"{self.name}/{run.stream}"
+        labels, table = run.tables.get(key, (None, None))
         if table is None or not torch.equal(labels, class_labels):
             norm1, steps, batch = self.block.norm1, len(run.schedule), class_labels.shape[0]
             timesteps = torch.tensor(run.schedule, dtype=timestep.dtype, device=timestep.device)
             emb = norm1.emb(timesteps.repeat_interleave(batch), class_labels.repeat(steps), hidden_dtype=dtype)
             values = norm1.linear(norm1.silu(emb)).view(steps, batch, -1)
             table = [tuple(chunk[:, None] for chunk in values[step].chunk(6, dim=1)) for step in range(steps)]
-            run.tables[self.name] = (class_labels, table)
+            run.tables[key] = (class_labels, table)
             run.add_flops(linears_flops(norm1, steps * batch), 0)
         return table[run.step]
 

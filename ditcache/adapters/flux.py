@@ -76,9 +76,9 @@ def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunk
     Each step's matrix-vector product reads the block's largest weights for a few rows: memory traffic
     that a partial step's FLOPs do not show. One product over all steps reads them once per run.
     """
-    temb = run.tables.get("temb")
-    if temb is None or not run.on_schedule:
+    if not _scheduled(run):  # the table is made from the run's first call: it belongs to stream 0
         return None
+    temb = run.tables["temb"]
     table = run.tables.get(key)
     if table is None:
         steps, batch, dim = temb.shape
@@ -86,6 +86,10 @@ def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunk
         run.tables[key] = table
         run.add_flops(linear_flops(linear, steps * batch), 0)
     return table[run.step].chunk(chunks, dim=1)
+
+
+def _scheduled(run: RunState) -> bool:
+    return "temb" in run.tables and run.stream == 0 and run.on_schedule
 
 
 def _modulation(run: RunState, key: str, norm, temb: torch.Tensor, chunks: int) -> tuple:
@@ -189,7 +193,7 @@ class FluxDoubleBlockAdapter(BlockAdapter):
 
     @torch.compiler.disable
     def _account_partial(self, run, batch, image, text, recomputed) -> None:
-        executed = self._flops(batch, image, text, recomputed, modulation=not (run.on_schedule and "temb" in run.tables))
+        executed = self._flops(batch, image, text, recomputed, modulation=not _scheduled(run))
         run.add_flops(executed, self._flops(batch, image, text, None))
 
     def _partial_mlp(self, run, cache, branch, ff, norm, hidden_states, shift, scale, gate):
@@ -275,7 +279,7 @@ class FluxSingleBlockAdapter(BlockAdapter):
 
     @torch.compiler.disable
     def _account_partial(self, run, batch, tokens, recomputed) -> None:
-        executed = self._flops(batch, tokens, recomputed, modulation=not (run.on_schedule and "temb" in run.tables))
+        executed = self._flops(batch, tokens, recomputed, modulation=not _scheduled(run))
         run.add_flops(executed, self._flops(batch, tokens, None))
 
     def _flops(self, batch: int, tokens: int, recomputed: int | None, modulation: bool = True) -> int:
