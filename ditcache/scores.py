@@ -10,15 +10,12 @@ import math
 
 import torch
 
-from .kernels import received_attention
-
-# Upper bound on the probability block materialised at once by the attention-map scores.
-SCORE_BLOCK_BYTES = 64 * 2**20
-
+from .kernels import attention_score, received_attention
 
 def _query_chunk(batch: int, heads: int, keys: int, tokens: int) -> int:
+    """Queries per block so that a block of probabilities stays under ``SCORE_BLOCK_BYTES``."""
     per_query = batch * heads * keys * 4
-    return max(1, min(tokens, SCORE_BLOCK_BYTES // per_query))
+    return max(1, min(tokens, attention_score.SCORE_BLOCK_BYTES // per_query))
 
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:

@@ -94,7 +94,7 @@ class RunState:
         self.in_call = False
         self.in_block = False
         self.caches: dict[tuple[str, int], BlockCache] = {}
-        self.tables: dict[str, tuple] = {}  # per-run values precomputed for every step, by block
+        self.tables: dict[str, object] = {}  # per-run values precomputed for every step (modulation tables)
         self.generator: torch.Generator | None = None
         self.outside_flops: int | None = None
         self._full_step_indices: list[int] = []
