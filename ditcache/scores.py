@@ -33,10 +33,11 @@ def cross_attention_entropy(
     """
     batch, heads, tokens, _ = query.shape
     key_t = key.float().transpose(-1, -2)
+    query = query.float() * scale
     entropy = torch.empty(batch, tokens, device=query.device, dtype=torch.float32)
     chunk = _query_chunk(batch, heads, key.shape[-2], tokens)
     for start in range(0, tokens, chunk):
-        logits = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
+        logits = torch.matmul(query[:, :, start : start + chunk], key_t)
         if bias is not None:
             logits = logits + bias.float()
         probs = logits.softmax(dim=-1).mean(dim=1)

@@ -19,10 +19,11 @@ def received_attention_reference(query: torch.Tensor, key: torch.Tensor, scale: 
     batch, heads, queries, _ = query.shape
     keys = key.shape[-2]
     key_t = key.float().transpose(-1, -2)
+    query = query.float() * scale  # scaling the queries costs N x d, scaling the logits N x N
     received = torch.zeros(batch, keys, device=query.device, dtype=torch.float32)
     chunk = max(1, min(queries, SCORE_BLOCK_BYTES // (batch * heads * keys * 4)))
     for start in range(0, queries, chunk):
-        logits = torch.matmul(query[:, :, start : start + chunk].float(), key_t).mul_(scale)
+        logits = torch.matmul(query[:, :, start : start + chunk], key_t)
         received += logits.softmax(dim=-1).sum(dim=2).mean(dim=1)
     return received
 
