@@ -156,3 +156,11 @@ def test_generate_with_a_local_model(saved_pipelines, tmp_path):
     assert "1 partial steps" in result.stdout and (tmp_path / "one.png").exists()
     bad = run_cli("generate", "--model", str(saved_pipelines / "dit"), "--cache-ratio", "2", cwd=tmp_path)
     assert bad.returncode != 0 and "cache_ratio" in bad.stderr
+
+
+@pytest.mark.parametrize("folder", ["flux", "pixart_alpha"])
+def test_bfloat16_pipelines_run_cached(saved_pipelines, folder):
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / folder, cache_ratio=0.5, dtype=torch.bfloat16)
+    images = generate(pipe, folder, num_inference_steps=8)
+    assert np.isfinite(images).all() and pipe.cache_stats.partial_steps > 0
+    assert pipe.transformer.dtype == torch.bfloat16
