@@ -4,6 +4,7 @@ matrix products and convolutions (2 FLOPs per multiply-add); norms, activations 
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -16,9 +17,20 @@ def linear_flops(layer: nn.Linear, rows: int) -> int:
     return 2 * rows * layer.in_features * layer.out_features
 
 
+_FLOPS_PER_ROW: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
 def linears_flops(module: nn.Module, rows: int) -> int:
-    """All ``nn.Linear`` layers of ``module`` applied once to ``rows`` rows."""
-    return sum(linear_flops(layer, rows) for layer in module.modules() if isinstance(layer, nn.Linear))
+    """All ``nn.Linear`` layers of ``module`` applied once to ``rows`` rows.
+
+    The per-row cost is found once per module (walking its submodules on every partial step of every
+    block costs tens of microseconds); layers added to the module later are not seen.
+    """
+    per_row = _FLOPS_PER_ROW.get(module)
+    if per_row is None:
+        layers = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+        per_row = _FLOPS_PER_ROW[module] = sum(linear_flops(layer, 1) for layer in layers)
+    return rows * per_row
 
 
 def attention_core_flops(batch: int, heads: int, queries: int, keys: int, head_dim: int) -> int:
