@@ -12,12 +12,6 @@ import torch
 
 from .kernels import attention_score, received_attention
 
-def _query_chunk(batch: int, heads: int, keys: int, tokens: int) -> int:
-    """Queries per block so that a block of probabilities stays under ``SCORE_BLOCK_BYTES``."""
-    per_query = batch * heads * keys * 4
-    return max(1, min(tokens, attention_score.SCORE_BLOCK_BYTES // per_query))
-
-
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """Column sums of the head-averaged softmax attention map, ``s_j = sum_i mean_h A[h, i, j]``,
     computed without the whole ``N x N`` map (see ``ditcache.kernels.received_attention``)."""
@@ -35,7 +29,7 @@ def cross_attention_entropy(
     key_t = key.float().transpose(-1, -2)
     query = query.float() * scale
     entropy = torch.empty(batch, tokens, device=query.device, dtype=torch.float32)
-    chunk = _query_chunk(batch, heads, key.shape[-2], tokens)
+    chunk = attention_score.query_block(batch, heads, key.shape[-2], tokens)
     for start in range(0, tokens, chunk):
         logits = torch.matmul(query[:, :, start : start + chunk], key_t)
         if bias is not None:

@@ -14,6 +14,11 @@ from .switch import triton_enabled
 SCORE_BLOCK_BYTES = 64 * 2**20
 
 
+def query_block(batch: int, heads: int, keys: int, queries: int) -> int:
+    """Queries per block so that a block of float32 probabilities stays under ``SCORE_BLOCK_BYTES``."""
+    return max(1, min(queries, SCORE_BLOCK_BYTES // (batch * heads * keys * 4)))
+
+
 def received_attention_reference(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """``(batch, heads, queries, dim)`` and ``(batch, heads, keys, dim)`` to ``(batch, keys)``, float32."""
     batch, heads, queries, _ = query.shape
@@ -21,7 +26,7 @@ def received_attention_reference(query: torch.Tensor, key: torch.Tensor, scale: 
     key_t = key.float().transpose(-1, -2)
     query = query.float() * scale  # scaling the queries costs N x d, scaling the logits N x N
     received = torch.zeros(batch, keys, device=query.device, dtype=torch.float32)
-    chunk = max(1, min(queries, SCORE_BLOCK_BYTES // (batch * heads * keys * 4)))
+    chunk = query_block(batch, heads, keys, queries)
     for start in range(0, queries, chunk):
         logits = torch.matmul(query[:, :, start : start + chunk], key_t)
         received += logits.softmax(dim=-1).sum(dim=2).mean(dim=1)

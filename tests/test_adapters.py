@@ -117,7 +117,7 @@ def test_toca_partial_step_recomputes_the_selected_rows_only(family, guidance):
         # values tells what the fresh output of the next branch is.
         modules = {"attn": block.attn1, "cross_attn": block.attn2, "mlp": block.ff}
         expected_branches = {"attn": cached["attn"]}
-        for name in adapter.partial_branches:
+        for name in adapter.branch_groups:
             fresh = {}
             handles = [replace_output(modules[done], value) for done, value in expected_branches.items()]
             handles.append(modules[name].register_forward_hook(lambda _m, _i, out: fresh.__setitem__("out", out)))

@@ -110,10 +110,6 @@ class BlockAdapter:
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
-    @property
-    def partial_branches(self) -> tuple[str, ...]:
-        return tuple(self.branch_groups)
-
     # -- scores -------------------------------------------------------------------------------
     @torch.compiler.disable
     def store_base_score(self, run: RunState, cache: BlockCache, group: str, score: torch.Tensor) -> None:
