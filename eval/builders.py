@@ -133,6 +133,22 @@ def tiny_clip(seed: int = 0):
     return tokenizer, CLIPTextModel(config).eval()
 
 
+def clip_model(path: str | Path, seed: int = 0) -> Path:
+    """A two-layer CLIP (text and 32-pixel vision towers) with its processor, saved to ``path``: the
+    layout of ``openai/clip-vit-large-patch14``, for the CLIP score offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer, text_encoder = tiny_clip(seed)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text_encoder.config.to_dict(), vision_config=vision, projection_dim=32))
+    size = {"shortest_edge": 32}
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size=size, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return Path(path)
+
+
 def dit_pipeline(
     path: str | Path | None = None, width: str = "tiny", num_layers: int = 2, sample_size: int = 8
 ) -> DiTPipeline:
