@@ -149,6 +149,16 @@ def clip_model(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def random_features(dim: int = 16, seed: int = 0) -> torch.nn.Module:
+    """A small seeded random convolutional feature extractor, for running FID/KID offline (its distances
+    show the mechanics only; they are not FID)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, dim, 3, stride=2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    ).eval()
+
+
 def dit_pipeline(
     path: str | Path | None = None, width: str = "tiny", num_layers: int = 2, sample_size: int = 8
 ) -> DiTPipeline:

@@ -165,3 +165,17 @@ def fetch(names: list[str] | None = None) -> dict[str, Path]:
 
             fetched[name] = Path(snapshot_download(spec.hub_repo, allow_patterns=list(spec.hub_files) or None))
     return fetched
+
+
+def main(action: str, names: list[str]) -> None:
+    """``ditcache eval check`` / ``ditcache eval fetch [NAMES]``."""
+    if action == "fetch":
+        for name, path in fetch(names or None).items():
+            print(f"{name:<24} {path}")
+        return
+    missing = 0
+    for spec, path in check():
+        missing += path is None
+        status = str(path) if path else f"MISSING: put it at {spec.cache_path} or set {spec.env}"
+        print(f"{spec.name:<24} {', '.join(spec.used_by):<24} {status}")
+    print(f"{missing} of {len(WEIGHTS)} missing; `ditcache eval fetch NAME` downloads one on a machine that is online.")

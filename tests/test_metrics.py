@@ -154,3 +154,40 @@ def test_lpips_without_weights_says_where_to_put_them(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(weights.MissingWeightsError, match="alexnet-owt-7be5be79.pth"):
         metrics.LPIPS()
+
+
+def test_weights_are_found_from_env_and_hub_cache_and_never_downloaded(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    file = tmp_path / "inception.pth"
+    file.write_bytes(b"")
+    monkeypatch.setenv("DITCACHE_INCEPTION_WEIGHTS", str(file))
+    assert weights.require_weights("inception") == file
+    with pytest.raises(weights.MissingWeightsError, match="other.pth does not exist"):
+        weights.require_weights("inception", tmp_path / "other.pth")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert weights.find_weights("dino-vitb16") is None
+    repo = tmp_path / "hub" / "models--facebook--dino-vitb16"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (repo / "snapshots" / "0123abc" / "config.json").write_text("{}")
+    assert weights.find_weights("dino-vitb16") == repo / "snapshots" / "0123abc"
+    listed = dict((spec.name, path) for spec, path in weights.check())
+    assert listed["inception"] == file and listed["dino-vitb16"] == repo / "snapshots" / "0123abc"
+    assert listed["clip-vit-large-patch14"] is None
+
+
+def test_eval_check_command_lists_missing_weights(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub"),
+                        "DITCACHE_LPIPS_WEIGHTS": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "ditcache", "eval", "check"], env=env, capture_output=True, text=True, check=True)
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "MISSING" in lines["inception"] and str(tmp_path / "hub" / "checkpoints") in lines["inception"]
+    assert lines["lpips-alexnet"].rstrip().endswith(str(tmp_path))
+    assert "6 of 7 missing" in result.stdout

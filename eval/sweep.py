@@ -1,0 +1,541 @@
+"""``ditcache sweep CONFIG.yaml --output DIR``: a grid of caching methods on one pipeline, evaluated.
+
+For every method of the config and every (prompt, seed) it writes an image, then for every method the
+configured metrics, and finally ``results.csv``, ``results.json``, a speed-versus-quality plot and an
+image grid per prompt (the first ``grid_prompts`` prompts). Layout of ``DIR``::
+
+    manifest.json                  the resolved configuration; a different one is refused
+    images/<method>-<hash>/        p00000-s0.png + p00000-s0.json (prompt, seed, latency) per image
+    metrics/<method>-<hash>.json   finished metric values, keyed by what they depend on
+    results.csv, results.json, speed_quality.png, grids/prompt-00000.png
+
+Resumable: every file is written to a temporary name and renamed, an image counts as done when its
+sidecar JSON exists, and finished metrics are kept, so rerunning the command after a crash or
+``kill -9`` does only what is missing. Data parallel: under ``accelerate launch --num_processes N``
+the processes share the images; the main process computes the metrics and writes the results. Each
+image is generated alone from its own seed, so the split does not change any pixel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib
+import io
+import itertools
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ditcache.flops import count_flops
+
+from . import builders
+from .speed import Method, parse_method
+
+TINY_PIPELINES = {"tiny-dit": builders.dit_pipeline, "tiny-pixart": builders.pixart_pipeline, "tiny-flux": builders.flux_pipeline}
+FIDELITY_METRICS = ("psnr", "ssim", "lpips")  # against the uncached image of the same prompt and seed
+PROMPT_METRICS = ("clip_score", "image_reward")
+SET_METRICS = ("fid", "kid")  # against a reference set: the uncached images, or a folder of real ones
+METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS
+BASELINE = "uncached"
+
+
+@dataclass
+class SweepConfig:
+    """A sweep, as read from YAML (see ``eval/configs/``).
+
+    ``methods`` take ``ditcache bench`` specs (``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]``,
+    ``fbc``, ``taylorseer:N``, ``magcache``, ``pab``) or a grid entry ``{grid: "toca:{n}:{r}", n: [3, 4],
+    r: [0.8, 0.9]}``; ``uncached`` is always run, as the baseline of speedups and fidelity.
+    ``prompts`` is a list, a file (``.txt`` one per line, ``.tsv``, ``.json``) or
+    ``{file|dataset: ..., column: ..., split: ..., limit: ...}``; for DiT a prompt is an ImageNet label
+    name or a class index. ``metric_options``: ``clip_score: {model: PATH}``, ``image_reward:
+    {model: PATH, tokenizer: PATH}``, ``lpips: {weights: PATH}``, ``fid: {reference: uncached | DIR,
+    feature: 2048 | "module:function", weights: PATH}`` (``fid`` and ``kid`` share these; a
+    ``module:function`` feature is any ``nn.Module`` the function returns, and the results then name it
+    in ``fid_feature``).
+    """
+
+    pipeline: str
+    methods: list[str]
+    prompts: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 28
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float | None = None
+    dtype: str = "float32"
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    metric_options: dict = field(default_factory=dict)
+    call: dict = field(default_factory=dict)  # any other pipeline argument
+    grid_prompts: int = 8
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; known: {', '.join(METRICS)}")
+        if BASELINE not in self.methods:
+            self.methods.insert(0, BASELINE)
+        for spec in self.methods:
+            parse_method(spec)  # a bad spec fails now, not after hours of generation
+        if not self.prompts or not self.seeds:
+            raise ValueError("prompts and seeds must not be empty")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def folder(self, method: str) -> str:
+        """Images of one method live here; the hash covers everything that changes their pixels."""
+        key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method])
+        return f"{method.replace(':', '_')}-{_digest(key)}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def expand_methods(entries: list) -> list[str]:
+    """Method specs, with ``{grid: template, name: [values], ...}`` entries expanded."""
+    specs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            specs.append(entry)
+            continue
+        template, axes = entry["grid"], {k: v if isinstance(v, list) else [v] for k, v in entry.items() if k != "grid"}
+        for values in itertools.product(*axes.values()):
+            specs.append(template.format(**dict(zip(axes, values))))
+    return list(dict.fromkeys(specs))
+
+
+def load_prompts(source, base: Path) -> list[str]:
+    """Prompts from a list, a ``.txt``/``.tsv``/``.json`` file (relative to ``base``) or a dataset id."""
+    if isinstance(source, list):
+        return [str(p) for p in source]
+    options = {"file": source} if isinstance(source, str) else dict(source)
+    column, limit = options.get("column"), options.get("limit")
+    if "dataset" in options:
+        from datasets import load_dataset  # online only: a Hugging Face dataset id
+
+        rows = load_dataset(options["dataset"], split=options.get("split", "train"))
+        prompts = [str(row[column or "prompt"]) for row in rows]
+    else:
+        path = base / options["file"]
+        if path.suffix == ".tsv":
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t"))
+            column = column or next(c for c in rows[0] if c.lower() in ("prompt", "prompts", "caption", "text"))
+            prompts = [row[column] for row in rows]
+        elif path.suffix == ".json":
+            items = json.loads(path.read_text())
+            prompts = [item if isinstance(item, str) else item[column or "prompt"] for item in items]
+        else:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return prompts[:limit] if limit else prompts
+
+
+def load_config(path: str | os.PathLike) -> SweepConfig:
+    import yaml
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"] = expand_methods(raw.get("methods", []))
+    raw["prompts"] = load_prompts(raw["prompts"], path.parent)
+    unknown = sorted(set(raw) - set(SweepConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(SweepConfig.__dataclass_fields__)}")
+    return SweepConfig(**raw)
+
+
+# -- files ---------------------------------------------------------------------------------------
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write by renaming a complete temporary file: a crash leaves the old file or none, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, value) -> None:
+    atomic_write(path, json.dumps(value, indent=2).encode())
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def check_manifest(output: Path, config: SweepConfig, allow_changed: bool) -> None:
+    """Refuse to mix two different sweeps in one folder unless asked."""
+    manifest = output / "manifest.json"
+    current = asdict(config)
+    if manifest.exists():
+        previous = json.loads(manifest.read_text())
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if changed and not allow_changed:
+            raise SystemExit(
+                f"{output} holds a sweep with a different configuration (changed: {', '.join(changed)}). "
+                "Use another --output, or pass --allow-changed to go on here (images whose method and "
+                "generation settings are unchanged are kept; every result is recomputed as needed)."
+            )
+    write_json(manifest, current)
+
+
+# -- generation ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """One image: a method's folder, a prompt index and a seed."""
+
+    folder: str
+    method: str
+    index: int
+    seed: int
+
+    @property
+    def stem(self) -> str:
+        return f"p{self.index:05d}-s{self.seed}"
+
+
+def units(config: SweepConfig) -> list[Unit]:
+    return [
+        Unit(config.folder(method), method, index, seed)
+        for method in config.methods
+        for index in range(len(config.prompts))
+        for seed in config.seeds
+    ]
+
+
+def is_done(output: Path, unit: Unit, prompt: str) -> bool:
+    sidecar = output / "images" / unit.folder / f"{unit.stem}.json"
+    return sidecar.exists() and json.loads(sidecar.read_text())["prompt"] == prompt
+
+
+def load_pipeline(config: SweepConfig, device: str):
+    dtype = getattr(torch, config.dtype)
+    if config.pipeline in TINY_PIPELINES:  # seeded builders: every process gets the same weights
+        pipe = TINY_PIPELINES[config.pipeline]()
+        return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(config.pipeline, dtype=dtype).to(device)
+
+
+def call_arguments(pipe, config: SweepConfig, prompt: str, seed: int, device: str) -> dict:
+    call = {"num_inference_steps": config.steps, "output_type": "pil", **config.call}
+    call["generator"] = torch.Generator(device).manual_seed(seed)
+    if hasattr(pipe, "get_label_ids"):  # DiT: class-conditional
+        call["class_labels"] = [int(prompt)] if prompt.isdigit() else pipe.get_label_ids([prompt])
+    else:
+        call["prompt"] = prompt
+        call |= {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
+    if config.guidance_scale is not None:
+        call["guidance_scale"] = config.guidance_scale
+    return call
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def generate(pipe, config: SweepConfig, output: Path, mine: list[Unit], device: str, quiet: bool, position: int) -> None:
+    """Generate this process's images, one method at a time."""
+    overall = tqdm(total=len(mine), desc="images", position=position, disable=quiet)
+    for method_spec, group in itertools.groupby(mine, key=lambda u: u.method):
+        group = list(group)
+        method = parse_method(method_spec)
+        method.apply(pipe, config.steps)
+        try:
+            for unit in tqdm(group, desc=method_spec, leave=False, disable=quiet):
+                prompt = config.prompts[unit.index]
+                call = call_arguments(pipe, config, prompt, unit.seed, device)
+                _synchronize(device)
+                start = time.perf_counter()
+                image = pipe(**call).images[0]
+                _synchronize(device)
+                latency = time.perf_counter() - start
+                folder = output / "images" / unit.folder
+                atomic_write(folder / f"{unit.stem}.png", png_bytes(image))
+                write_json(folder / f"{unit.stem}.json", {"prompt": prompt, "seed": unit.seed, "method": method_spec, "latency_s": latency})
+                overall.update()
+        finally:
+            method.remove(pipe)
+    overall.close()
+
+
+# -- metrics -------------------------------------------------------------------------------------
+class ImageFiles:
+    """Images on disk, loaded on slicing as a ``(N, 3, H, W)`` uint8 tensor (the metrics' input),
+    resized and centre-cropped to ``size`` when given (reference sets of real images)."""
+
+    def __init__(self, paths: list[Path], size: tuple[int, int] | None = None):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, selection: slice) -> torch.Tensor:
+        return torch.stack([self._load(path) for path in self.paths[selection]])
+
+    def _load(self, path: Path) -> torch.Tensor:
+        from PIL import ImageOps
+
+        image = Image.open(path).convert("RGB")
+        if self.size is not None and image.size != self.size[::-1]:
+            image = ImageOps.fit(image, self.size[::-1], Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+class Evaluator:
+    """Computes the configured metrics of one method's images; the models load once, when first needed."""
+
+    def __init__(self, config: SweepConfig, output: Path, device: str):
+        self.config, self.output, self.device = config, output, device
+        self.options = config.metric_options
+        self._models: dict[str, object] = {}
+
+    def _model(self, name: str):
+        from . import metrics
+
+        if name not in self._models:
+            options = self.options.get(name, {})
+            if name == "clip_score":
+                self._models[name] = metrics.CLIPScorer.from_pretrained(options.get("model"), self.device)
+            elif name == "lpips":
+                self._models[name] = metrics.LPIPS(options.get("weights")).to(self.device)
+            elif name == "image_reward":
+                from .image_reward import ImageReward
+
+                self._models[name] = ImageReward.from_pretrained(options.get("model"), options.get("tokenizer")).to(self.device)
+        return self._models[name]
+
+    def paths(self, method: str) -> list[Path]:
+        folder = self.output / "images" / self.config.folder(method)
+        return [folder / f"{u.stem}.png" for u in units(self.config) if u.method == method]
+
+    def prompts(self) -> list[str]:
+        return [self.config.prompts[i] for i in range(len(self.config.prompts)) for _ in self.config.seeds]
+
+    def compute(self, name: str, method: str, batch_size: int = 16) -> dict[str, float]:
+        from . import metrics
+
+        images = ImageFiles(self.paths(method))
+        if name in FIDELITY_METRICS:
+            baseline = ImageFiles(self.paths(BASELINE))
+            function = {"psnr": metrics.psnr, "ssim": metrics.ssim}.get(name) or self._model("lpips")
+            values = [function(images[s : s + batch_size].to(self.device), baseline[s : s + batch_size].to(self.device)) for s in range(0, len(images), batch_size)]
+            return {name: float(torch.cat(values).float().mean())}
+        if name in PROMPT_METRICS:
+            prompts, model = self.prompts(), self._model(name)
+            values = []
+            for s in range(0, len(images), batch_size):
+                batch = metrics.as_float(images[s : s + batch_size]).to(self.device)
+                values.append(model.cosines(batch, prompts[s : s + batch_size]) if name == "clip_score" else model.score(prompts[s : s + batch_size], batch).cpu())
+            values = torch.cat(values)
+            return {name: metrics.CLIPScorer.aggregate(values) if name == "clip_score" else float(values.mean())}
+        options, folder = self.options.get("fid", {}), self.reference()
+        if folder is None:
+            references = ImageFiles(self.paths(BASELINE))
+        else:
+            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            references = ImageFiles(files, size=tuple(images[0:1].shape[-2:]))
+        feature = options.get("feature", 2048)
+        if isinstance(feature, str):  # "module:function" returning an nn.Module
+            module, _, function = feature.partition(":")
+            feature = getattr(importlib.import_module(module), function)()
+        return metrics.feature_distances(images, references, feature=feature, weights_path=options.get("weights"))
+
+    def reference(self) -> Path | None:
+        """The folder of real images FID/KID compare against; None for the uncached images."""
+        reference = self.options.get("fid", {}).get("reference", BASELINE)
+        return None if reference == BASELINE else Path(reference)
+
+    def key(self, name: str) -> str:
+        """What a metric value depends on besides the images: the prompts, seeds and its options."""
+        return _digest(json.dumps([name, self.config.prompts, self.config.seeds, self.options.get(name, {})], sort_keys=True))
+
+
+def computations(config: SweepConfig) -> list[str]:
+    """The metric computations a sweep needs: FID and KID come from one pass, named ``fid``."""
+    names = [m for m in config.metrics if m not in SET_METRICS]
+    return names + (["fid"] if set(SET_METRICS) & set(config.metrics) else [])
+
+
+def evaluate(pipe, config: SweepConfig, output: Path, device: str, quiet: bool) -> list[dict]:
+    """Per method: latency and FLOPs, then each metric, kept in ``metrics/`` as soon as it is done."""
+    evaluator = Evaluator(config, output, device)
+    rows = []
+    for method_spec in tqdm(config.methods, desc="metrics", disable=quiet):
+        folder = config.folder(method_spec)
+        record_path = output / "metrics" / f"{folder}.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        if "flops" not in record:
+            method = parse_method(method_spec)
+            method.apply(pipe, config.steps)
+            try:
+                call = call_arguments(pipe, config, config.prompts[0], config.seeds[0], device)
+                _, record["flops"] = count_flops(lambda: pipe(**call), pipe.transformer)
+            finally:
+                method.remove(pipe)
+            write_json(record_path, record)
+        for name in computations(config):
+            against_baseline = name in FIDELITY_METRICS or (name == "fid" and evaluator.reference() is None)
+            if against_baseline and method_spec == BASELINE:
+                continue  # the baseline against itself
+            key = evaluator.key(name)
+            if record.get(name, {}).get("key") != key:
+                record[name] = {"key": key, "values": evaluator.compute(name, method_spec)}
+                write_json(record_path, record)
+        sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in evaluator.paths(method_spec)]
+        row = {"method": method_spec, "folder": folder, "images": len(sidecars),
+               "latency_s": statistics.median(s["latency_s"] for s in sidecars), "flops": record["flops"]}
+        for name in computations(config):
+            values = record.get(name, {}).get("values", {})
+            row |= {k: v for k, v in values.items() if k in config.metrics or (k.startswith("kid") and "kid" in config.metrics)}
+        if "fid" in computations(config) and method_spec != BASELINE:
+            row["fid_feature"] = str(config.metric_options.get("fid", {}).get("feature", 2048))
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = base["latency_s"] / row["latency_s"]
+        row["flops_speedup"] = base["flops"] / row["flops"]
+    return rows
+
+
+# -- reports -------------------------------------------------------------------------------------
+TIMING_COLUMNS = ("latency_s", "speedup")  # the only columns that differ between two runs of a sweep
+
+
+def write_results(output: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(output / "results.csv", buffer.getvalue().encode())
+    write_json(output / "results.json", rows)
+
+
+def quality_columns(rows: list[dict]) -> list[str]:
+    return [c for c in ("psnr", "ssim", "lpips", "clip_score", "image_reward", "fid", "kid_mean") if any(c in row for row in rows)]
+
+
+def plot_speed_quality(output: Path, rows: list[dict]) -> None:
+    """One panel per quality metric: its value against the wall-clock speedup, a point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = quality_columns(rows)
+    if not columns:
+        return
+    figure, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 4), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        points = [(row["speedup"], row[column], row["method"]) for row in rows if column in row]
+        ax.scatter([p[0] for p in points], [p[1] for p in points])
+        for x, y, label in points:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel="wall-clock speedup (x)", ylabel=column, title=f"{column} vs speedup")
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write(output / "speed_quality.png", buffer.getvalue())
+
+
+def plot_grids(output: Path, config: SweepConfig) -> None:
+    """For each of the first prompts (first seed): every method's image side by side, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for index in range(min(config.grid_prompts, len(config.prompts))):
+        stem = Unit("", "", index, config.seeds[0]).stem
+        figure, axes = plt.subplots(1, len(config.methods), figsize=(2.6 * len(config.methods), 3), squeeze=False)
+        for ax, method in zip(axes[0], config.methods):
+            ax.imshow(Image.open(output / "images" / config.folder(method) / f"{stem}.png"))
+            ax.set_title(method, fontsize=8)
+            ax.axis("off")
+        figure.suptitle(f"{config.prompts[index][:80]} (seed {config.seeds[0]})", fontsize=9)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        plt.close(figure)
+        atomic_write(output / "grids" / f"prompt-{index:05d}.png", buffer.getvalue())
+
+
+def format_results(rows: list[dict]) -> str:
+    columns = ["speedup", "flops_speedup", *quality_columns(rows)]
+    header = f"{'method':<28} {'images':>6} {'latency s':>9} " + " ".join(f"{c:>12}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = " ".join(f"{row[c]:>12.4g}" if c in row else f"{'-':>12}" for c in columns)
+        lines.append(f"{row['method']:<28} {row['images']:>6} {row['latency_s']:>9.3f} {cells}")
+    return "\n".join(lines)
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def run(config: SweepConfig, output: Path, device: str, allow_changed: bool = False, quiet: bool = False) -> list[dict] | None:
+    """Run (or resume) a sweep; returns the result rows on the main process, None on the others."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    output.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        check_manifest(output, config, allow_changed)
+    state.wait_for_everyone()
+    pipe = load_pipeline(config, device)
+    pipe.set_progress_bar_config(disable=True)
+    pending = [u for u in units(config) if not is_done(output, u, config.prompts[u.index])]
+    with state.split_between_processes(pending) as mine:
+        with torch.inference_mode():
+            generate(pipe, config, output, mine, device, quiet, state.process_index)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    with torch.inference_mode():
+        rows = evaluate(pipe, config, output, device, quiet)
+    write_results(output, rows)
+    plot_speed_quality(output, rows)
+    plot_grids(output, config)
+    if not quiet:
+        print(format_results(rows))
+        print(f"{len(pending)} images generated now, {len(units(config)) - len(pending)} already there; results in {output}")
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="sweep configuration (YAML), see eval/configs/")
+    parser.add_argument("--output", required=True, help="output folder; rerun the same command to resume")
+    parser.add_argument("--allow-changed", action="store_true", help="go on in a folder made by a different configuration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ditcache sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run_from_arguments(parser.parse_args(argv))
+
+
+def run_from_arguments(args: argparse.Namespace) -> None:
+    device = args.device
+    if device == "cuda":  # one GPU per process under accelerate launch
+        from accelerate import PartialState
+
+        device = str(PartialState().device)
+    run(load_config(args.config), Path(args.output), device, args.allow_changed, args.quiet)
+
+
+if __name__ == "__main__":
+    main()

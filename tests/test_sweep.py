@@ -1,0 +1,131 @@
+"""Sweeps: grid expansion, prompts, outputs, resume after kill -9, a changed config, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ditcache.eval import sweep
+
+CONFIG = {
+    "pipeline": "tiny-dit",
+    "steps": 4,
+    "seeds": [0, 1],
+    "prompts": ["zero", "1", "one"],
+    "methods": ["fora:2", {"grid": "toca:{n}:0.7:{score}", "n": [2], "score": ["random", "attention"]}],
+    "metrics": ["psnr", "ssim", "fid", "kid"],
+    "metric_options": {"fid": {"feature": "ditcache.eval.builders:random_features"}},
+    "grid_prompts": 2,
+}
+
+
+def write_config(folder: Path, **changes) -> Path:
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(CONFIG | changes))
+    return path
+
+
+def command(config: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ditcache.eval.sweep", str(config), "--output", str(output), "--quiet", *extra]
+
+
+def environment() -> dict:
+    return os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def comparable(output: Path) -> list[dict]:
+    """The results without the wall-clock columns, which differ between any two runs."""
+    rows = json.loads((output / "results.json").read_text())
+    return [{k: v for k, v in row.items() if k not in sweep.TIMING_COLUMNS} for row in rows]
+
+
+def test_grid_entries_expand_and_uncached_is_added():
+    specs = sweep.expand_methods(["fora:3", {"grid": "toca:{n}:{r}", "n": [3, 4], "r": [0.8, 0.9]}, "fora:3"])
+    assert specs == ["fora:3", "toca:3:0.8", "toca:3:0.9", "toca:4:0.8", "toca:4:0.9"]
+    config = sweep.SweepConfig(pipeline="tiny-dit", methods=specs, prompts=["zero"])
+    assert config.methods[0] == "uncached"
+
+
+def test_bad_sweep_configs_fail_before_any_work():
+    with pytest.raises(ValueError, match="metrics: unknown.*'fidd'"):
+        sweep.SweepConfig(pipeline="tiny-dit", methods=[], prompts=["zero"], metrics=["fidd"])
+    with pytest.raises(ValueError, match="cache_ratio"):
+        sweep.SweepConfig(pipeline="tiny-dit", methods=["toca:3:1.5"], prompts=["zero"])
+
+
+def test_prompt_sources(tmp_path):
+    (tmp_path / "p.txt").write_text("a fox\n\na cat\n")
+    (tmp_path / "p.tsv").write_text("Prompts\tCategory\na fox\tanimals\na cat\tanimals\n")
+    (tmp_path / "p.json").write_text(json.dumps([{"caption": "a fox"}, {"caption": "a cat"}]))
+    assert sweep.load_prompts("p.txt", tmp_path) == ["a fox", "a cat"]
+    assert sweep.load_prompts({"file": "p.tsv", "limit": 1}, tmp_path) == ["a fox"]
+    assert sweep.load_prompts({"file": "p.json", "column": "caption"}, tmp_path) == ["a fox", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted run of the test sweep."""
+    folder = tmp_path_factory.mktemp("sweep")
+    config = write_config(folder)
+    subprocess.run(command(config, folder / "out"), check=True, env=environment(), timeout=600)
+    return config, folder / "out"
+
+
+def test_sweep_writes_images_results_plots(finished):
+    _, output = finished
+    rows = json.loads((output / "results.json").read_text())
+    assert [row["method"] for row in rows] == ["uncached", "fora:2", "toca:2:0.7:random", "toca:2:0.7:attention"]
+    assert all(row["images"] == 6 for row in rows)
+    assert rows[0]["flops_speedup"] == 1.0 and all(row["flops_speedup"] > 1.2 for row in rows[1:])
+    assert "psnr" not in rows[0] and all(10 < row["psnr"] and 0 < row["ssim"] <= 1 for row in rows[1:])
+    assert all(row["fid"] >= 0 and "kid_mean" in row for row in rows[1:])
+    assert (output / "results.csv").read_text().splitlines()[0].startswith("method,folder,images,latency_s,flops")
+    assert len(list((output / "images").rglob("*.png"))) == 24
+    assert (output / "speed_quality.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (output / "grids").iterdir()) == ["prompt-00000.png", "prompt-00001.png"]
+    assert not list(output.rglob("*.tmp"))
+
+
+def test_killed_sweep_resumes_to_the_same_results(finished, tmp_path):
+    config, reference = finished
+    output = tmp_path / "out"
+    process = subprocess.Popen(command(config, output), env=environment(), start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(output.glob("images/*/*.json"))) < 8 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list(output.glob("images/*/*.json")))
+    assert 8 <= done < 24, "the kill must land mid-generation"
+    assert not (output / "results.json").exists()
+
+    subprocess.run(command(config, output), check=True, env=environment(), timeout=600)
+    assert comparable(output) == comparable(reference)
+    assert len(list(output.glob("images/*/*.png"))) == 24
+    mtimes = {p: p.stat().st_mtime_ns for p in output.rglob("*.json")}
+    subprocess.run(command(config, output), check=True, env=environment(), timeout=600)  # all done: nothing redone
+    assert {p: p.stat().st_mtime_ns for p in output.glob("images/*/*.json")} == {p: t for p, t in mtimes.items() if "images" in p.parts}
+    assert {p.stat().st_mtime_ns for p in output.glob("metrics/*.json")} == {t for p, t in mtimes.items() if "metrics" in p.parts}
+
+
+def test_changed_config_is_refused_unless_allowed(finished, tmp_path):
+    config, reference = finished
+    changed = write_config(tmp_path, steps=5)
+    result = subprocess.run(command(changed, reference), env=environment(), capture_output=True, text=True)
+    assert result.returncode != 0 and "different configuration (changed: steps)" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_results(finished, tmp_path):
+    config, reference = finished
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ditcache.eval.sweep",
+              str(config), "--output", str(tmp_path / "out"), "--quiet"]
+    subprocess.run(launch, check=True, env=environment(), timeout=600)
+    assert comparable(tmp_path / "out") == comparable(reference)
