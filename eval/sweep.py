@@ -148,6 +148,8 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     raw = yaml.safe_load(path.read_text())
     raw["methods"] = expand_methods(raw.get("methods", []))
     raw["prompts"] = load_prompts(raw["prompts"], path.parent)
+    if isinstance(raw.get("seeds"), int):  # seeds: N means seeds 0 .. N-1
+        raw["seeds"] = list(range(raw["seeds"]))
     unknown = sorted(set(raw) - set(SweepConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(SweepConfig.__dataclass_fields__)}")
