@@ -102,12 +102,12 @@ def tiny_vae(seed: int = 0, **config) -> AutoencoderKL:
     ).eval()
 
 
-def tiny_t5(seed: int = 0):
-    """A two-layer T5 encoder and a word-level T5 tokenizer built in code (no download)."""
+def tiny_t5(seed: int = 0, words: tuple[str, ...] = PROMPT_WORDS):
+    """A two-layer T5 encoder and a word-level T5 tokenizer of ``words`` built in code (no download)."""
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-    vocab += [(f"▁{word}", -1.0) for word in PROMPT_WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,."]
+    vocab += [(f"▁{word}", -1.0) for word in dict.fromkeys(words)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,."]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)

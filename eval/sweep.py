@@ -43,9 +43,11 @@ from .speed import Method, parse_method
 
 TINY_PIPELINES = {"tiny-dit": builders.dit_pipeline, "tiny-pixart": builders.pixart_pipeline, "tiny-flux": builders.flux_pipeline}
 FIDELITY_METRICS = ("psnr", "ssim", "lpips")  # against the uncached image of the same prompt and seed
-PROMPT_METRICS = ("clip_score", "image_reward")
+PROMPT_METRICS = ("clip_score", "image_reward", "digits_accuracy")
 SET_METRICS = ("fid", "kid")  # against a reference set: the uncached images, or a folder of real ones
-METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS
+DIGITS_FID = "digits_fid"  # the reference models' own distance, against the real digits (eval/digits.py)
+METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS + (DIGITS_FID,)
+PLOT_AXES = {"speedup": "wall-clock speedup (x)", "flops_speedup": "FLOPs speedup (x)"}
 BASELINE = "uncached"
 
 
@@ -62,7 +64,9 @@ class SweepConfig:
     {model: PATH, tokenizer: PATH}``, ``lpips: {weights: PATH}``, ``fid: {reference: uncached | DIR,
     feature: 2048 | "module:function", weights: PATH}`` (``fid`` and ``kid`` share these; a
     ``module:function`` feature is any ``nn.Module`` the function returns, and the results then name it
-    in ``fid_feature``).
+    in ``fid_feature``). On the digits reference models: ``digits_accuracy`` (the classifier reads the
+    asked digit) and ``digits_fid`` (against the real digits, in the classifier's features). A relative
+    ``pipeline`` path is taken from the config file's folder.
     """
 
     pipeline: str
@@ -78,6 +82,7 @@ class SweepConfig:
     metric_options: dict = field(default_factory=dict)
     call: dict = field(default_factory=dict)  # any other pipeline argument
     grid_prompts: int = 8
+    plot_x: str = "speedup"  # or "flops_speedup"
 
     def __post_init__(self):
         unknown = sorted(set(self.metrics) - set(METRICS))
@@ -91,6 +96,8 @@ class SweepConfig:
             raise ValueError("prompts and seeds must not be empty")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.plot_x not in PLOT_AXES:
+            raise ValueError(f"plot_x must be one of {', '.join(PLOT_AXES)}, got {self.plot_x!r}")
 
     def folder(self, method: str) -> str:
         """Images of one method live here; the hash covers everything that changes their pixels."""
@@ -148,6 +155,8 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     raw = yaml.safe_load(path.read_text())
     raw["methods"] = expand_methods(raw.get("methods", []))
     raw["prompts"] = load_prompts(raw["prompts"], path.parent)
+    if (path.parent / raw["pipeline"]).is_dir():
+        raw["pipeline"] = str((path.parent / raw["pipeline"]).resolve())
     if isinstance(raw.get("seeds"), int):  # seeds: N means seeds 0 .. N-1
         raw["seeds"] = list(range(raw["seeds"]))
     unknown = sorted(set(raw) - set(SweepConfig.__dataclass_fields__))
@@ -317,6 +326,10 @@ class Evaluator:
                 from .image_reward import ImageReward
 
                 self._models[name] = ImageReward.from_pretrained(options.get("model"), options.get("tokenizer")).to(self.device)
+            elif name in ("digits_accuracy", DIGITS_FID):
+                from .digits import DigitClassifier
+
+                self._models[name] = DigitClassifier.from_pretrained(**options).to(self.device)
         return self._models[name]
 
     def paths(self, method: str) -> list[Path]:
@@ -339,10 +352,22 @@ class Evaluator:
             prompts, model = self.prompts(), self._model(name)
             values = []
             for s in range(0, len(images), batch_size):
-                batch = metrics.as_float(images[s : s + batch_size]).to(self.device)
-                values.append(model.cosines(batch, prompts[s : s + batch_size]) if name == "clip_score" else model.score(prompts[s : s + batch_size], batch).cpu())
+                batch, batch_prompts = metrics.as_float(images[s : s + batch_size]).to(self.device), prompts[s : s + batch_size]
+                if name == "clip_score":
+                    values.append(model.cosines(batch, batch_prompts))
+                elif name == "image_reward":
+                    values.append(model.score(batch_prompts, batch).cpu())
+                else:
+                    from .digits import label_of
+
+                    values.append((model(batch).argmax(-1).cpu() == torch.tensor([label_of(p) for p in batch_prompts])).float())
             values = torch.cat(values)
             return {name: metrics.CLIPScorer.aggregate(values) if name == "clip_score" else float(values.mean())}
+        if name == DIGITS_FID:
+            from .digits import DigitFeatures, load_images
+
+            real = metrics.as_uint8(load_images(size=images[0:1].shape[-1])[0])
+            return {DIGITS_FID: metrics.feature_distances(images, real, feature=DigitFeatures(self._model(name)))["fid"]}
         options, folder = self.options.get("fid", {}), self.reference()
         if folder is None:
             references = ImageFiles(self.paths(BASELINE))
@@ -427,11 +452,13 @@ def write_results(output: Path, rows: list[dict]) -> None:
 
 
 def quality_columns(rows: list[dict]) -> list[str]:
-    return [c for c in ("psnr", "ssim", "lpips", "clip_score", "image_reward", "fid", "kid_mean") if any(c in row for row in rows)]
+    columns = ("psnr", "ssim", "lpips", "clip_score", "image_reward", "digits_accuracy", "fid", "kid_mean", DIGITS_FID)
+    return [c for c in columns if any(c in row for row in rows)]
 
 
-def plot_speed_quality(output: Path, rows: list[dict]) -> None:
-    """One panel per quality metric: its value against the wall-clock speedup, a point per method."""
+def plot_speed_quality(output: Path, rows: list[dict], x: str = "speedup") -> None:
+    """One panel per quality metric: its value against the speedup (``x``: wall clock or FLOPs), a point
+    per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,11 +469,11 @@ def plot_speed_quality(output: Path, rows: list[dict]) -> None:
         return
     figure, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 4), squeeze=False)
     for ax, column in zip(axes[0], columns):
-        points = [(row["speedup"], row[column], row["method"]) for row in rows if column in row]
+        points = [(row[x], row[column], row["method"]) for row in rows if column in row]
         ax.scatter([p[0] for p in points], [p[1] for p in points])
-        for x, y, label in points:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="wall-clock speedup (x)", ylabel=column, title=f"{column} vs speedup")
+        for speedup, value, label in points:
+            ax.annotate(label, (speedup, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=PLOT_AXES[x], ylabel=column, title=f"{column} vs {PLOT_AXES[x].split(' (')[0]}")
         ax.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -508,7 +535,7 @@ def run(config: SweepConfig, output: Path, device: str, allow_changed: bool = Fa
     with torch.inference_mode():
         rows = evaluate(pipe, config, output, device, quiet)
     write_results(output, rows)
-    plot_speed_quality(output, rows)
+    plot_speed_quality(output, rows, config.plot_x)
     plot_grids(output, config)
     if not quiet:
         print(format_results(rows))

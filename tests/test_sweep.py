@@ -143,3 +143,19 @@ def test_example_configs_are_valid(path):
     raw["seeds"] = list(range(raw["seeds"])) if isinstance(raw.get("seeds"), int) else raw.get("seeds", [0])
     config = sweep.SweepConfig(**raw)
     assert config.methods[0] == "uncached" and len(config.methods) >= 3
+
+
+def test_prompt_metrics_of_a_finished_sweep(finished, tmp_path):
+    from ditcache.eval import builders, metrics
+
+    config_path, output = finished
+    clip = builders.clip_model(tmp_path / "clip")
+    config = sweep.load_config(config_path)
+    config.metrics, config.metric_options = ["clip_score"], {"clip_score": {"model": str(clip)}}
+    evaluator = sweep.Evaluator(config, output, "cpu")
+    value = evaluator.compute("clip_score", "fora:2")["clip_score"]
+
+    images = sweep.ImageFiles(evaluator.paths("fora:2"))[:]
+    expected = metrics.CLIPScorer.from_pretrained(clip).cosines(images.float() / 255, evaluator.prompts())
+    assert value == pytest.approx(metrics.CLIPScorer.aggregate(expected))
+    assert evaluator.prompts()[:3] == ["zero", "zero", "1"]  # prompt-major, one per seed, as the images
