@@ -1,12 +1,13 @@
 """ditcache: token-wise feature caching (ToCa) and layer caching (FORA) for diffusers' DiTs."""
 
-from .config import FORAConfig, ToCaConfig
+from .config import FORAConfig, ToCaConfig, ToMeConfig
 from .hooks import apply_cache, cache_config, cache_stats, remove_cache
 from .state import CacheStats
 
 __all__ = [
     "ToCaConfig",
     "FORAConfig",
+    "ToMeConfig",
     "CacheStats",
     "apply_cache",
     "remove_cache",

@@ -7,7 +7,7 @@ Each config validates itself on creation and resolves, for a detected model fami
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .schedule import PRESETS, CacheSchedule
 
@@ -33,6 +33,18 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class MergeSettings:
+    """Token merging as the engine runs it (from :class:`ToMeConfig`)."""
+
+    ratio: float
+    sx: int
+    sy: int
+    random: bool
+    branches: frozenset[str]
+    seed: int | None
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """Everything the engine needs, with no preset left to look up."""
 
@@ -43,10 +55,16 @@ class EngineSettings:
     spatial_bonus: float
     spatial_grid: int
     seed: int
+    merging: MergeSettings | None = None
+
+    @property
+    def caches(self) -> bool:
+        """Whether any step is partial, so that branch outputs are worth keeping."""
+        return self.schedule.cache_interval > 1
 
     @property
     def recomputes_tokens(self) -> bool:
-        return self.schedule.recompute > 0.0 and self.schedule.cache_interval > 1
+        return self.schedule.recompute > 0.0 and self.caches
 
 
 @dataclass
@@ -146,18 +164,86 @@ class FORAConfig:
         )
 
 
-CacheConfig = ToCaConfig | FORAConfig
-CONFIG_CLASSES = {"toca": ToCaConfig, "fora": FORAConfig}
+@dataclass
+class ToMeConfig:
+    """Token merging (ToMe for diffusion) on the image token grid, alone or with ToCa or FORA.
+
+    Args:
+        ratio: share of the image tokens merged away in each merged branch, in [0, 1) (0 merges
+            nothing and gives the unmerged output exactly).
+        sx, sy: cell size, in tokens, of the destination grid: one destination per ``sx x sy`` cell.
+        use_rand: a random destination within each cell (else the cell's first token).
+        merge_attn, merge_crossattn, merge_mlp: which branches run on merged tokens.
+        seed: seed of the random destinations (``None``: torch's global generator, as tomesd does).
+    """
+
+    ratio: float = 0.5
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_float("ratio", self.ratio, 0.0, 1.0)
+        if self.ratio >= 1.0:
+            raise ValueError(f"`ratio` must be a number in [0, 1), got {self.ratio!r}.")
+        _check_int("sx", self.sx, 1)
+        _check_int("sy", self.sy, 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+
+    def merge_settings(self) -> MergeSettings | None:
+        """None when nothing would be merged, so that the model runs exactly as without merging."""
+        branches = {"attn": self.merge_attn, "cross_attn": self.merge_crossattn, "mlp": self.merge_mlp}
+        chosen = frozenset(name for name, on in branches.items() if on)
+        if self.ratio == 0 or not chosen:
+            return None
+        return MergeSettings(self.ratio, self.sx, self.sy, self.use_rand, chosen, self.seed)
+
+    def resolve(self, family: str) -> EngineSettings:
+        """Merging alone: every step full."""
+        schedule = CacheSchedule(cache_interval=1, recompute=0.0)
+        return EngineSettings(
+            method="tome", schedule=schedule, score=None, frequency_weight=0.0, spatial_bonus=0.0, spatial_grid=1, seed=0,
+            merging=self.merge_settings(),
+        )
 
 
-def config_to_dict(config: CacheConfig) -> dict:
-    """A JSON-ready dict naming the method, for saving next to a pipeline."""
+CacheConfig = ToCaConfig | FORAConfig | ToMeConfig
+CONFIG_CLASSES = {"toca": ToCaConfig, "fora": FORAConfig, "tome": ToMeConfig}
+
+
+def resolve_configs(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig, ...], family: str) -> EngineSettings:
+    """Settings of one config, or of a caching config (ToCa or FORA) composed with a ToMeConfig."""
+    items = list(configs) if isinstance(configs, (list, tuple)) else [configs]
+    for item in items:
+        if not isinstance(item, (ToCaConfig, FORAConfig, ToMeConfig)):
+            raise TypeError(f"config must be a ToCaConfig, FORAConfig or ToMeConfig, got {type(item).__name__}.")
+    caching = [c for c in items if not isinstance(c, ToMeConfig)]
+    merging = [c for c in items if isinstance(c, ToMeConfig)]
+    if len(caching) > 1 or len(merging) > 1 or not items:
+        raise ValueError("give one config, or one ToCaConfig/FORAConfig together with one ToMeConfig.")
+    if not caching:
+        return merging[0].resolve(family)
+    settings = caching[0].resolve(family)
+    return replace(settings, merging=merging[0].merge_settings()) if merging else settings
+
+
+def config_to_dict(config: CacheConfig | list[CacheConfig]) -> dict | list[dict]:
+    """A JSON-ready dict naming the method (a list of them for composed configs), for saving next to a pipeline."""
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(item) for item in config]
     method = next(name for name, cls in CONFIG_CLASSES.items() if isinstance(config, cls))
     return {"method": method, **asdict(config)}
 
 
-def config_from_dict(data: dict) -> CacheConfig:
+def config_from_dict(data: dict | list[dict]) -> CacheConfig | list[CacheConfig]:
     """The inverse of ``config_to_dict``; validates like the constructors do."""
+    if isinstance(data, list):
+        return [config_from_dict(item) for item in data]
     fields = dict(data)
     method = fields.pop("method", None)
     if method not in CONFIG_CLASSES:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapters import TransformerAdapter, transformer_adapter
 from .adapters.base import BlockAdapter
-from .config import CacheConfig, FORAConfig, ToCaConfig
+from .config import CacheConfig, resolve_configs
 from .flops import record_layer_flops
 from .state import CacheStats, CallSignature, RunState
 
@@ -132,16 +132,16 @@ def _step_hook(transformer: nn.Module) -> StepHook | None:
     return registry.get_hook(STEP_HOOK) if registry is not None else None
 
 
-def apply_cache(target, config: CacheConfig):
-    """Cache ``target`` (a pipeline, whose ``transformer`` is used, or a transformer) with ``config``.
+def apply_cache(target, config: CacheConfig | list[CacheConfig]):
+    """Cache ``target`` (a pipeline, whose ``transformer`` is used, or a transformer) with ``config``: a
+    ``ToCaConfig``, ``FORAConfig`` or ``ToMeConfig``, or a list of a caching config and a ``ToMeConfig``
+    (merging then runs on the branches that full steps compute).
 
     Applying again replaces the previous configuration. Returns ``target``.
     """
-    if not isinstance(config, (ToCaConfig, FORAConfig)):
-        raise TypeError(f"config must be a ToCaConfig or FORAConfig, got {type(config).__name__}.")
     transformer, pipeline = _split_target(target)
     model = transformer_adapter(transformer)
-    settings = config.resolve(model.family)
+    settings = resolve_configs(config, model.family)
     adapters = model.block_adapters(settings)
     remove_cache(transformer)
 
@@ -179,7 +179,7 @@ def _drop_empty_registry(module: nn.Module) -> None:
         del module.forward
 
 
-def cache_config(target) -> CacheConfig | None:
+def cache_config(target) -> CacheConfig | list[CacheConfig] | None:
     """The config ``target`` is cached with, or None."""
     hook = _step_hook(_split_target(target)[0])
     return hook.config if hook is not None else None

@@ -26,6 +26,8 @@ class CacheStats:
         flops_full: what the same run costs without caching.
         cache_bytes: the most memory the cache held during the run.
         full_step_indices: which steps were full.
+        merged_fraction: with token merging, the mean share of image tokens merged away in the merged
+            branches; 0 without.
     """
 
     steps: int = 0
@@ -36,6 +38,7 @@ class CacheStats:
     flops_full: int = 0
     cache_bytes: int = 0
     full_step_indices: tuple[int, ...] = ()
+    merged_fraction: float = 0.0
 
     @property
     def flops_speedup(self) -> float:
@@ -96,12 +99,15 @@ class RunState:
         self.caches: dict[tuple[str, int], BlockCache] = {}
         self.tables: dict[str, object] = {}  # per-run values precomputed for every step (modulation tables)
         self.generator: torch.Generator | None = None
+        self.merge_generator: torch.Generator | None = None  # random destinations of token merging
         self.outside_flops: int | None = None
         self._full_step_indices: list[int] = []
         self._flops = 0
         self._flops_full = 0
         self._recompute_sum = 0.0
         self._recompute_count = 0
+        self._merged_sum = 0.0
+        self._merged_count = 0
         self._cache_bytes = 0
 
     # -- run lifecycle -------------------------------------------------------------------------
@@ -114,6 +120,9 @@ class RunState:
         self.schedule = schedule
         self.guidance_batch = guidance_batch
         self.generator = torch.Generator(device=signature.device).manual_seed(self.settings.seed)
+        merging = self.settings.merging
+        if merging is not None and merging.seed is not None:
+            self.merge_generator = torch.Generator(device=signature.device).manual_seed(merging.seed)
 
     def begin_step(self, timestep: float) -> None:
         """Advance to the next denoising step and decide, once, whether it is full."""
@@ -164,6 +173,11 @@ class RunState:
         self._recompute_sum += fraction
         self._recompute_count += 1
 
+    @torch.compiler.disable
+    def add_merged(self, fraction: float) -> None:
+        self._merged_sum += fraction
+        self._merged_count += 1
+
     def end_call(self) -> None:
         self._flops += self.outside_flops or 0
         self._flops_full += self.outside_flops or 0
@@ -186,4 +200,5 @@ class RunState:
             flops_full=self._flops_full,
             cache_bytes=self._cache_bytes,
             full_step_indices=tuple(self._full_step_indices),
+            merged_fraction=self._merged_sum / self._merged_count if self._merged_count else 0.0,
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, remove_cache
+from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
 from ditcache.flops import count_flops
 
 from . import builders
@@ -47,7 +47,7 @@ DEFAULT_METHODS = (
 class Method:
     """A benchmarked method: ``apply`` before a run, ``remove`` after it."""
 
-    def __init__(self, spec: str, config: ToCaConfig | FORAConfig | None = None, peer: DiffusersCache | None = None):
+    def __init__(self, spec: str, config=None, peer: DiffusersCache | None = None):
         self.spec, self.config, self.peer = spec, config, peer
 
     def apply(self, pipe, steps: int) -> None:
@@ -65,9 +65,18 @@ class Method:
 
 def parse_method(spec: str) -> Method:
     """``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant;
-    ``auto`` takes the model's preset, for the score or the schedule), or one of diffusers' caches:
-    ``fbc[:threshold]``, ``taylorseer[:interval]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``."""
+    ``auto`` takes the model's preset, for the score or the schedule), ``tome:R[:mlp]`` (token merging
+    on self-attention, and on the MLP with ``mlp``), a caching method and ToMe joined by ``+``
+    (``toca:4:0.9+tome:0.5``), or one of diffusers' caches: ``fbc[:threshold]``,
+    ``taylorseer[:interval]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``."""
+    if "+" in spec:
+        parts = [parse_method(part) for part in spec.split("+")]
+        if len(parts) != 2 or any(part.config is None for part in parts):
+            raise ValueError(f"method {spec!r}: join one of fora/toca with one tome, e.g. 'toca:4:0.9+tome:0.5'.")
+        return Method(spec, config=[part.config for part in parts])
     name, *params = spec.split(":")
+    if name == "tome" and 1 <= len(params) <= 2 and params[1:] in ([], ["mlp"]):
+        return Method(spec, config=ToMeConfig(ratio=float(params[0]), merge_mlp=params[1:] == ["mlp"], seed=0))
     if name == "uncached" and not params:
         return Method(spec)
     if name == "fora" and len(params) == 1:
@@ -80,7 +89,7 @@ def parse_method(spec: str) -> Method:
     if name in PEERS and len(params) <= 1:
         return Method(spec, peer=DiffusersCache(spec))
     raise ValueError(
-        f"method {spec!r}: expected 'uncached', 'fora:N', 'toca:N:R[:score[:schedule]]' or one of "
+        f"method {spec!r}: expected 'uncached', 'fora:N', 'toca:N:R[:score[:schedule]]', 'tome:R[:mlp]' or one of "
         f"{', '.join(PEERS)} with an optional ':value'."
     )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
-from ditcache import CacheStats, FORAConfig, ToCaConfig, apply_cache, cache_stats, remove_cache
+from ditcache import CacheStats, FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
 from ditcache.adapters import ADAPTERS
 from ditcache.config import CacheConfig, config_from_dict, config_to_dict
 
@@ -35,14 +35,29 @@ SUPPORTED_PIPELINES = (
 
 
 def resolve_config(
-    cache_interval: int | None = None, cache_ratio: float | None = None, cache_config: CacheConfig | None = None
-) -> CacheConfig:
-    """``cache_config`` (ToCa with the model's preset when None) with the two shortcuts applied."""
-    config = cache_config if cache_config is not None else ToCaConfig()
-    if cache_ratio is not None and isinstance(config, FORAConfig):
-        raise ValueError("`cache_ratio` does not apply to FORAConfig, which recomputes no token.")
-    changes = {"cache_interval": cache_interval, "cache_ratio": cache_ratio}
-    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    cache_interval: int | None = None,
+    cache_ratio: float | None = None,
+    cache_config: CacheConfig | list[CacheConfig] | None = None,
+    tome_ratio: float | None = None,
+) -> CacheConfig | list[CacheConfig]:
+    """``cache_config`` (ToCa with the model's preset when None) with the shortcuts applied:
+    ``cache_interval``/``cache_ratio`` to the caching config, ``tome_ratio`` to a ``ToMeConfig``
+    (added when there is none)."""
+    configs = list(cache_config) if isinstance(cache_config, (list, tuple)) else [cache_config or ToCaConfig()]
+    caching = [c for c in configs if not isinstance(c, ToMeConfig)]
+    merging = [c for c in configs if isinstance(c, ToMeConfig)]
+    if caching:
+        config = caching[0]
+        if cache_ratio is not None and isinstance(config, FORAConfig):
+            raise ValueError("`cache_ratio` does not apply to FORAConfig, which recomputes no token.")
+        changes = {"cache_interval": cache_interval, "cache_ratio": cache_ratio}
+        caching = [dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None}), *caching[1:]]
+    elif cache_interval is not None or cache_ratio is not None:
+        raise ValueError("`cache_interval` and `cache_ratio` need a ToCaConfig or FORAConfig in `cache_config`.")
+    if tome_ratio is not None:
+        merging = [dataclasses.replace(merging[0], ratio=tome_ratio) if merging else ToMeConfig(ratio=tome_ratio), *merging[1:]]
+    resolved = caching + merging
+    return resolved[0] if len(resolved) == 1 else resolved
 
 
 class ToCaPipeline(DiffusionPipeline):
@@ -65,16 +80,17 @@ class ToCaPipeline(DiffusionPipeline):
         pretrained_model_name_or_path: str | Path,
         cache_interval: int | None = None,
         cache_ratio: float | None = None,
-        cache_config: CacheConfig | None = None,
+        cache_config: CacheConfig | list[CacheConfig] | None = None,
+        tome_ratio: float | None = None,
         **kwargs,
     ) -> "ToCaPipeline":
         """Load with ``DiffusionPipeline.from_pretrained`` (hub id or folder; ``kwargs`` go there) and
-        apply caching. Settings not given come from a ``ditcache_config.json`` saved in a local folder,
-        then from the model family's preset."""
+        apply caching (and token merging with ``tome_ratio``). Settings not given come from a
+        ``ditcache_config.json`` saved in a local folder, then from the model family's preset."""
         saved = Path(pretrained_model_name_or_path) / CONFIG_FILE
         if cache_config is None and saved.is_file():
             cache_config = config_from_dict(json.loads(saved.read_text()))
-        config = resolve_config(cache_interval, cache_ratio, cache_config)
+        config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)
         return cls.attach(DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs), config)
 
     @classmethod
@@ -83,8 +99,9 @@ class ToCaPipeline(DiffusionPipeline):
         pipeline: DiffusionPipeline,
         cache_interval: int | None = None,
         cache_ratio: float | None = None,
-        cache_config: CacheConfig | None = None,
+        cache_config: CacheConfig | list[CacheConfig] | None = None,
         pipeline_class: type[DiffusionPipeline] | None = None,
+        tome_ratio: float | None = None,
         **kwargs,
     ) -> "ToCaPipeline":
         """A cached pipeline built from ``pipeline``'s components (``pipeline_class`` switches task,
@@ -100,10 +117,11 @@ class ToCaPipeline(DiffusionPipeline):
             kwargs["dtype"] = pipeline.dtype  # diffusers would cast the shared components to float32
         if cache_config is None and isinstance(pipeline, ToCaPipeline):
             cache_config = pipeline.cache_config
-        return cls.attach(target.from_pipe(pipeline, **kwargs), resolve_config(cache_interval, cache_ratio, cache_config))
+        config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)
+        return cls.attach(target.from_pipe(pipeline, **kwargs), config)
 
     @classmethod
-    def attach(cls, pipeline: DiffusionPipeline, config: CacheConfig) -> "ToCaPipeline":
+    def attach(cls, pipeline: DiffusionPipeline, config: CacheConfig | list[CacheConfig]) -> "ToCaPipeline":
         """Turn a loaded ``pipeline`` into a cached one, in place."""
         original = _original_class(type(pipeline))
         transformer = getattr(pipeline, "transformer", None)
@@ -119,7 +137,7 @@ class ToCaPipeline(DiffusionPipeline):
         return pipeline
 
     @property
-    def cache_config(self) -> CacheConfig:
+    def cache_config(self) -> CacheConfig | list[CacheConfig]:
         return self._ditcache_config
 
     @property

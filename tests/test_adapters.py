@@ -164,7 +164,7 @@ def test_unsupported_blocks_and_models_are_refused():
         apply_cache(nn.Linear(2, 2), ToCaConfig())
     with pytest.raises(ValueError, match="cross_attention_entropy"):
         apply_cache(dit_transformer(num_layers=1), ToCaConfig(score="cross_attention_entropy"))
-    with pytest.raises(TypeError, match="ToCaConfig or FORAConfig"):
+    with pytest.raises(TypeError, match="ToCaConfig, FORAConfig or ToMeConfig"):
         apply_cache(dit_transformer(num_layers=1), {"cache_interval": 3})
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ditcache import FORAConfig, ToCaConfig
+from ditcache import FORAConfig, ToCaConfig, ToMeConfig
 from ditcache.eval import speed
 
 
@@ -17,6 +17,10 @@ def test_method_specs():
         speed.parse_method("toca:3")
     with pytest.raises(ValueError, match="cache_ratio"):
         speed.parse_method("toca:3:1.5")
+    assert speed.parse_method("tome:0.5:mlp").config == ToMeConfig(ratio=0.5, merge_mlp=True, seed=0)
+    assert speed.parse_method("fora:3+tome:0.4").config == [FORAConfig(cache_interval=3), ToMeConfig(ratio=0.4, seed=0)]
+    with pytest.raises(ValueError, match="join one of fora/toca with one tome"):
+        speed.parse_method("fora:3+fbc")
 
 
 @pytest.mark.parametrize("model", ["dit", "pixart"])
@@ -24,8 +28,9 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys, model):
     out = tmp_path / "rows.json"
     rows = speed.main(
         ["--model", model, "--size", "8", "--steps", "4", "--repeats", "1", "--warmup", "0", "--quiet", "--out", str(out),
-         "--methods", "fora:2", "toca:2:0.5:random"]
+         "--methods", "fora:2", "toca:2:0.5:random", "tome:0.5+toca:2:0.5:random"]
     )
-    assert [row.method for row in rows] == ["uncached", "fora:2", "toca:2:0.5:random"]
+    assert [row.method for row in rows] == ["uncached", "fora:2", "toca:2:0.5:random", "tome:0.5+toca:2:0.5:random"]
+    assert rows[3].flops_counted < rows[2].flops_counted and rows[3].flops_engine == pytest.approx(rows[3].flops_counted, rel=0.01)
     assert rows[1].flops_counted < rows[0].flops_counted and rows[1].flops_engine == pytest.approx(rows[1].flops_counted, rel=0.01)
     assert "toca:2:0.5:random" in capsys.readouterr().out and out.exists()

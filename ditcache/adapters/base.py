@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import scores as S
 from ..config import EngineSettings
+from ..merging import TokenMatch, bipartite_match
 from ..state import BlockCache, RunState
 
 
@@ -109,6 +110,31 @@ class BlockAdapter:
 
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
+
+    def keep(self, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
+        """Store a full step's branch output when partial steps will reuse it."""
+        if self.settings.caches:
+            cache.branches[branch] = output.contiguous()
+
+    # -- token merging --------------------------------------------------------------------------
+    @torch.compiler.disable
+    def match_tokens(self, run: RunState, image_tokens: torch.Tensor) -> TokenMatch | None:
+        """This block's token matching for this step, from its input image tokens; None when nothing
+        merges. Its similarity products are counted in the run's FLOPs."""
+        merging = self.settings.merging
+        if merging is None:
+            return None
+        match = bipartite_match(image_tokens, run.signature.grid, merging.ratio, merging.sx, merging.sy, merging.random, run.merge_generator)
+        if not match.merged.shape[1]:
+            return None
+        batch, tokens, dim = image_tokens.shape
+        sources = tokens - match.destinations.shape[1]
+        run.add_flops(2 * batch * sources * match.destinations.shape[1] * dim, 0)
+        run.add_merged(match.merged.shape[1] / tokens)
+        return match
+
+    def merges(self, branch: str, match: TokenMatch | None) -> bool:
+        return match is not None and branch in self.settings.merging.branches
 
     # -- scores -------------------------------------------------------------------------------
     @torch.compiler.disable

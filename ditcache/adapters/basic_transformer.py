@@ -18,6 +18,7 @@ from .. import scores as S
 from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..merging import merge, unmerge
 from ..state import BlockCache, RunState
 from .base import (
     BlockAdapter,
@@ -132,34 +133,42 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         encoder_hidden_states, encoder_attention_mask = text
         score = self.settings.score if self.settings.recomputes_tokens else None
+        match = self.match_tokens(run, hidden_states)
+        if self.merges("attn", match) and attention_mask is not None:
+            raise ValueError("token merging on self-attention needs the model to pass no self-attention mask.")
+        tokens = hidden_states.shape[1]
+        rows = {branch: match.merged_tokens if self.merges(branch, match) else tokens for branch in ("attn", "cross_attn", "mlp")}
 
         norm_hidden_states = self._attn_norm(hidden_states) * (1 + scale_msa) + shift_msa
         with capture_outputs(self._self_attention_taps(score)) as taps:
-            attn = block.attn1(norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs)
+            attn = self._merged("attn", match, norm_hidden_states, lambda x: block.attn1(
+                x, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs))
         hidden_states = gate_msa * attn + hidden_states
-        cache.branches["attn"] = attn.contiguous()
+        self.keep(cache, "attn", attn)
 
         if block.attn2 is not None:
             cross_taps = query_key_taps(block.attn2) if score == "cross_attention_entropy" else {}
             with capture_outputs(cross_taps) as taps_cross:
-                cross = block.attn2(
-                    self._cross_input(hidden_states),
-                    encoder_hidden_states=encoder_hidden_states,
-                    attention_mask=encoder_attention_mask,
-                    **attn_kwargs,
-                )
+                cross = self._merged("cross_attn", match, self._cross_input(hidden_states), lambda x: block.attn2(
+                    x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **attn_kwargs))
             hidden_states = cross + hidden_states
-            cache.branches["cross_attn"] = cross.contiguous()
+            self.keep(cache, "cross_attn", cross)
             taps.update({f"cross_{name}": value for name, value in taps_cross.items()})
 
-        mlp = self._feed_forward(self._mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp)
+        mlp = self._merged("mlp", match, self._mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp, self._feed_forward)
         hidden_states = gate_mlp * mlp + hidden_states
-        cache.branches["mlp"] = mlp.contiguous()
+        self.keep(cache, "mlp", mlp)
 
-        score_flops = self._refresh_scores(run, cache, score, taps, encoder_attention_mask, hidden_states.shape)
-        full = self._flops(hidden_states.shape, encoder_hidden_states, None)
-        run.add_flops(full + score_flops, full)
+        score_flops = self._refresh_scores(run, cache, score, taps, encoder_attention_mask, hidden_states.shape, match)
+        run.add_flops(self._flops(hidden_states.shape, encoder_hidden_states, rows) + score_flops,
+                      self._flops(hidden_states.shape, encoder_hidden_states, None))
         return hidden_states
+
+    def _merged(self, branch, match, inputs, function):
+        """``function`` on the merged tokens when ``branch`` merges, its output back on every token."""
+        if not self.merges(branch, match):
+            return function(inputs)
+        return unmerge(function(merge(inputs, match)), match)
 
     def _partial(self, run, cache, hidden_states, modulation, text, attn_kwargs):
         block = self.block
@@ -201,8 +210,8 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         return hidden_states
 
     @torch.compiler.disable
-    def _account_partial(self, run, shape, encoder_hidden_states, recomputed) -> None:
-        executed = self._flops(shape, encoder_hidden_states, recomputed, modulation=not run.on_schedule)
+    def _account_partial(self, run, shape, encoder_hidden_states, rows) -> None:
+        executed = self._flops(shape, encoder_hidden_states, rows, modulation=not run.on_schedule)
         run.add_flops(executed, self._flops(shape, encoder_hidden_states, None))
 
     # -- scores --------------------------------------------------------------------------------
@@ -217,15 +226,16 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         return {}
 
     @torch.compiler.disable
-    def _refresh_scores(self, run, cache, score, taps, encoder_attention_mask, shape) -> int:
-        """Compute this full step's base score; return the FLOPs it cost."""
+    def _refresh_scores(self, run, cache, score, taps, encoder_attention_mask, shape, match) -> int:
+        """Compute this full step's base score; return the FLOPs it cost. A score taken on merged tokens
+        is given back to every token (a merged source gets its destination's)."""
         if score is None:
             return 0
         batch, tokens, _ = shape
         attn = self.block.attn1
         if score == "attention":
             query, key = split_heads(taps["query"], attn.heads), split_heads(taps["key"], attn.heads)
-            value, flops = S.attention_received(query, key, attn.scale), 2 * query.numel() * tokens
+            value, flops = S.attention_received(query, key, attn.scale), 2 * query.numel() * key.shape[-2]
         elif score in ("k_norm", "v_norm"):
             value, flops = S.projection_norm(split_heads(taps["key" if score == "k_norm" else "value"], attn.heads)), 0
         elif score == "random":
@@ -236,6 +246,8 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             value = S.cross_attention_entropy(query, key, cross.scale, _bias(encoder_attention_mask))
             flops = 2 * query.numel() * key.shape[-2]
             cache.text_keys = key
+        if value.shape[-1] != tokens:
+            value = unmerge(value[..., None], match)[..., 0]
         self.store_base_score(run, cache, "image", value)
         return flops
 
@@ -252,26 +264,25 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         run.add_flops(2 * query.numel() * cache.text_keys.shape[-2], 0)
 
     # -- accounting ----------------------------------------------------------------------------
-    def _flops(self, shape, encoder_hidden_states, recomputed: dict[str, int] | None, modulation: bool = True) -> int:
-        """FLOPs of one call; ``recomputed`` maps partial branches to recomputed tokens (None: full);
-        ``modulation`` False when it came from the run's table."""
+    def _flops(self, shape, encoder_hidden_states, rows: dict[str, int] | None, modulation: bool = True) -> int:
+        """FLOPs of one call; ``rows`` maps branches to the tokens they computed (a missing branch: none;
+        None: every branch on every token); ``modulation`` False when it came from the run's table."""
         block = self.block
         batch, tokens, _ = shape
+        rows = rows if rows is not None else {"attn": tokens, "cross_attn": tokens, "mlp": tokens}
         flops = linears_flops(block.norm1, batch) if self.zero and modulation else 0
-        attn = block.attn1
-        if recomputed is None:
-            flops += linears_flops(attn, batch * tokens)
-            flops += attention_core_flops(batch, attn.heads, tokens, tokens, attn.inner_dim // attn.heads)
+        attn, attn_rows = block.attn1, rows.get("attn", 0)
+        if attn_rows:
+            flops += linears_flops(attn, batch * attn_rows)
+            flops += attention_core_flops(batch, attn.heads, attn_rows, attn_rows, attn.inner_dim // attn.heads)
         if block.attn2 is not None:
-            cross = block.attn2
-            rows = tokens if recomputed is None else recomputed.get("cross_attn", 0)
-            if rows:
+            cross, cross_rows = block.attn2, rows.get("cross_attn", 0)
+            if cross_rows:
                 text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else tokens
-                flops += (linear_flops(cross.to_q, batch * rows) + linear_flops(cross.to_out[0], batch * rows))
+                flops += (linear_flops(cross.to_q, batch * cross_rows) + linear_flops(cross.to_out[0], batch * cross_rows))
                 flops += linear_flops(cross.to_k, batch * text) + linear_flops(cross.to_v, batch * text)
-                flops += attention_core_flops(batch, cross.heads, rows, text, cross.inner_dim // cross.heads)
-        rows = tokens if recomputed is None else recomputed.get("mlp", 0)
-        return flops + linears_flops(block.ff, batch * rows)
+                flops += attention_core_flops(batch, cross.heads, cross_rows, text, cross.inner_dim // cross.heads)
+        return flops + linears_flops(block.ff, batch * rows.get("mlp", 0))
 
 
 def _bias(encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from .. import scores as S
 from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..merging import TokenMatch, merge, unmerge
 from ..state import BlockCache, RunState
 from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows
 
@@ -114,7 +115,33 @@ def _qkv_flops(attn, image_rows: int, text_rows: int) -> int:
     return flops
 
 
-class FluxDoubleBlockAdapter(BlockAdapter):
+def _merged_rotary(rotary, match: TokenMatch, text: int):
+    """The rotary embedding of ``cat(text, merged image)``: a merged token keeps its destination's position."""
+    if rotary is None:
+        return None
+    order = torch.cat([match.kept[0], match.destinations[0]]) + text
+    index = torch.cat([torch.arange(text, device=order.device), order])
+    return tuple(part.index_select(0, index) for part in rotary)
+
+
+def _unmerge_image(joint: torch.Tensor, match: TokenMatch, text: int) -> torch.Tensor:
+    """``cat(text, merged image)`` rows back to ``cat(text, image)``."""
+    return torch.cat([joint[:, :text], unmerge(joint[:, text:], match)], dim=1)
+
+
+class _FluxMerging:
+    """FLUX merges image tokens only, with one matching for the whole batch (the rotary embedding the
+    attention takes is shared by the batch); text tokens are never merged."""
+
+    def batch_match(self, run: RunState, image_tokens: torch.Tensor) -> TokenMatch | None:
+        match = self.match_tokens(run, image_tokens.mean(dim=0, keepdim=True))
+        if match is None:
+            return None
+        batch = image_tokens.shape[0]
+        return TokenMatch(*(index.expand(batch, -1) for index in (match.destinations, match.kept, match.merged, match.targets)), match.tokens)
+
+
+class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
         self.branch_groups = {"mlp": "image", "context_mlp": "text"}
@@ -137,16 +164,25 @@ class FluxDoubleBlockAdapter(BlockAdapter):
     def _full(self, run, cache, hidden_states, encoder_hidden_states, temb, rotary, attn_kwargs):
         block = self.block
         score = self.settings.score if self.settings.recomputes_tokens else None
+        batch, image = hidden_states.shape[:2]
+        text = encoder_hidden_states.shape[1]
+        match = self.batch_match(run, hidden_states)
+        merge_attn, merge_mlp = self.merges("attn", match), self.merges("mlp", match)
         norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
         norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(encoder_hidden_states, emb=temb)
+        if merge_attn:
+            norm_hidden_states, rotary = merge(norm_hidden_states, match), _merged_rotary(rotary, match, text)
         with capture_outputs(_score_taps(block.attn, score, joint=True)) as taps:
             outputs = block.attn(
                 hidden_states=norm_hidden_states, encoder_hidden_states=norm_context, image_rotary_emb=rotary, **attn_kwargs
             )
         attn, context_attn = outputs[0], outputs[1]
+        if merge_attn:
+            attn = unmerge(attn, match)
 
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn
-        mlp = block.ff(block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        mlp_input = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        mlp = unmerge(block.ff(merge(mlp_input, match)), match) if merge_mlp else block.ff(mlp_input)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * mlp
         if len(outputs) == 3:  # IP-Adapter
             hidden_states = hidden_states + outputs[2]
@@ -155,18 +191,19 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn
         context_mlp = block.ff_context(block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
         encoder_hidden_states = _clip_half(encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_mlp)
-        cache.branches.update(
-            attn=attn.contiguous(), context_attn=context_attn.contiguous(), mlp=mlp.contiguous(), context_mlp=context_mlp.contiguous()
-        )
+        for branch, output in (("attn", attn), ("context_attn", context_attn), ("mlp", mlp), ("context_mlp", context_mlp)):
+            self.keep(cache, branch, output)
 
-        batch, text = encoder_hidden_states.shape[:2]
         score_flops = 0
         if score is not None:
-            scores, score_flops = _token_scores(run, block.attn, score, taps, rotary, batch, text + hidden_states.shape[1])
+            attended = text + (match.merged_tokens if merge_attn else image)
+            scores, score_flops = _token_scores(run, block.attn, score, taps, rotary, batch, attended)
+            if merge_attn:
+                scores = _unmerge_image(scores[..., None], match, text)[..., 0]
             self.store_base_score(run, cache, "text", scores[:, :text])
             self.store_base_score(run, cache, "image", scores[:, text:])
-        full = self._flops(batch, hidden_states.shape[1], text, None)
-        run.add_flops(full + score_flops, full)
+        rows = {"attn": match.merged_tokens if merge_attn else image, "mlp": match.merged_tokens if merge_mlp else image, "context_mlp": text}
+        run.add_flops(self._flops(batch, image, text, rows) + score_flops, self._flops(batch, image, text, None))
         return encoder_hidden_states, hidden_states
 
     def _partial(self, run, cache, hidden_states, encoder_hidden_states, temb):
@@ -207,19 +244,21 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         )
         return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, ff(rows), selection.flat), selection.count
 
-    def _flops(self, batch: int, image: int, text: int, recomputed: dict[str, int] | None, modulation: bool = True) -> int:
+    def _flops(self, batch: int, image: int, text: int, rows: dict[str, int] | None, modulation: bool = True) -> int:
+        """FLOPs of one call; ``rows`` maps branches to the tokens they computed (a missing ``attn``: the
+        attention was reused; None: every branch on every token)."""
         block = self.block
+        rows = rows if rows is not None else {"attn": image, "mlp": image, "context_mlp": text}
         flops = linears_flops(block.norm1.linear, batch) + linears_flops(block.norm1_context.linear, batch) if modulation else 0
-        if recomputed is None:
-            attn = block.attn
-            flops += _qkv_flops(attn, batch * image, batch * text)
-            flops += attention_core_flops(batch, attn.heads, image + text, image + text, attn.head_dim)
-            recomputed = {"mlp": image, "context_mlp": text}
-        flops += linears_flops(block.ff, batch * recomputed["mlp"])
-        return flops + linears_flops(block.ff_context, batch * recomputed["context_mlp"])
+        if "attn" in rows:
+            attn, attended = block.attn, rows["attn"]
+            flops += _qkv_flops(attn, batch * attended, batch * text)
+            flops += attention_core_flops(batch, attn.heads, attended + text, attended + text, attn.head_dim)
+        flops += linears_flops(block.ff, batch * rows["mlp"])
+        return flops + linears_flops(block.ff_context, batch * rows["context_mlp"])
 
 
-class FluxSingleBlockAdapter(BlockAdapter):
+class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxSingleTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
         self.branch_groups = {"single_mlp": "joint"}
@@ -237,28 +276,46 @@ class FluxSingleBlockAdapter(BlockAdapter):
         text = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # owned by this call
         if run.is_full:
-            hidden_states = self._full(run, cache, hidden_states, temb, image_rotary_emb, joint_attention_kwargs or {})
+            hidden_states = self._full(run, cache, hidden_states, temb, image_rotary_emb, joint_attention_kwargs or {}, text)
         else:
             hidden_states = self._partial(run, cache, hidden_states, temb)
         hidden_states = _clip_half(hidden_states)
         return hidden_states[:, :text], hidden_states[:, text:]
 
-    def _full(self, run, cache, hidden_states, temb, rotary, attn_kwargs):
+    def _full(self, run, cache, hidden_states, temb, rotary, attn_kwargs, text):
         block = self.block
         batch, tokens = hidden_states.shape[:2]
         score = self.settings.score if self.settings.recomputes_tokens else None
+        match = self.batch_match(run, hidden_states[:, text:])
+        merge_attn, merge_mlp = self.merges("attn", match), self.merges("mlp", match)
         norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
-        mlp = block.act_mlp(block.proj_mlp(norm_hidden_states))
+
+        def merged(x):
+            return torch.cat([x[:, :text], merge(x[:, text:], match)], dim=1)
+
+        mlp_input = merged(norm_hidden_states) if merge_mlp else norm_hidden_states
+        mlp = block.act_mlp(block.proj_mlp(mlp_input))
+        if merge_mlp:
+            mlp = _unmerge_image(mlp, match, text)
+        attn_rotary = _merged_rotary(rotary, match, text) if merge_attn else rotary
         with capture_outputs(_score_taps(block.attn, score, joint=False)) as taps:
-            attn = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=rotary, **attn_kwargs)
+            attn = block.attn(hidden_states=merged(norm_hidden_states) if merge_attn else norm_hidden_states,
+                              image_rotary_emb=attn_rotary, **attn_kwargs)
+        if merge_attn:
+            attn = _unmerge_image(attn, match, text)
         output = block.proj_out(torch.cat([attn, mlp], dim=2))
-        cache.branches.update(attn=attn.contiguous(), output=output.contiguous())
+        self.keep(cache, "attn", attn)
+        self.keep(cache, "output", output)
         score_flops = 0
         if score is not None:
-            scores, score_flops = _token_scores(run, block.attn, score, taps, rotary, batch, tokens)
+            attended = text + match.merged_tokens if merge_attn else tokens
+            scores, score_flops = _token_scores(run, block.attn, score, taps, attn_rotary, batch, attended)
+            if merge_attn:
+                scores = _unmerge_image(scores[..., None], match, text)[..., 0]
             self.store_base_score(run, cache, "joint", scores)
-        full = self._flops(batch, tokens, None)
-        run.add_flops(full + score_flops, full)
+        rows = {"attn": text + match.merged_tokens if merge_attn else tokens,
+                "mlp": text + match.merged_tokens if merge_mlp else tokens, "out": tokens}
+        run.add_flops(self._flops(batch, tokens, rows) + score_flops, self._flops(batch, tokens, None))
         return hidden_states + gate.unsqueeze(1) * output
 
     def _partial(self, run, cache, hidden_states, temb):
@@ -279,14 +336,16 @@ class FluxSingleBlockAdapter(BlockAdapter):
 
     @torch.compiler.disable
     def _account_partial(self, run, batch, tokens, recomputed) -> None:
-        executed = self._flops(batch, tokens, recomputed, modulation=not _scheduled(run))
+        executed = self._flops(batch, tokens, {"mlp": recomputed, "out": recomputed}, modulation=not _scheduled(run))
         run.add_flops(executed, self._flops(batch, tokens, None))
 
-    def _flops(self, batch: int, tokens: int, recomputed: int | None, modulation: bool = True) -> int:
+    def _flops(self, batch: int, tokens: int, rows: dict[str, int] | None, modulation: bool = True) -> int:
+        """FLOPs of one call; ``rows`` maps ``attn``, ``mlp`` (the MLP's input projection) and ``out``
+        (the fused output projection) to the tokens they computed (None: all tokens, all three)."""
         block = self.block
+        rows = rows if rows is not None else {"attn": tokens, "mlp": tokens, "out": tokens}
         flops = linears_flops(block.norm.linear, batch) if modulation else 0
-        rows = tokens if recomputed is None else recomputed
-        if recomputed is None:
-            flops += _qkv_flops(block.attn, batch * tokens, 0)
-            flops += attention_core_flops(batch, block.attn.heads, tokens, tokens, block.attn.head_dim)
-        return flops + linear_flops(block.proj_mlp, batch * rows) + linear_flops(block.proj_out, batch * rows)
+        if "attn" in rows:
+            flops += _qkv_flops(block.attn, batch * rows["attn"], 0)
+            flops += attention_core_flops(batch, block.attn.heads, rows["attn"], rows["attn"], block.attn.head_dim)
+        return flops + linear_flops(block.proj_mlp, batch * rows["mlp"]) + linear_flops(block.proj_out, batch * rows["out"])
