@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import numpy as np
@@ -12,14 +11,14 @@ import torch
 from .toca_pipeline import ToCaPipeline
 
 OFFLINE_NOTE = (
-    "no --model given: using a tiny randomly initialised FLUX pipeline built offline from config; "
-    "its image is noise, and its timings only show the mechanics."
+    "no --model given: using ditcache's reference DiT trained on handwritten digits "
+    "(eval/reference_models/digits-dit, 32x32; the prompt is a digit's name, 'zero' to 'nine')."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id or local folder of a supported diffusers pipeline (default: a tiny offline FLUX)")
-    parser.add_argument("--prompt", default="a red fox in snow", help="text prompt; for DiT an ImageNet label name or class index")
+    parser.add_argument("--model", help="hub id or local folder of a supported diffusers pipeline (default: the offline reference PixArt)")
+    parser.add_argument("--prompt", default="seven", help="text prompt; for DiT a label name (ImageNet's, or the reference DiT's digit names) or class index")
     parser.add_argument("--cache-interval", type=int, help="N: a full step every N steps (default: the model's preset)")
     parser.add_argument("--cache-ratio", type=float, help="R: fraction of tokens reused on partial steps (default: preset)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
@@ -56,19 +55,13 @@ def _timed(pipe, call, args, **cache):
 
 def generate(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    with tempfile.TemporaryDirectory() as scratch:
-        model = args.model
-        if model is None:
-            from ditcache.eval.builders import flux_pipeline
+    model = args.model
+    if model is None:
+        from ditcache.eval.digits import reference_pipeline_path
 
-            print(OFFLINE_NOTE)
-            flux_pipeline(scratch)
-            model = scratch
-            if args.height is None and args.width is None:
-                args.height = args.width = 64
-        pipe = ToCaPipeline.from_pretrained(
-            model, cache_interval=args.cache_interval, cache_ratio=args.cache_ratio, dtype=dtype
-        ).to(args.device)
+        print(OFFLINE_NOTE)
+        model = reference_pipeline_path("digits-dit")
+    pipe = ToCaPipeline.from_pretrained(model, cache_interval=args.cache_interval, cache_ratio=args.cache_ratio, dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
     call = _call_arguments(pipe, args)
 

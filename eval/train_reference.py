@@ -1,0 +1,248 @@
+"""Train ditcache's reference models on scikit-learn's digits, deterministically, on a CPU:
+
+    python -m ditcache.eval.train_reference --out eval/reference_models
+
+Stages (each skipped when its output exists, so an interrupted run goes on where it stopped):
+1. ``digits-classifier.safetensors``: the CNN of :mod:`ditcache.eval.digits` (conditional accuracy, digits-FID);
+2. a small ``AutoencoderKL`` (32 x 32 RGB to 4 x 16 x 16 latents), shared by both pipelines;
+3. ``digits-dit/``: a class-conditional ``DiTTransformer2DModel`` saved as a ``DiTPipeline`` (DDIM);
+4. ``digits-pixart/``: a text-conditional ``PixArtTransformer2DModel`` with a small frozen T5 encoder,
+   saved as a ``PixArtAlphaPipeline`` (DPM-Solver), prompted like "a handwritten digit seven".
+Each pipeline folder gets a model card (``README.md``) with the data, architecture, command, seed and
+final loss. Both transformers: 6 blocks, hidden 128, 4 heads, patch 2 (64 image tokens), epsilon
+prediction on DDPM's linear betas, 10% condition dropout for classifier-free guidance, EMA weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import builders, digits
+
+SEED = 0
+LATENT_SIZE = 16
+NULL_CLASS = 1000  # DiTPipeline's unconditional label
+TEXT_TOKENS = 16
+TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=6,
+                   sample_size=LATENT_SIZE, patch_size=2)
+
+
+def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator):
+    for _ in range(steps):
+        yield torch.randint(0, count, (batch_size,), generator=generator)
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift by up to 2 pixels: the classifier should not depend on the exact placement."""
+    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
+    return torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+
+
+def train_classifier(out: Path, steps: int) -> dict:
+    images, labels = digits.load_images()
+    train_images, train_labels = digits.split(images, labels, test=False)
+    test_images, test_labels = digits.split(images, labels, test=True)
+    generator = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    model = digits.DigitClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    for index in tqdm(_batches(len(train_images), 128, steps, generator), total=steps, desc="classifier"):
+        loss = nn.functional.cross_entropy(model(_augment(train_images[index], generator)), train_labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    from safetensors.torch import save_model
+
+    save_model(model.eval(), str(out / "digits-classifier.safetensors"))
+    return {"steps": steps, "final_loss": loss.item(), "test_accuracy": digits.accuracy(model, test_images, test_labels)}
+
+
+def train_vae(steps: int):
+    """A small VAE whose latents the transformers learn; its scaling factor makes the latents unit-variance."""
+    from diffusers import AutoencoderKL
+
+    images, _ = digits.load_images()
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=digits.IMAGE_SIZE, mid_block_add_attention=False,
+    )
+    generator = torch.Generator().manual_seed(SEED)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for index in tqdm(_batches(len(images), 32, steps, generator), total=steps, desc="vae"):
+        x = images[index] * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = nn.functional.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+    with torch.no_grad():
+        latents = vae.encode(images * 2 - 1).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    return vae, loss.item()
+
+
+@torch.no_grad()
+def _latents(vae) -> torch.Tensor:
+    images, _ = digits.load_images()
+    return vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
+
+
+def _train_denoiser(model, condition_of, latents: torch.Tensor, steps: int, desc: str) -> float:
+    """Epsilon prediction on DDPM's linear betas, AdamW, EMA of the weights copied in at the end."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    scheduler = DDPMScheduler()
+    generator = torch.Generator().manual_seed(SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200))
+    ema = EMAModel(model.parameters(), decay=0.999)
+    model.train()
+    losses = []
+    for index in tqdm(_batches(len(latents), 64, steps, generator), total=steps, desc=desc):
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        drop = torch.rand(len(x0), generator=generator) < 0.1
+        prediction = model(scheduler.add_noise(x0, noise, t), timestep=t, **condition_of(index, drop, generator)).sample
+        loss = nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        ema.step(model.parameters())
+        losses.append(loss.item())
+    ema.copy_to(model.parameters())
+    return sum(losses[-200:]) / len(losses[-200:])
+
+
+def train_dit(vae, steps: int):
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    _, labels = digits.load_images()
+    torch.manual_seed(SEED)
+    model = DiTTransformer2DModel(**TRANSFORMER, num_embeds_ada_norm=NULL_CLASS)
+
+    def condition(index, drop, _generator):
+        return {"class_labels": torch.where(drop, NULL_CLASS, labels[index])}
+
+    loss = _train_denoiser(model, condition, _latents(vae), steps, "dit")
+    pipe = DiTPipeline(transformer=model.eval(), vae=vae, scheduler=DDIMScheduler(clip_sample=False))  # latents are not in [-1, 1]
+    pipe.register_to_config(id2label={str(i): word for i, word in enumerate(digits.DIGIT_WORDS)})
+    return pipe, loss
+
+
+def train_pixart(vae, steps: int):
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    _, labels = digits.load_images()
+    tokenizer, text_encoder = builders.tiny_t5(SEED, words=(*builders.PROMPT_WORDS, *digits.DIGIT_WORDS, "number"))
+    prompts = [digits.prompt(label, template) for label in range(10) for template in range(len(digits.PROMPT_TEMPLATES))]
+    with torch.no_grad():  # the frozen encoder's embeddings of every training prompt, and of "" for guidance
+        tokens = tokenizer(prompts + [""], padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
+        embeddings = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    torch.manual_seed(SEED)
+    model = PixArtTransformer2DModel(**TRANSFORMER, cross_attention_dim=128, caption_channels=text_encoder.config.d_model,
+                                     use_additional_conditions=False)
+    templates = len(digits.PROMPT_TEMPLATES)
+
+    def condition(index, drop, generator):
+        choice = labels[index] * templates + torch.randint(0, templates, (len(index),), generator=generator)
+        choice = torch.where(drop, len(prompts), choice)
+        return {"encoder_hidden_states": embeddings[choice], "encoder_attention_mask": tokens.attention_mask[choice],
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+    loss = _train_denoiser(model, condition, _latents(vae), steps, "pixart")
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=model.eval(),
+                               scheduler=DPMSolverMultistepScheduler())
+    return pipe, loss
+
+
+MODEL_CARD = """# {name}: a ditcache reference model
+
+{what}
+
+- **Data**: scikit-learn's handwritten digits (1797 8x8 images, all of them), upsampled to 32x32 RGB
+  (white on black), labels 0-9.
+- **Architecture**: {architecture}; VAE: diffusers `AutoencoderKL` (blocks 16, 32, no attention; 4 latent channels
+  at 16x16) trained first on the same images (MSE + 1e-6 KL, batch 32).
+- **Training**: epsilon prediction, DDPM linear betas (1000 steps), AdamW lr 5e-4, batch 64, {steps} steps,
+  EMA 0.999, 10% condition dropout (guidance), seed {seed}; final loss (mean of the last 200 steps)
+  {loss:.4f}; {minutes:.1f} minutes on {device}.
+- **Command**: `python -m ditcache.eval.train_reference --out eval/reference_models`
+- **Use**: `{use}`
+- **Purpose**: quality measurements of caching methods offline (ditcache tests and benchmarks). Not a
+  general image model.
+"""
+
+
+def _write_card(folder: Path, **fields) -> None:
+    (folder / "README.md").write_text(MODEL_CARD.format(seed=SEED, device="a 2-core CPU", **fields))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(digits.REFERENCE_DIR))
+    parser.add_argument("--classifier-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2000, help="training steps of each transformer")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.use_deterministic_algorithms(True)
+    log_path = out / "training_log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+
+    if not (out / "digits-classifier.safetensors").exists():
+        log["classifier"] = train_classifier(out, args.classifier_steps)
+    vae_folder = out / "vae"  # removed at the end: each pipeline folder carries its copy
+    if (out / "digits-dit" / "vae" / "config.json").exists():
+        vae_folder = out / "digits-dit" / "vae"
+    elif not (vae_folder / "config.json").exists():
+        start = time.time()
+        vae, loss = train_vae(args.vae_steps)
+        vae.save_pretrained(vae_folder)
+        log["vae"] = {"steps": args.vae_steps, "final_loss": loss, "minutes": (time.time() - start) / 60}
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    for name, train, architecture, what, use in (
+        ("digits-dit", train_dit, "diffusers `DiTTransformer2DModel`, 6 blocks, hidden 128, 4 heads, patch 2, ada_norm_zero, 1001 class embeddings (0-9 and the null class 1000)",
+         "Class-conditional DiT on handwritten digits, used through `DiTPipeline` (DDIM).",
+         'DiTPipeline.from_pretrained(path)(class_labels=[7], num_inference_steps=20, guidance_scale=3.0)'),
+        ("digits-pixart", train_pixart, "diffusers `PixArtTransformer2DModel` (PixArt-alpha), 6 blocks, hidden 128, 4 heads, patch 2, ada_norm_single, cross-attention to a frozen randomly initialised 2-layer T5 encoder (d_model 32) with a word-level tokenizer",
+         "Text-conditional PixArt-alpha on handwritten digits (\"a handwritten digit seven\"), used through `PixArtAlphaPipeline` (DPM-Solver).",
+         'PixArtAlphaPipeline.from_pretrained(path)("a handwritten digit seven", height=32, width=32, num_inference_steps=20, guidance_scale=3.0, use_resolution_binning=False, max_sequence_length=16)'),
+    ):
+        folder = out / name
+        if (folder / "model_index.json").exists():
+            continue
+        start = time.time()
+        pipe, loss = train(vae, args.steps)
+        minutes = (time.time() - start) / 60
+        pipe.save_pretrained(folder)
+        _write_card(folder, name=name, what=what, architecture=architecture, steps=args.steps, loss=loss, minutes=minutes, use=use)
+        log[name] = {"steps": args.steps, "final_loss": loss, "minutes": minutes}
+        log_path.write_text(json.dumps(log, indent=2))
+    log_path.write_text(json.dumps(log, indent=2))
+    shutil.rmtree(out / "vae", ignore_errors=True)
+    print(json.dumps(log, indent=2))
+
+
+if __name__ == "__main__":
+    main()
