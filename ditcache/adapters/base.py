@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import scores as S
 from ..config import EngineSettings
-from ..merging import TokenMatch, bipartite_match
+from ..merging import TokenMatch, bipartite_match, merge, unmerge
 from ..state import BlockCache, RunState
 
 
@@ -135,6 +135,12 @@ class BlockAdapter:
 
     def merges(self, branch: str, match: TokenMatch | None) -> bool:
         return match is not None and branch in self.settings.merging.branches
+
+    def merged(self, branch: str, match: TokenMatch | None, inputs: torch.Tensor, function) -> torch.Tensor:
+        """``function`` on the merged tokens when ``branch`` merges, its output back on every token."""
+        if not self.merges(branch, match):
+            return function(inputs)
+        return unmerge(function(merge(inputs, match)), match)
 
     # -- scores -------------------------------------------------------------------------------
     @torch.compiler.disable

@@ -18,7 +18,7 @@ from .. import scores as S
 from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
-from ..merging import merge, unmerge
+from ..merging import unmerge
 from ..state import BlockCache, RunState
 from .base import (
     BlockAdapter,
@@ -141,7 +141,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
         norm_hidden_states = self._attn_norm(hidden_states) * (1 + scale_msa) + shift_msa
         with capture_outputs(self._self_attention_taps(score)) as taps:
-            attn = self._merged("attn", match, norm_hidden_states, lambda x: block.attn1(
+            attn = self.merged("attn", match, norm_hidden_states, lambda x: block.attn1(
                 x, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs))
         hidden_states = gate_msa * attn + hidden_states
         self.keep(cache, "attn", attn)
@@ -149,13 +149,13 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         if block.attn2 is not None:
             cross_taps = query_key_taps(block.attn2) if score == "cross_attention_entropy" else {}
             with capture_outputs(cross_taps) as taps_cross:
-                cross = self._merged("cross_attn", match, self._cross_input(hidden_states), lambda x: block.attn2(
+                cross = self.merged("cross_attn", match, self._cross_input(hidden_states), lambda x: block.attn2(
                     x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **attn_kwargs))
             hidden_states = cross + hidden_states
             self.keep(cache, "cross_attn", cross)
             taps.update({f"cross_{name}": value for name, value in taps_cross.items()})
 
-        mlp = self._merged("mlp", match, self._mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp, self._feed_forward)
+        mlp = self.merged("mlp", match, self._mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp, self._feed_forward)
         hidden_states = gate_mlp * mlp + hidden_states
         self.keep(cache, "mlp", mlp)
 
@@ -163,12 +163,6 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         run.add_flops(self._flops(hidden_states.shape, encoder_hidden_states, rows) + score_flops,
                       self._flops(hidden_states.shape, encoder_hidden_states, None))
         return hidden_states
-
-    def _merged(self, branch, match, inputs, function):
-        """``function`` on the merged tokens when ``branch`` merges, its output back on every token."""
-        if not self.merges(branch, match):
-            return function(inputs)
-        return unmerge(function(merge(inputs, match)), match)
 
     def _partial(self, run, cache, hidden_states, modulation, text, attn_kwargs):
         block = self.block

@@ -181,8 +181,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
             attn = unmerge(attn, match)
 
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn
-        mlp_input = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        mlp = unmerge(block.ff(merge(mlp_input, match)), match) if merge_mlp else block.ff(mlp_input)
+        mlp = self.merged("mlp", match, block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None], block.ff)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * mlp
         if len(outputs) == 3:  # IP-Adapter
             hidden_states = hidden_states + outputs[2]
@@ -290,17 +289,14 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
         merge_attn, merge_mlp = self.merges("attn", match), self.merges("mlp", match)
         norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
 
-        def merged(x):
-            return torch.cat([x[:, :text], merge(x[:, text:], match)], dim=1)
-
-        mlp_input = merged(norm_hidden_states) if merge_mlp else norm_hidden_states
-        mlp = block.act_mlp(block.proj_mlp(mlp_input))
+        # Text rows as they are, image rows merged: one merge serves both branches.
+        merged_norm = torch.cat([norm_hidden_states[:, :text], merge(norm_hidden_states[:, text:], match)], dim=1) if merge_attn or merge_mlp else None
+        mlp = block.act_mlp(block.proj_mlp(merged_norm if merge_mlp else norm_hidden_states))
         if merge_mlp:
             mlp = _unmerge_image(mlp, match, text)
         attn_rotary = _merged_rotary(rotary, match, text) if merge_attn else rotary
         with capture_outputs(_score_taps(block.attn, score, joint=False)) as taps:
-            attn = block.attn(hidden_states=merged(norm_hidden_states) if merge_attn else norm_hidden_states,
-                              image_rotary_emb=attn_rotary, **attn_kwargs)
+            attn = block.attn(hidden_states=merged_norm if merge_attn else norm_hidden_states, image_rotary_emb=attn_rotary, **attn_kwargs)
         if merge_attn:
             attn = _unmerge_image(attn, match, text)
         output = block.proj_out(torch.cat([attn, mlp], dim=2))
