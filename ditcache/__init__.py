@@ -1,18 +1,21 @@
 """ditcache: token-wise feature caching (ToCa) and layer caching (FORA) for diffusers' DiTs."""
 
-from .config import FORAConfig, ToCaConfig, ToMeConfig
-from .hooks import apply_cache, cache_config, cache_stats, remove_cache
-from .state import CacheStats
+from .config import FORAConfig, ToCaConfig, ToMeConfig, preset
+from .hooks import apply_cache, cache_config, cache_stats, record_selections, remove_cache
+from .state import CacheStats, SelectionEvent
 
 __all__ = [
     "ToCaConfig",
     "FORAConfig",
     "ToMeConfig",
+    "preset",
     "CacheStats",
     "apply_cache",
     "remove_cache",
     "cache_stats",
     "cache_config",
+    "record_selections",
+    "SelectionEvent",
     "ToCaPipeline",
 ]
 

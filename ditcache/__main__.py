@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ditcache.pipelines import cli
 
-    cli.add_arguments(commands.add_parser("generate", help="generate one image with caching, timed"))
+    cli.add_arguments(commands.add_parser("generate", help="generate images with caching, timed, optionally against uncached"))
     commands.add_parser("bench", help="speed and FLOPs of uncached, FORA and ToCa (see --help)", add_help=False)
     from ditcache.eval import sweep
 

@@ -8,6 +8,8 @@ block adapter. Nothing is patched on a class: ``remove_cache`` restores the orig
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from diffusers import DiffusionPipeline
@@ -18,7 +20,7 @@ from .adapters import TransformerAdapter, transformer_adapter
 from .adapters.base import BlockAdapter
 from .config import CacheConfig, resolve_configs
 from .flops import record_layer_flops
-from .state import CacheStats, CallSignature, RunState
+from .state import CacheStats, CallSignature, RunState, SelectionEvent
 
 STEP_HOOK = "ditcache.step"
 BLOCK_HOOK = "ditcache.block"
@@ -193,3 +195,19 @@ def cache_stats(target) -> CacheStats:
     if hook.run.completed_stats is None:
         raise RuntimeError("the cached model has not run yet; cache_stats describes a completed run.")
     return hook.run.completed_stats
+
+
+@contextmanager
+def record_selections(target) -> Iterator[list[SelectionEvent]]:
+    """Record, while the ``with`` body runs, which tokens each partial step recomputes and the score
+    terms that chose them: ``with record_selections(pipe) as events: pipe(...)``. Off otherwise, at
+    no cost."""
+    hook = _step_hook(_split_target(target)[0])
+    if hook is None:
+        raise RuntimeError("ditcache is not applied to this model; call ditcache.apply_cache first.")
+    events: list[SelectionEvent] = []
+    hook.run.recorder = events
+    try:
+        yield events
+    finally:
+        hook.run.recorder = None

@@ -38,7 +38,7 @@ def _hook_names(module: torch.nn.Module) -> dict[torch.nn.Module, set[str]]:
 class DiffusersCache:
     """One of diffusers' caches as a benchmark method: ``apply(pipe)``, run, ``remove(pipe)``.
 
-    ``spec`` is ``fbc[:threshold]``, ``taylorseer[:interval]``, ``magcache[:threshold]`` or
+    ``spec`` is ``fbc[:threshold]``, ``taylorseer[:interval[:max_order]]``, ``magcache[:threshold]`` or
     ``pab[:block_skip_range]``.
     """
 
@@ -72,8 +72,10 @@ class DiffusersCache:
         if self.name == "fbc":
             apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=float(value or 0.05)))
         elif self.name == "taylorseer":
+            interval, _, order = value.partition(":")
             config = TaylorSeerCacheConfig(
-                cache_interval=int(value or 4),
+                cache_interval=int(interval or 4),
+                max_order=int(order or 1),
                 taylor_factors_dtype=transformer.dtype,
                 cache_identifiers=BRANCH_PATTERNS.get(type(transformer).__name__),
             )
@@ -94,11 +96,14 @@ class DiffusersCache:
         timestep = kwargs.get("timestep")
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         if self._last_timestep is None or value > self._last_timestep:  # a new run
-            self._step = 0
+            self._step, self._call = 0, 0
             module._diffusers_hook.reset_stateful_hooks()
         elif value < self._last_timestep:
-            self._step += 1
+            self._step, self._call = self._step + 1, 0
+        else:  # another call at this step (FLUX's true CFG): its own cache state, as the pipeline's contexts intend
+            self._call += 1
         self._last_timestep = value
-        context = CacheContext("cond", step_index=self._step, num_inference_steps=self._steps, timestep=value)
+        name = "cond" if self._call == 0 else f"uncond{self._call}"
+        context = CacheContext(name, step_index=self._step, num_inference_steps=self._steps, timestep=value)
         _set_cache_context(module, context)
         return args, kwargs

@@ -65,32 +65,36 @@ class Method:
 
 def parse_method(spec: str) -> Method:
     """``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant;
-    ``auto`` takes the model's preset, for the score or the schedule), ``tome:R[:mlp]`` (token merging
-    on self-attention, and on the MLP with ``mlp``), a caching method and ToMe joined by ``+``
+    ``auto`` takes the model's preset, for the score or the schedule), either with a trailing
+    ``:order=K`` (forecast order, e.g. ``fora:4:order=1``), ``tome:R[:mlp]`` (token merging on
+    self-attention, and on the MLP with ``mlp``), a caching method and ToMe joined by ``+``
     (``toca:4:0.9+tome:0.5``), or one of diffusers' caches: ``fbc[:threshold]``,
-    ``taylorseer[:interval]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``."""
+    ``taylorseer[:interval[:order]]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``."""
     if "+" in spec:
         parts = [parse_method(part) for part in spec.split("+")]
         if len(parts) != 2 or any(part.config is None for part in parts):
             raise ValueError(f"method {spec!r}: join one of fora/toca with one tome, e.g. 'toca:4:0.9+tome:0.5'.")
         return Method(spec, config=[part.config for part in parts])
     name, *params = spec.split(":")
+    forecast = {}
+    if params and params[-1].startswith("order=") and name in ("fora", "toca"):
+        forecast = {"forecast_order": int(params.pop()[len("order="):])}
     if name == "tome" and 1 <= len(params) <= 2 and params[1:] in ([], ["mlp"]):
         return Method(spec, config=ToMeConfig(ratio=float(params[0]), merge_mlp=params[1:] == ["mlp"], seed=0))
     if name == "uncached" and not params:
         return Method(spec)
     if name == "fora" and len(params) == 1:
-        return Method(spec, config=FORAConfig(cache_interval=int(params[0])))
+        return Method(spec, config=FORAConfig(cache_interval=int(params[0]), **forecast))
     if name == "toca" and 2 <= len(params) <= 4:
         score = params[2] if len(params) > 2 else "auto"
         schedule = params[3] if len(params) > 3 else "constant"
-        config = ToCaConfig(cache_interval=int(params[0]), cache_ratio=float(params[1]), score=score, schedule=schedule)
+        config = ToCaConfig(cache_interval=int(params[0]), cache_ratio=float(params[1]), score=score, schedule=schedule, **forecast)
         return Method(spec, config=config)
-    if name in PEERS and len(params) <= 1:
+    if name in PEERS and len(params) <= (2 if name == "taylorseer" else 1):
         return Method(spec, peer=DiffusersCache(spec))
     raise ValueError(
-        f"method {spec!r}: expected 'uncached', 'fora:N', 'toca:N:R[:score[:schedule]]', 'tome:R[:mlp]' or one of "
-        f"{', '.join(PEERS)} with an optional ':value'."
+        f"method {spec!r}: expected 'uncached', 'fora:N[:order=K]', 'toca:N:R[:score[:schedule]][:order=K]', "
+        f"'tome:R[:mlp]' or one of {', '.join(PEERS)} with an optional ':value'."
     )
 
 

@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -456,9 +457,15 @@ def quality_columns(rows: list[dict]) -> list[str]:
     return [c for c in columns if any(c in row for row in rows)]
 
 
+def method_family(method: str) -> str:
+    """A method with its first number (the interval or threshold) replaced by ``N``: the points of one
+    family differ only in how hard they cache, and are joined by a line in the plot."""
+    return re.sub(r"^([a-z]+):[0-9.]+", r"\1:N", method)
+
+
 def plot_speed_quality(output: Path, rows: list[dict], x: str = "speedup") -> None:
     """One panel per quality metric: its value against the speedup (``x``: wall clock or FLOPs), a point
-    per method."""
+    per method, the methods of one family (see ``method_family``) joined from fast to slow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -467,14 +474,21 @@ def plot_speed_quality(output: Path, rows: list[dict], x: str = "speedup") -> No
     columns = quality_columns(rows)
     if not columns:
         return
-    figure, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 4), squeeze=False)
+    families = list(dict.fromkeys(method_family(row["method"]) for row in rows))
+    figure, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4.5), squeeze=False)
     for ax, column in zip(axes[0], columns):
-        points = [(row[x], row[column], row["method"]) for row in rows if column in row]
-        ax.scatter([p[0] for p in points], [p[1] for p in points])
-        for speedup, value, label in points:
-            ax.annotate(label, (speedup, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for number, family in enumerate(families):
+            points = sorted((row[x], row[column], row["method"]) for row in rows if column in row and method_family(row["method"]) == family)
+            if not points:
+                continue
+            style = {"color": f"C{number % 10}", "marker": "os^Dv"[number // 10 % 5]}
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=family, linewidth=1, markersize=4, **style)
+            for speedup, value, label in points:
+                ax.annotate(label.split(":")[1] if label.count(":") else label, (speedup, value), fontsize=6,
+                            xytext=(2, 2), textcoords="offset points", color=style["color"])
         ax.set(xlabel=PLOT_AXES[x], ylabel=column, title=f"{column} vs {PLOT_AXES[x].split(' (')[0]}")
         ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5), title="method (N: the number on each point)", title_fontsize=6)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)

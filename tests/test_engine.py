@@ -172,3 +172,25 @@ def test_default_schedule_follows_the_detected_model(dit_pipe, pixart_pipe):
     pixart_settings = pixart_pipe.transformer._diffusers_hook.get_hook(STEP_HOOK).run.settings
     assert (dit_settings.score, dit_settings.schedule.cache_interval) == ("attention", 4)
     assert (pixart_settings.score, pixart_settings.schedule.cache_interval) == ("cross_attention_entropy", 3)
+
+
+def test_record_selections_gives_the_recomputed_tokens_and_their_score_terms(dit_pipe):
+    from ditcache import record_selections
+
+    apply_cache(dit_pipe, ToCaConfig(cache_interval=3, cache_ratio=0.75, schedule="constant", score="k_norm"))
+    plain = run_dit(dit_pipe)
+    with record_selections(dit_pipe) as events:
+        recorded = run_dit(dit_pipe)
+    np.testing.assert_array_equal(recorded, plain)  # recording changes nothing
+    stats = cache_stats(dit_pipe)
+    blocks = len(dit_pipe.transformer.transformer_blocks)
+    assert len(events) == stats.partial_steps * blocks  # the DiT blocks recompute their MLP branch only
+    tokens = (dit_pipe.transformer.config.sample_size // dit_pipe.transformer.config.patch_size) ** 2
+    for event in events:
+        assert event.branch == "mlp" and event.tokens.shape == (2, round(0.25 * tokens))  # one row per guidance pair
+        total = event.score + event.frequency + event.bonus
+        chosen = total.gather(1, event.tokens)
+        assert chosen.min() >= total.topk(event.tokens.shape[1]).values.min() - 1e-6  # the top of the total score
+    assert {e.step for e in events} == set(range(stats.steps)) - set(stats.full_step_indices)
+    run_dit(dit_pipe)
+    assert len(events) == stats.partial_steps * blocks  # off after the block

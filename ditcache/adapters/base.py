@@ -17,7 +17,7 @@ from torch import nn
 from .. import scores as S
 from ..config import EngineSettings
 from ..merging import TokenMatch, bipartite_match, merge, unmerge
-from ..state import BlockCache, RunState
+from ..state import BlockCache, RunState, SelectionEvent
 
 
 @contextmanager
@@ -111,10 +111,36 @@ class BlockAdapter:
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
-    def keep(self, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
-        """Store a full step's branch output when partial steps will reuse it."""
+    def keep(self, run: RunState, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
+        """Store a full step's branch output when partial steps will reuse it (with its divided
+        differences when the settings forecast)."""
         if self.settings.caches:
-            cache.branches[branch] = output.contiguous()
+            cache.store(branch, output.contiguous(), run.step, self.settings.forecast_order)
+
+    def reuse(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
+        """The value of ``branch`` on this partial step: its last output, or its forecast."""
+        if not cache.differences.get(branch):
+            return cache.branches[branch]
+        return self._forecast(run, cache, branch)
+
+    @torch.compiler.disable  # the step enters as a Python number: keep it out of compiled graphs
+    def _forecast(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
+        value = cache.current(branch, run.step)
+        run.add_flops(2 * len(cache.differences[branch]) * value.numel(), 0)
+        return value
+
+    def reuse_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
+        """The selected rows of ``reuse(run, cache, branch)``, forecasting those rows only."""
+        rows = gather_rows(cache.branches[branch], selection)
+        if not cache.differences.get(branch):
+            return rows
+        return rows + self._forecast_rows(run, cache, branch, selection).view_as(rows)
+
+    @torch.compiler.disable
+    def _forecast_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
+        terms = cache.forecast_terms(branch, run.step, selection.flat)
+        run.add_flops(2 * len(cache.differences[branch]) * terms.numel(), 0)
+        return terms
 
     # -- token merging --------------------------------------------------------------------------
     @torch.compiler.disable
@@ -165,12 +191,16 @@ class BlockAdapter:
             return None
         since = cache.since_recompute[branch]
         interval = settings.schedule.interval_at(run.progress)
-        score = S.l2_normalize(cache.base_scores[self.branch_groups[branch]])
-        score = score + settings.frequency_weight * since.float() / interval
+        base = S.l2_normalize(cache.base_scores[self.branch_groups[branch]])
+        frequency = settings.frequency_weight * since.float() / interval
+        score = base + frequency
         grid = run.signature.grid
         if grid[0] * grid[1] == tokens:  # the bonus needs the group to be the image token grid
             score = S.spatial_bonus(score, grid, settings.spatial_grid, settings.spatial_bonus)
         index = S.top_tokens(score, count)
+        if run.recorder is not None:
+            bonus = score - base - frequency
+            run.recorder.append(SelectionEvent(run.step, self.name, branch, *(t.cpu() for t in (index, base, frequency, bonus))))
         since.add_(1).scatter_(1, index, 0)
         if run.guidance_batch:
             index = torch.cat([index, index])

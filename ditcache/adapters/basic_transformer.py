@@ -144,7 +144,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             attn = self.merged("attn", match, norm_hidden_states, lambda x: block.attn1(
                 x, encoder_hidden_states=None, attention_mask=attention_mask, **attn_kwargs))
         hidden_states = gate_msa * attn + hidden_states
-        self.keep(cache, "attn", attn)
+        self.keep(run, cache, "attn", attn)
 
         if block.attn2 is not None:
             cross_taps = query_key_taps(block.attn2) if score == "cross_attention_entropy" else {}
@@ -152,12 +152,12 @@ class BasicTransformerBlockAdapter(BlockAdapter):
                 cross = self.merged("cross_attn", match, self._cross_input(hidden_states), lambda x: block.attn2(
                     x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **attn_kwargs))
             hidden_states = cross + hidden_states
-            self.keep(cache, "cross_attn", cross)
+            self.keep(run, cache, "cross_attn", cross)
             taps.update({f"cross_{name}": value for name, value in taps_cross.items()})
 
         mlp = self.merged("mlp", match, self._mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp, self._feed_forward)
         hidden_states = gate_mlp * mlp + hidden_states
-        self.keep(cache, "mlp", mlp)
+        self.keep(run, cache, "mlp", mlp)
 
         score_flops = self._refresh_scores(run, cache, score, taps, encoder_attention_mask, hidden_states.shape, match)
         run.add_flops(self._flops(hidden_states.shape, encoder_hidden_states, rows) + score_flops,
@@ -172,10 +172,10 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         recomputed = {}
 
         # One fused pass per branch over the residual stream; the first makes the tensor updated in place.
-        hidden_states = gated_residual(hidden_states, gate_msa, cache.current("attn"))
+        hidden_states = gated_residual(hidden_states, gate_msa, self.reuse(run, cache, "attn"))
 
         if block.attn2 is not None:
-            cross = cache.current("cross_attn")
+            cross = self.reuse(run, cache, "cross_attn")
             selection = self.select(run, cache, "cross_attn", tokens)
             if selection is not None:
                 rows = self._cross_input(gather_rows(hidden_states, selection))
@@ -190,7 +190,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
                 recomputed["cross_attn"] = selection.count
             hidden_states.add_(cross)
 
-        mlp = cache.current("mlp")
+        mlp = self.reuse(run, cache, "mlp")
         selection = self.select(run, cache, "mlp", tokens)
         if selection is None:
             hidden_states.addcmul_(gate_mlp, mlp)

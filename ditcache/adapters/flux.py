@@ -24,7 +24,7 @@ from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..merging import TokenMatch, merge, unmerge
 from ..state import BlockCache, RunState
-from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows
+from .base import BlockAdapter, capture_outputs, gated_residual
 
 
 def _clip_half(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -185,13 +185,13 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * mlp
         if len(outputs) == 3:  # IP-Adapter
             hidden_states = hidden_states + outputs[2]
-            cache.branches["ip_attn"] = outputs[2]
+            self.keep(run, cache, "ip_attn", outputs[2])
 
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn
         context_mlp = block.ff_context(block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
         encoder_hidden_states = _clip_half(encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_mlp)
         for branch, output in (("attn", attn), ("context_attn", context_attn), ("mlp", mlp), ("context_mlp", context_mlp)):
-            self.keep(cache, branch, output)
+            self.keep(run, cache, branch, output)
 
         score_flops = 0
         if score is not None:
@@ -213,14 +213,14 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
         )
         recomputed = {}
 
-        hidden_states = gated_residual(hidden_states, gate_msa.unsqueeze(1), cache.current("attn"))
+        hidden_states = gated_residual(hidden_states, gate_msa.unsqueeze(1), self.reuse(run, cache, "attn"))
         hidden_states, recomputed["mlp"] = self._partial_mlp(
             run, cache, "mlp", block.ff, block.norm2, hidden_states, shift_mlp, scale_mlp, gate_mlp
         )
         if "ip_attn" in cache.branches:
-            hidden_states = hidden_states + cache.current("ip_attn")
+            hidden_states = hidden_states + self.reuse(run, cache, "ip_attn")
 
-        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa.unsqueeze(1), cache.current("context_attn"))
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa.unsqueeze(1), self.reuse(run, cache, "context_attn"))
         encoder_hidden_states, recomputed["context_mlp"] = self._partial_mlp(
             run, cache, "context_mlp", block.ff_context, block.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp, c_gate_mlp
         )
@@ -234,7 +234,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
 
     def _partial_mlp(self, run, cache, branch, ff, norm, hidden_states, shift, scale, gate):
         """``hidden_states`` (owned by this call) gets the gated MLP output added in place."""
-        output = cache.current(branch)
+        output = self.reuse(run, cache, branch)
         selection = self.select(run, cache, branch, hidden_states.shape[1])
         if selection is None:
             return hidden_states.addcmul_(gate.unsqueeze(1), output), 0
@@ -300,8 +300,8 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
         if merge_attn:
             attn = _unmerge_image(attn, match, text)
         output = block.proj_out(torch.cat([attn, mlp], dim=2))
-        self.keep(cache, "attn", attn)
-        self.keep(cache, "output", output)
+        self.keep(run, cache, "attn", attn)
+        self.keep(run, cache, "output", output)
         score_flops = 0
         if score is not None:
             attended = text + match.merged_tokens if merge_attn else tokens
@@ -317,7 +317,7 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def _partial(self, run, cache, hidden_states, temb):
         block = self.block
         shift, scale, gate = _modulation(run, f"{self.name}.norm", block.norm, temb, 3)
-        output = cache.current("output")
+        output = self.reuse(run, cache, "output")
         selection = self.select(run, cache, "single_mlp", hidden_states.shape[1])
         self._account_partial(run, *hidden_states.shape[:2], 0 if selection is None else selection.count)
         if selection is None:
@@ -326,7 +326,7 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
         rows = gather_modulate(
             hidden_states, selection.flat, selection.count, scale[:, None], shift[:, None], norm.eps, norm.weight, norm.bias
         )
-        attn_rows = gather_rows(cache.current("attn"), selection)
+        attn_rows = self.reuse_rows(run, cache, "attn", selection)
         new_rows = block.proj_out(torch.cat([attn_rows, block.act_mlp(block.proj_mlp(rows))], dim=2))
         return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, new_rows, selection.flat)
 

@@ -1,0 +1,94 @@
+"""Forecasting caches: Taylor (Newton) extrapolation of cached branch outputs between full steps."""
+
+import numpy as np
+import pytest
+import torch
+
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats
+from ditcache.state import BlockCache
+
+from test_engine import run_dit, run_pixart
+
+
+def polynomial(step: float, degree: int) -> torch.Tensor:
+    """A (1, 4, 3) feature map whose every entry is a degree-``degree`` polynomial of the step."""
+    coefficients = torch.arange(1, 13, dtype=torch.float64).view(1, 4, 3) / 7
+    return sum(coefficients ** (k + 1) * (step / 10) ** k * (-1) ** k for k in range(degree + 1))
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("full_steps", [(0, 3, 6), (1, 2, 7)])  # even and uneven spacing
+def test_order_k_forecasts_a_degree_k_polynomial_exactly(order, full_steps):
+    cache = BlockCache()
+    for step in full_steps:
+        cache.store("mlp", polynomial(step, order), step, order)
+    for step in (full_steps[-1] + 1, full_steps[-1] + 2, 11):
+        torch.testing.assert_close(cache.current("mlp", step), polynomial(step, order), rtol=1e-12, atol=1e-12)
+        flat = torch.tensor([0, 2, 3])
+        terms = cache.forecast_terms("mlp", step, flat)
+        if order == 0:
+            assert terms is None
+        else:
+            expected = (polynomial(step, order) - polynomial(full_steps[-1], order)).view(-1, 3)[flat]
+            torch.testing.assert_close(terms, expected, rtol=1e-12, atol=1e-12)
+    if order:  # one degree too many is not exact: the test can tell a forecast from a copy
+        cache = BlockCache()
+        for step in full_steps:
+            cache.store("mlp", polynomial(step, order + 1), step, order)
+        assert not torch.allclose(cache.current("mlp", 11), polynomial(11, order + 1))
+
+
+def test_forecast_uses_the_full_steps_it_has():
+    cache = BlockCache()
+    cache.store("attn", polynomial(0, 2), 0, 2)
+    assert cache.current("attn", 3) is cache.branches["attn"]  # one full step: plain reuse
+    cache.store("attn", polynomial(4, 1), 4, 2)
+    assert len(cache.differences["attn"]) == 1 and cache.nodes["attn"] == [4, 0]
+
+
+def test_order_zero_is_the_method_without_forecasting(dit_pipe):
+    for make in (lambda **k: ToCaConfig(cache_interval=3, cache_ratio=0.7, schedule="constant", **k),
+                 lambda **k: FORAConfig(cache_interval=3, **k)):
+        apply_cache(dit_pipe, make())
+        plain, plain_stats = run_dit(dit_pipe), cache_stats(dit_pipe)
+        apply_cache(dit_pipe, make(forecast_order=0))
+        np.testing.assert_array_equal(run_dit(dit_pipe), plain)
+        assert cache_stats(dit_pipe) == plain_stats
+        apply_cache(dit_pipe, make(forecast_order=1))
+        forecast = run_dit(dit_pipe)
+        stats = cache_stats(dit_pipe)
+        assert not np.array_equal(forecast, plain)
+        assert stats.flops > plain_stats.flops  # the forecast's arithmetic is counted
+        assert stats.flops < plain_stats.flops * 1.01
+        assert stats.cache_bytes > plain_stats.cache_bytes  # value and first difference per branch
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecasting_runs_on_pixart_and_flux(pixart_pipe, flux_pipe, order):
+    apply_cache(pixart_pipe, ToCaConfig(cache_interval=3, cache_ratio=0.8, schedule="constant", forecast_order=order))
+    assert np.isfinite(run_pixart(pixart_pipe, steps=8)).all()
+    apply_cache(flux_pipe, ToCaConfig(cache_interval=3, cache_ratio=0.8, schedule="constant", forecast_order=order))
+    image = flux_pipe("a fox", height=32, width=32, num_inference_steps=8, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(image).all() and cache_stats(flux_pipe).partial_steps > 0
+
+
+@pytest.mark.parametrize("value", [-1, 3, 1.5, True])
+def test_forecast_order_is_validated(value):
+    with pytest.raises(ValueError, match=r"`forecast_order` must be an integer in \[0, 2\]"):
+        ToCaConfig(forecast_order=value)
+    with pytest.raises(ValueError, match="forecast_order"):
+        FORAConfig(forecast_order=value)
+
+
+def test_named_presets():
+    from ditcache import preset
+
+    toca = preset("toca-taylor", cache_interval=4)
+    assert isinstance(toca, ToCaConfig) and toca.forecast_order == 1 and toca.cache_interval == 4
+    assert preset("fora-taylor") == FORAConfig(forecast_order=1)
+    assert preset("toca") == ToCaConfig()
+    with pytest.raises(ValueError, match="`name` must be one of"):
+        preset("taylor")
+    with pytest.raises(ValueError, match="forecast_order"):
+        preset("fora-taylor", forecast_order=5)
