@@ -114,12 +114,12 @@ def tiny_t5(seed: int = 0, words: tuple[str, ...] = PROMPT_WORDS):
     return tokenizer, T5EncoderModel(config).eval()
 
 
-def tiny_clip(seed: int = 0):
-    """A two-layer CLIP text encoder and a character-level CLIP tokenizer built in code."""
+def tiny_clip(seed: int = 0, words: tuple[str, ...] = PROMPT_WORDS):
+    """A two-layer CLIP text encoder and a CLIP tokenizer of ``words`` (other words by character) built in code."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for word in PROMPT_WORDS:
+    for word in dict.fromkeys(words):
         vocab[f"{word}</w>"] = len(vocab)
     for char in "abcdefghijklmnopqrstuvwxyz,.":
         vocab.setdefault(char, len(vocab))

@@ -20,6 +20,11 @@ IMAGE_SIZE = 32
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT_TEMPLATES = ("a handwritten digit {word}", "the digit {word}", "a handwritten {word}", "the number {word}")
 REFERENCE_DIR = Path(__file__).parent / "reference_models"
+TEXT_MODEL = "digits-flux"  # the text-conditional reference; "digits-dit" is the class-conditional one
+TEXT_MODEL_CALL = {  # how the text-conditional reference is called (true classifier-free guidance)
+    "negative_prompt": "", "true_cfg_scale": 3.0, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "max_sequence_length": 16,
+    "num_inference_steps": 20,
+}
 
 
 def load_images(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +110,7 @@ def accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Te
 
 
 def reference_pipeline_path(name: str) -> Path:
-    """Folder of a committed reference pipeline: ``digits-dit`` or ``digits-pixart``."""
+    """Folder of a committed reference pipeline: ``digits-dit`` or ``digits-flux``."""
     path = REFERENCE_DIR / name
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no reference model {name!r} in {REFERENCE_DIR}; train it with python -m ditcache.eval.train_reference")

@@ -143,16 +143,19 @@ def run_cli(*args, cwd):
 
 
 def test_generate_runs_offline_without_a_model(tmp_path):
-    result = run_cli("generate", "--steps", "20", "--out", "seven.png", "--compare", "--quiet", cwd=tmp_path)
+    result = run_cli("generate", "--out", "digits.png", "--compare", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "reference DiT" in result.stdout and "speedup" in result.stdout
+    assert "reference FLUX" in result.stdout and "speedup" in result.stdout and "PSNR" in result.stdout
     from PIL import Image
 
     from ditcache.eval import digits
 
-    image = torch.from_numpy(np.asarray(Image.open(tmp_path / "seven.png"))).permute(2, 0, 1)[None].float() / 255
-    assert image.shape[-2:] == (32, 32)
-    assert digits.DigitClassifier.from_pretrained()(image).argmax().item() == 7  # the default prompt's digit
+    grid = torch.from_numpy(np.asarray(Image.open(tmp_path / "digits.png"))).permute(2, 0, 1).float() / 255
+    assert grid.shape == (3, 64, 320)  # uncached above cached, the ten digits side by side
+    rows = grid.unflatten(1, (2, 32)).unflatten(3, (10, 32)).permute(1, 3, 0, 2, 4)  # (row, digit, 3, 32, 32)
+    classifier = digits.DigitClassifier.from_pretrained()
+    for row in rows:  # each digit drawn as asked, cached and uncached
+        assert digits.accuracy(classifier, row, torch.arange(10)) >= 0.8
 
 
 def test_generate_with_a_local_model(saved_pipelines, tmp_path):
@@ -160,7 +163,7 @@ def test_generate_with_a_local_model(saved_pipelines, tmp_path):
                      "--cache-interval", "2", "--out", "one.png", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "1 partial steps" in result.stdout and (tmp_path / "one.png").exists()
-    bad = run_cli("generate", "--model", str(saved_pipelines / "dit"), "--cache-ratio", "2", cwd=tmp_path)
+    bad = run_cli("generate", "--model", str(saved_pipelines / "dit"), "--prompt", "one", "--cache-ratio", "2", cwd=tmp_path)
     assert bad.returncode != 0 and "cache_ratio" in bad.stderr
 
 
