@@ -199,7 +199,7 @@ class BlockAdapter:
             score = S.spatial_bonus(score, grid, settings.spatial_grid, settings.spatial_bonus)
         index = S.top_tokens(score, count)
         if run.recorder is not None:
-            bonus = score - base - frequency
+            bonus = score - (base + frequency)  # exactly zero off the boosted tokens
             run.recorder.append(SelectionEvent(run.step, self.name, branch, *(t.cpu() for t in (index, base, frequency, bonus))))
         since.add_(1).scatter_(1, index, 0)
         if run.guidance_batch:
