@@ -17,6 +17,9 @@ __all__ = [
     "record_selections",
     "SelectionEvent",
     "ToCaPipeline",
+    "OpenSoraPipeline",
+    "STDiT3Model",
+    "OpenSoraVAE",
 ]
 
 
@@ -26,5 +29,13 @@ def __getattr__(name: str):
         from .pipelines import ToCaPipeline
 
         return ToCaPipeline
+    if name == "OpenSoraPipeline":
+        from .pipelines.opensora import OpenSoraPipeline
+
+        return OpenSoraPipeline
+    if name in ("STDiT3Model", "OpenSoraVAE"):  # diffusers finds a saved component's class here
+        from . import models
+
+        return getattr(models, name)
     raise AttributeError(f"module 'ditcache' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -38,6 +38,9 @@ class CacheSchedule:
             interval late in sampling for DiT and PixArt); ``FLAT`` keeps N constant.
         time, layer: ramps over step progress and block depth multiplying ``recompute``.
         module_factors: per-branch multipliers of ``recompute`` (missing branches use 1).
+        full_step_periods: branches that a full step after the first ones recomputes only every k-th
+            time (reused on the others, as on a partial step): OpenSora's cross-attention runs every
+            6 steps while the other branches run every 3.
     """
 
     cache_interval: int
@@ -47,6 +50,14 @@ class CacheSchedule:
     time: Ramp = FLAT
     layer: Ramp = FLAT
     module_factors: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    full_step_periods: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def branch_due(self, branch: str, step: int, full_steps_done: int) -> bool:
+        """Whether a full step (``full_steps_done`` counting it) recomputes ``branch`` whole."""
+        period = self.full_step_periods.get(branch, 1)
+        if period == 1 or step < self.full_steps_at_start:
+            return True
+        return (full_steps_done - self.full_steps_at_start) % period == 0
 
     def interval_at(self, progress: float) -> int:
         """The interval in force at ``progress`` (0 at the first step, 1 at the last); N = 1 stays 1."""
@@ -85,6 +96,7 @@ class Preset:
     score: str
     spatial_bonus: float
     spatial_grid: int
+    full_step_periods: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     def schedule(self, cache_interval: int, cache_ratio: float, full_steps_at_start: int, constant: bool) -> CacheSchedule:
         if constant:
@@ -97,6 +109,7 @@ class Preset:
             time=self.time,
             layer=self.layer,
             module_factors=self.module_factors,
+            full_step_periods=self.full_step_periods,
         )
 
 
@@ -142,6 +155,21 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             score="random",
             spatial_bonus=0.0,
             spatial_grid=1,
+        ),
+        # OpenSora 1.2 (STDiT3, rectified flow 30): first 3 steps full, then every 3; cross-attention
+        # every 6 (every other full step) and never partially; MLP 1.5 x (1 - R) = 15% recomputed.
+        "opensora": Preset(
+            cache_interval=3,
+            cache_ratio=0.90,
+            full_steps_at_start=3,
+            interval_divisor=FLAT,
+            time=FLAT,
+            layer=FLAT,
+            module_factors=MappingProxyType({"cross_attn": 0.0, "mlp": 1.5}),
+            score="cross_attention_entropy",
+            spatial_bonus=0.0,
+            spatial_grid=1,
+            full_step_periods=MappingProxyType({"cross_attn": 2}),
         ),
     }
 )

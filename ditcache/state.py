@@ -66,6 +66,7 @@ class BlockCache:
     base_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # per token group
     since_recompute: dict[str, torch.Tensor] = field(default_factory=dict)  # per branch
     text_keys: torch.Tensor | None = None  # cross-attention keys, to refresh entropy rows
+    text_values: torch.Tensor | None = None  # cross-attention values, where partial steps recompute its rows
 
     def store(self, branch: str, value: torch.Tensor, step: int, order: int) -> None:
         """Keep a full step's output and update its divided differences up to ``order``."""
@@ -206,6 +207,11 @@ class RunState:
         if self.is_full:
             self.steps_since_full = 0
             self._full_step_indices.append(self.step)
+
+    @property
+    def full_steps_done(self) -> int:
+        """Full steps so far in this run, the current one included."""
+        return len(self._full_step_indices)
 
     def _progress(self, timestep: float) -> float:
         if self.schedule is not None and len(self.schedule) > 1:

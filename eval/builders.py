@@ -4,7 +4,7 @@ Weights are random (seeded); the architecture is the real diffusers one. ``dit_t
 ``pixart_transformer`` take a width preset: ``"tiny"`` for tests, ``"xl"`` for the DiT-XL/2 and
 PixArt-alpha widths (1152 hidden, 16 heads) with a chosen number of blocks. Pipelines are written with
 ``save_pretrained`` and read back with ``from_pretrained``, so the real loading code runs. ``"flux"``
-is FLUX.1's width (3072 hidden, 24 heads of 128).
+is FLUX.1's width (3072 hidden, 24 heads of 128); ``"xl"`` is also OpenSora 1.2's STDiT3 width.
 """
 
 from __future__ import annotations
@@ -209,6 +209,46 @@ def flux_pipeline(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         transformer=flux_transformer(width, num_layers, num_single_layers, guidance_embeds),
+    )
+    return _round_trip(pipe, path)
+
+
+def stdit3_transformer(width: str = "tiny", depth: int = 2, caption_channels: int = 32, text_tokens: int = 16, seed: int = 0):
+    """OpenSora 1.2's STDiT3 at a width preset with ``depth`` spatial + temporal block pairs (the released
+    model has 28); every parameter random, so that no zero-initialised layer hides a mistake."""
+    from ditcache.models import STDiT3Model
+
+    heads, head_dim = WIDTHS[width]
+    torch.manual_seed(seed)
+    model = STDiT3Model(hidden_size=heads * head_dim, depth=depth, num_heads=heads, caption_channels=caption_channels,
+                        model_max_length=text_tokens, input_sq_size=64 if width == "tiny" else 512).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.02)
+    return model
+
+
+def tiny_opensora_vae(seed: int = 0):
+    """OpenSora 1.2's VAE layout at a tiny size: a two-level 2D VAE (x2 in space), the temporal VAE
+    with one residual block per level (x4 in time over 17-frame chunks)."""
+    from ditcache.models import OpenSoraVAE
+
+    torch.manual_seed(seed)
+    spatial = dict(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   norm_num_groups=8, sample_size=16)
+    return OpenSoraVAE(spatial_config=spatial, temporal_filters=8, temporal_res_blocks=1, temporal_groups=4).eval()
+
+
+def opensora_pipeline(path: str | Path | None = None, width: str = "tiny", depth: int = 2, text_tokens: int = 16):
+    """An OpenSora 1.2 text-to-video pipeline (rectified flow) with a tiny T5 and VAE; saved to and loaded
+    from ``path`` when given. Captions are padded to ``text_tokens`` (the released model: 300)."""
+    from ditcache.pipelines.opensora import OpenSoraPipeline
+
+    tokenizer, text_encoder = tiny_t5()
+    pipe = OpenSoraPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=stdit3_transformer(width, depth, text_tokens=text_tokens),
+        vae=tiny_opensora_vae(), scheduler=FlowMatchEulerDiscreteScheduler(),
     )
     return _round_trip(pipe, path)
 

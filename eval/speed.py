@@ -129,6 +129,10 @@ def build(args):
             raise ValueError("DiT generates square latents: give --size as one number.")
         pipe = builders.dit_pipeline(width=args.width, num_layers=args.layers, sample_size=height)
         call = dict(class_labels=list(range(args.batch)), guidance_scale=4.0)
+    elif args.model == "opensora":
+        pipe = builders.opensora_pipeline(width=args.width, depth=args.layers, text_tokens=args.text_tokens)
+        scale = pipe.vae.spatial_compression
+        call = dict(prompt=["a red fox in snow"] * args.batch, num_frames=args.frames, height=height * scale, width=width * scale)
     else:
         if args.model == "pixart":
             pipe = builders.pixart_pipeline(width=args.width, num_layers=args.layers, sample_size=height)
@@ -142,7 +146,7 @@ def build(args):
             width=width * pipe.vae_scale_factor,
             max_sequence_length=args.text_tokens,
         )
-    call |= dict(num_inference_steps=args.steps, output_type="pt")
+    call |= dict(num_inference_steps=args.steps, output_type="np" if args.model == "opensora" else "pt")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     if dtype != torch.float32:
@@ -242,14 +246,15 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["dit", "pixart", "flux"], default="dit")
+    parser.add_argument("--model", choices=["dit", "pixart", "flux", "opensora"], default="dit")
     parser.add_argument(
         "--width", choices=sorted(builders.WIDTHS), default="tiny", help="xl: 1152 hidden, 16 heads; flux: 3072, 24 heads"
     )
     parser.add_argument("--layers", type=int, default=2, help="blocks (FLUX: double-stream blocks)")
     parser.add_argument("--single-layers", type=int, default=2, help="FLUX single-stream blocks")
     parser.add_argument("--size", default="16", help="latent HEIGHT[xWIDTH]; image tokens = (height / 2) * (width / 2)")
-    parser.add_argument("--text-tokens", type=int, default=128, help="text tokens (PixArt, FLUX)")
+    parser.add_argument("--text-tokens", type=int, default=128, help="text tokens (PixArt, FLUX, OpenSora: 300 as released)")
+    parser.add_argument("--frames", type=int, default=51, help="OpenSora: video frames (51 = 15 latent frames)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1, help="images per call (guidance doubles the transformer batch)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
@@ -271,8 +276,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     height, width = latent_size(args.size)
     layers = f"{args.layers}+{args.single_layers}" if args.model == "flux" else str(args.layers)
     text = f" text_tokens={args.text_tokens}" if args.model != "dit" else ""
+    tokens = (height // 2) * (width // 2)
+    if args.model == "opensora":
+        frames = builders.tiny_opensora_vae().latent_size(args.frames, height, width)[0]
+        layers, tokens = f"{args.layers} spatial + {args.layers} temporal", f"{frames}x{tokens}"
     print(
-        f"{args.model} width={args.width} layers={layers} image_tokens={(height // 2) * (width // 2)}{text} "
+        f"{args.model} width={args.width} layers={layers} image_tokens={tokens}{text} "
         f"steps={args.steps} batch={args.batch} dtype={args.dtype} device={args.device} "
         f"({device}, {torch.get_num_threads()} threads)"
     )

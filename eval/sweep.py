@@ -42,12 +42,16 @@ from ditcache.flops import count_flops
 from . import builders
 from .speed import Method, parse_method
 
-TINY_PIPELINES = {"tiny-dit": builders.dit_pipeline, "tiny-pixart": builders.pixart_pipeline, "tiny-flux": builders.flux_pipeline}
+TINY_PIPELINES = {
+    "tiny-dit": builders.dit_pipeline, "tiny-pixart": builders.pixart_pipeline, "tiny-flux": builders.flux_pipeline,
+    "tiny-opensora": builders.opensora_pipeline,
+}
 FIDELITY_METRICS = ("psnr", "ssim", "lpips")  # against the uncached image of the same prompt and seed
 PROMPT_METRICS = ("clip_score", "image_reward", "digits_accuracy")
 SET_METRICS = ("fid", "kid")  # against a reference set: the uncached images, or a folder of real ones
 DIGITS_FID = "digits_fid"  # the reference models' own distance, against the real digits (eval/digits.py)
-METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS + (DIGITS_FID,)
+VIDEO_METRICS = ("temporal_flickering", "subject_consistency", "background_consistency")  # VBench's, per video
+METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS + (DIGITS_FID,) + VIDEO_METRICS
 PLOT_AXES = {"speedup": "wall-clock speedup (x)", "flops_speedup": "FLOPs speedup (x)"}
 BASELINE = "uncached"
 
@@ -66,7 +70,10 @@ class SweepConfig:
     feature: 2048 | "module:function", weights: PATH}`` (``fid`` and ``kid`` share these; a
     ``module:function`` feature is any ``nn.Module`` the function returns, and the results then name it
     in ``fid_feature``). On the digits reference models: ``digits_accuracy`` (the classifier reads the
-    asked digit) and ``digits_fid`` (against the real digits, in the classifier's features). A relative
+    asked digit) and ``digits_fid`` (against the real digits, in the classifier's features). Video
+    pipelines (OpenSora: ``call: {num_frames: 51}``) store each video as one PNG strip of its frames, and
+    add VBench's ``temporal_flickering``, ``subject_consistency`` (``{model: DINO folder}``) and
+    ``background_consistency`` (``{model: CLIP folder}``); the image metrics read the strip. A relative
     ``pipeline`` path is taken from the config file's folder.
     """
 
@@ -235,9 +242,9 @@ def load_pipeline(config: SweepConfig, device: str):
     if config.pipeline in TINY_PIPELINES:  # seeded builders: every process gets the same weights
         pipe = TINY_PIPELINES[config.pipeline]()
         return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
-    from diffusers import DiffusionPipeline
+    from ditcache.pipelines.toca_pipeline import pipeline_loader
 
-    return DiffusionPipeline.from_pretrained(config.pipeline, dtype=dtype).to(device)
+    return pipeline_loader(config.pipeline).from_pretrained(config.pipeline, dtype=dtype).to(device)
 
 
 def call_arguments(pipe, config: SweepConfig, prompt: str, seed: int, device: str) -> dict:
@@ -271,16 +278,33 @@ def generate(pipe, config: SweepConfig, output: Path, mine: list[Unit], device: 
                 call = call_arguments(pipe, config, prompt, unit.seed, device)
                 _synchronize(device)
                 start = time.perf_counter()
-                image = pipe(**call).images[0]
+                result = pipe(**call)
                 _synchronize(device)
                 latency = time.perf_counter() - start
+                frames = result.frames[0] if hasattr(result, "frames") else [result.images[0]]
                 folder = output / "images" / unit.folder
-                atomic_write(folder / f"{unit.stem}.png", png_bytes(image))
-                write_json(folder / f"{unit.stem}.json", {"prompt": prompt, "seed": unit.seed, "method": method_spec, "latency_s": latency})
+                atomic_write(folder / f"{unit.stem}.png", png_bytes(frame_strip(frames)))
+                sidecar = {"prompt": prompt, "seed": unit.seed, "method": method_spec, "latency_s": latency}
+                write_json(folder / f"{unit.stem}.json", sidecar | ({"frames": len(frames)} if len(frames) > 1 else {}))
                 overall.update()
         finally:
             method.remove(pipe)
     overall.close()
+
+
+def frame_strip(frames: list[Image.Image]) -> Image.Image:
+    """A video's frames side by side, left to right (one frame: the image itself)."""
+    if len(frames) == 1:
+        return frames[0]
+    strip = Image.new("RGB", (frames[0].width * len(frames), frames[0].height))
+    for index, frame in enumerate(frames):
+        strip.paste(frame, (index * frames[0].width, 0))
+    return strip
+
+
+def strip_to_video(strip: torch.Tensor, frames: int) -> torch.Tensor:
+    """``(3, H, T * W)`` to ``(T, 3, H, W)``."""
+    return strip.unflatten(-1, (frames, -1)).permute(2, 0, 1, 3)
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -327,6 +351,14 @@ class Evaluator:
                 from .image_reward import ImageReward
 
                 self._models[name] = ImageReward.from_pretrained(options.get("model"), options.get("tokenizer")).to(self.device)
+            elif name == "subject_consistency":
+                from .vbench import SubjectConsistency
+
+                self._models[name] = SubjectConsistency(options.get("model"), self.device)
+            elif name == "background_consistency":
+                from .vbench import BackgroundConsistency
+
+                self._models[name] = BackgroundConsistency(options.get("model"), self.device)
             elif name in ("digits_accuracy", DIGITS_FID):
                 from .digits import DigitClassifier
 
@@ -344,6 +376,16 @@ class Evaluator:
         from . import metrics
 
         images = ImageFiles(self.paths(method))
+        if name in VIDEO_METRICS:
+            from . import vbench
+
+            scorer = vbench.temporal_flickering if name == "temporal_flickering" else self._model(name)
+            values = []
+            for path in self.paths(method):
+                frames = json.loads(path.with_suffix(".json").read_text()).get("frames", 1)
+                video = strip_to_video(ImageFiles([path])[0:1][0], frames)
+                values.append(scorer(video[None]).float().cpu())
+            return {name: float(torch.cat(values).mean())}
         if name in FIDELITY_METRICS:
             baseline = ImageFiles(self.paths(BASELINE))
             function = {"psnr": metrics.psnr, "ssim": metrics.ssim}.get(name) or self._model("lpips")

@@ -1,5 +1,6 @@
 """Pipelines with caching built in: ``ToCaPipeline`` and the ``ditcache generate`` command."""
 
+from .opensora import OpenSoraPipeline, export
 from .toca_pipeline import SUPPORTED_PIPELINES, ToCaPipeline
 
-__all__ = ["ToCaPipeline", "SUPPORTED_PIPELINES"]
+__all__ = ["ToCaPipeline", "SUPPORTED_PIPELINES", "OpenSoraPipeline", "export"]

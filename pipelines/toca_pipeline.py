@@ -31,6 +31,7 @@ SUPPORTED_PIPELINES = (
     "FluxKontextPipeline",
     "FluxControlPipeline",
     "FluxFillPipeline",
+    "OpenSoraPipeline",
 )
 
 
@@ -91,7 +92,8 @@ class ToCaPipeline(DiffusionPipeline):
         if cache_config is None and saved.is_file():
             cache_config = config_from_dict(json.loads(saved.read_text()))
         config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)
-        return cls.attach(DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs), config)
+        loader = pipeline_loader(pretrained_model_name_or_path, kwargs)
+        return cls.attach(loader.from_pretrained(pretrained_model_name_or_path, **kwargs), config)
 
     @classmethod
     def from_pipe(
@@ -128,7 +130,7 @@ class ToCaPipeline(DiffusionPipeline):
         if not isinstance(transformer, tuple(ADAPTERS)):
             raise TypeError(
                 f"ToCaPipeline does not support {original.__name__}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)} "
-                "(any pipeline whose transformer is a DiT, PixArt or FLUX transformer called the standard way)."
+                "(any pipeline whose transformer is a DiT, PixArt, FLUX or STDiT3 transformer called the standard way)."
             )
         apply_cache(pipeline, config)
         pipeline.__class__ = _cached_class(original)
@@ -163,6 +165,21 @@ class ToCaPipeline(DiffusionPipeline):
         finally:
             if call_config != config:
                 apply_cache(self, config)
+
+
+def pipeline_loader(pretrained_model_name_or_path, kwargs: dict | None = None) -> type[DiffusionPipeline]:
+    """``OpenSoraPipeline`` for its folders (diffusers looks pipeline classes up in its own package),
+    ``DiffusionPipeline`` otherwise."""
+    hub = {key: value for key, value in (kwargs or {}).items() if key in ("cache_dir", "revision", "token", "local_files_only")}
+    try:
+        name = DiffusionPipeline.load_config(pretrained_model_name_or_path, **hub).get("_class_name")
+    except (OSError, ValueError):  # no model_index.json: let diffusers report it
+        return DiffusionPipeline
+    if name == "OpenSoraPipeline":
+        from .opensora import OpenSoraPipeline
+
+        return OpenSoraPipeline
+    return DiffusionPipeline
 
 
 def _original_class(cls: type) -> type:

@@ -16,9 +16,11 @@ from torch import nn
 
 from ..config import EngineSettings
 from ..flops import record_layer_flops
+from ..models.stdit3 import STDiT3Model
 from .base import BlockAdapter
 from .basic_transformer import BasicTransformerBlockAdapter
 from .flux import FluxDoubleBlockAdapter, FluxSingleBlockAdapter
+from .stdit3 import STDiT3BlockAdapter
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,40 @@ class FluxAdapter(TransformerAdapter):
         return int(row) + 1, int(col) + 1
 
 
+class STDiT3Adapter(TransformerAdapter):
+    """OpenSora 1.2: a spatial then a temporal block per layer, on ``(B, C, T, H, W)`` video latents."""
+
+    family = "opensora"
+    block_adapter = STDiT3BlockAdapter
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        transformer = self.transformer
+        pairs = zip(transformer.spatial_blocks, transformer.temporal_blocks)
+        return [item for i, (spatial, temporal) in enumerate(pairs)
+                for item in ((f"spatial_blocks.{i}", spatial), (f"temporal_blocks.{i}", temporal))]
+
+    def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
+        depth = max(len(self.transformer.spatial_blocks) - 1, 1)
+        return [STDiT3BlockAdapter(block, name, int(name.rsplit(".", 1)[1]) / depth, settings) for name, block in self.blocks()]
+
+    def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
+        bound = self.signature.bind(None, *args, **kwargs).arguments
+        latents, timestep = bound["x"], bound["timestep"]
+        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        return CallInfo(latents, value, self.token_grid(latents, bound), bound)
+
+    def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
+        """The frames' patch grids stacked: ``(T * H, W)`` (a cell of a spatial grid never spans two
+        frames when ``H`` is a multiple of its side)."""
+        frames, rows, cols = self.transformer.token_grid(latents)
+        return frames * rows, cols
+
+
 ADAPTERS: dict[type, type[TransformerAdapter]] = {
     DiTTransformer2DModel: DiTAdapter,
     PixArtTransformer2DModel: PixArtAdapter,
     FluxTransformer2DModel: FluxAdapter,
+    STDiT3Model: STDiT3Adapter,
 }
 
 

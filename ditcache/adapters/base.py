@@ -144,13 +144,15 @@ class BlockAdapter:
 
     # -- token merging --------------------------------------------------------------------------
     @torch.compiler.disable
-    def match_tokens(self, run: RunState, image_tokens: torch.Tensor) -> TokenMatch | None:
-        """This block's token matching for this step, from its input image tokens; None when nothing
-        merges. Its similarity products are counted in the run's FLOPs."""
+    def match_tokens(self, run: RunState, image_tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> TokenMatch | None:
+        """This block's token matching for this step, from its input image tokens laid on ``grid`` (the
+        run's token grid by default); None when nothing merges. Its similarity products are counted in
+        the run's FLOPs."""
         merging = self.settings.merging
         if merging is None:
             return None
-        match = bipartite_match(image_tokens, run.signature.grid, merging.ratio, merging.sx, merging.sy, merging.random, run.merge_generator)
+        grid = grid or run.signature.grid
+        match = bipartite_match(image_tokens, grid, merging.ratio, merging.sx, merging.sy, merging.random, run.merge_generator)
         if not match.merged.shape[1]:
             return None
         batch, tokens, dim = image_tokens.shape

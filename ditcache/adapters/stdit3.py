@@ -1,0 +1,192 @@
+"""Adapter for OpenSora 1.2's ``STDiT3Block`` (spatial and temporal blocks alike).
+
+Branches: ``attn`` (self-attention within a frame or across frames, reused whole on partial steps),
+``cross_attn`` and ``mlp`` (recomputed for the selected tokens; each token is independent in both).
+Tokens are the video's ``T * S`` patches, frame-major; scores taken on the attention's groups (frames
+or positions) are laid back in that order, so a selection spans the whole video. The full path repeats
+the block's forward operation for operation. Token merging works on each frame's patch grid, in the
+spatial blocks (self-attention and MLP); temporal blocks attend across frames at one position, where
+merging positions would mix the sequences, and stay unmerged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import scores as S
+from ..config import EngineSettings
+from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..models.stdit3 import STDiT3Block, modulate
+from ..state import BlockCache, RunState
+from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows, scatter_rows
+
+
+class STDiT3BlockAdapter(BlockAdapter):
+    branch_groups = {"cross_attn": "image", "mlp": "image"}
+
+    def __init__(self, block: STDiT3Block, name: str, layer_position: float, settings: EngineSettings):
+        super().__init__(block, name, layer_position, settings)
+        if settings.merging is not None and "cross_attn" in settings.merging.branches:
+            raise ValueError(f"{name}: STDiT3 merges tokens for self-attention and the MLP only; set merge_crossattn=False.")
+        if settings.merging is not None and "attn" in settings.merging.branches and settings.score in ("attention", "k_norm", "v_norm"):
+            raise ValueError(
+                f"score={settings.score!r} reads self-attention projections, which token merging changes on STDiT3; "
+                "use score='cross_attention_entropy' (the OpenSora preset's) or 'random'."
+            )
+
+    def forward(
+        self,
+        run: RunState,
+        cache: BlockCache,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        x_mask: torch.Tensor | None = None,
+        t0: torch.Tensor | None = None,
+        T: int | None = None,
+        S: int | None = None,
+        rope=None,
+    ) -> torch.Tensor:
+        if x_mask is not None:
+            raise ValueError("conditioning frames (`x_mask`) are not supported by ditcache's STDiT3 caching.")
+        modulation = self.block.modulation(t)
+        if run.is_full:
+            return self._full(run, cache, x, y, mask, modulation, T, rope)
+        return self._partial(run, cache, x, y, mask, modulation, T)
+
+    def _full(self, run, cache, x, y, mask, modulation, frames, rope):
+        block = self.block
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        score = self.settings.score if self.settings.recomputes_tokens else None
+
+        match = None if block.temporal else self._frame_match(run, x, frames)
+        x_m = modulate(block.norm1(x), shift_msa, scale_msa)
+        with capture_outputs(self._taps(score)) as taps:
+            attn = self._per_frame("attn", match, x_m, frames, block.attn) if self.merges("attn", match) \
+                else block.self_attention(x_m, frames, rope)
+        x = x + gate_msa * attn
+        self.keep(run, cache, "attn", attn)
+
+        cross_due = "cross_attn" not in cache.branches or self.settings.schedule.branch_due("cross_attn", run.step, run.full_steps_done)
+        if cross_due:
+            text = block.cross_attn.text_keys_values(y)
+            query = block.cross_attn.queries(x)
+            cross = block.cross_attn.attend(query, *text, mask)
+            self.keep(run, cache, "cross_attn", cross)
+            cache.text_keys, cache.text_values = text
+        else:
+            cross = self.reuse(run, cache, "cross_attn")
+        x = x + cross
+
+        mlp = self._per_frame("mlp", match, modulate(block.norm2(x), shift_mlp, scale_mlp), frames, block.mlp)
+        x = x + gate_mlp * mlp
+        self.keep(run, cache, "mlp", mlp)
+
+        score_flops = self._refresh_scores(run, cache, score, taps, query if cross_due else None, mask, x.shape, frames)
+        rows = {branch: x.shape[1] if not self.merges(branch, match) else frames * match.merged_tokens for branch in ("attn", "mlp")}
+        rows["cross_attn"] = x.shape[1] if cross_due else 0
+        run.add_flops(self._flops(x.shape, y, frames, rows) + score_flops, self._flops(x.shape, y, frames, None))
+        return x
+
+    def _frame_match(self, run, x, frames):
+        """The merge of each frame's tokens on its patch grid (one match per frame), or None."""
+        if self.settings.merging is None:
+            return None
+        batch, tokens, dim = x.shape
+        rows, cols = run.signature.grid[0] // frames, run.signature.grid[1]
+        return self.match_tokens(run, x.reshape(batch * frames, tokens // frames, dim), (rows, cols))
+
+    def _per_frame(self, branch, match, inputs, frames, function):
+        """``function`` on each frame's merged tokens when ``branch`` merges, on ``inputs`` otherwise."""
+        if not self.merges(branch, match):
+            return function(inputs)
+        batch, tokens, dim = inputs.shape
+        out = self.merged(branch, match, inputs.reshape(batch * frames, tokens // frames, dim), function)
+        return out.reshape(batch, tokens, -1)
+
+    def _partial(self, run, cache, x, y, mask, modulation, frames):
+        block = self.block
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        tokens = x.shape[1]
+        recomputed = {}
+        x = gated_residual(x, gate_msa, self.reuse(run, cache, "attn"))
+
+        cross = self.reuse(run, cache, "cross_attn")
+        selection = self.select(run, cache, "cross_attn", tokens)
+        if selection is not None:
+            query = block.cross_attn.queries(gather_rows(x, selection))
+            scatter_rows(cross, selection, block.cross_attn.attend(query, cache.text_keys, cache.text_values, mask))
+            recomputed["cross_attn"] = selection.count
+        x = x + cross
+
+        mlp = self.reuse(run, cache, "mlp")
+        selection = self.select(run, cache, "mlp", tokens)
+        if selection is not None:
+            rows = modulate(block.norm2(gather_rows(x, selection)), shift_mlp, scale_mlp)
+            scatter_rows(mlp, selection, block.mlp(rows))
+            recomputed["mlp"] = selection.count
+        x = x + gate_mlp * mlp
+        run.add_flops(self._flops(x.shape, y, frames, recomputed, text_projected=False), self._flops(x.shape, y, frames, None))
+        return x
+
+    # -- scores --------------------------------------------------------------------------------
+    def _taps(self, score):
+        attn = self.block.attn
+        if score == "attention":
+            return {"query": attn.q_norm, "key": attn.k_norm}
+        if score in ("k_norm", "v_norm"):
+            return {"qkv": attn.qkv}
+        return {}
+
+    @torch.compiler.disable
+    def _refresh_scores(self, run, cache, score, taps, cross_query, mask, shape, frames) -> int:
+        """This full step's base score per token, in frame-major order; the FLOPs it cost."""
+        if score is None:
+            return 0
+        batch, tokens, _ = shape
+        attn = self.block.attn
+        flops = 0
+        if score == "attention":
+            value = S.attention_received(taps["query"], taps["key"], attn.scale)
+            flops = 2 * taps["query"].numel() * taps["key"].shape[-2]
+        elif score in ("k_norm", "v_norm"):
+            qkv = taps["qkv"]
+            groups, length, _ = qkv.shape
+            part = qkv.view(groups, length, 3, attn.heads, attn.head_dim)[:, :, 1 if score == "k_norm" else 2]
+            value = S.projection_norm(part.transpose(1, 2))
+        elif score == "random":
+            value = S.random_scores(batch, tokens, run.generator)
+        else:
+            if cross_query is None:  # the cross-attention was reused on this full step: keep the last score
+                return 0
+            key = cache.text_keys
+            bias = None if mask is None else torch.zeros(mask.shape, device=key.device).masked_fill(~mask, float("-inf"))
+            value = S.cross_attention_entropy(cross_query, key, self.block.cross_attn.head_dim**-0.5,
+                                              None if bias is None else bias[:, None, None, :])
+            flops = 2 * cross_query.numel() * key.shape[-2]
+        if value.shape != (batch, tokens):  # per attention group (frame or position): back to frame-major
+            value = self.block.groups_to_frames(value[..., None], batch, frames)[..., 0]
+        self.store_base_score(run, cache, "image", value)
+        return flops
+
+    # -- accounting ----------------------------------------------------------------------------
+    def _flops(self, shape, y, frames, rows: dict[str, int] | None, text_projected: bool = True) -> int:
+        """FLOPs of one call; ``rows`` maps branches to the tokens they computed (None: all of them);
+        ``text_projected`` False when the cross-attention used the cached caption keys and values."""
+        block = self.block
+        batch, tokens, _ = shape
+        rows = rows if rows is not None else {"attn": tokens, "cross_attn": tokens, "mlp": tokens}
+        attn, cross = block.attn, block.cross_attn
+        flops = 0
+        attn_rows = rows.get("attn", 0)
+        if attn_rows:  # spatial: per frame (merged frames are shorter); temporal: per position
+            groups, length = (batch * tokens // frames, frames) if block.temporal else (batch * frames, attn_rows // frames)
+            flops += linears_flops(attn, batch * attn_rows) + attention_core_flops(groups, attn.heads, length, length, attn.head_dim)
+        cross_rows = rows.get("cross_attn", 0)
+        if cross_rows:
+            text = y.shape[1]
+            flops += linear_flops(cross.q_linear, batch * cross_rows) + linear_flops(cross.proj, batch * cross_rows)
+            flops += linear_flops(cross.kv_linear, batch * text) if text_projected else 0
+            flops += attention_core_flops(batch, cross.heads, cross_rows, text, cross.head_dim)
+        return flops + linears_flops(block.mlp, batch * rows.get("mlp", 0))
