@@ -289,3 +289,20 @@ def test_video_sweep_scores_vbench_temporal_flickering(tmp_path):
     strip = next((tmp_path / "out" / "images").glob("uncached-*/p00000-s0.png"))
     assert Image.open(strip).size == (5 * 24, 16)  # five frames side by side
     assert json.loads(strip.with_suffix(".json").read_text())["frames"] == 5
+
+
+def test_spatial_bonus_is_given_per_frame():
+    from ditcache import record_selections
+
+    model = tiny_stdit3()
+    inputs = call_inputs(frames=3, height=8, width=10)  # 4 x 5 patches per frame: 2 x 3 cells of 2 x 2
+    config = ToCaConfig(cache_interval=2, cache_ratio=0.75, schedule="constant", score="random",
+                        spatial_bonus=0.5, spatial_grid=2, full_steps_at_start=1)
+    apply_cache(model, config)
+    with record_selections(model) as events:
+        sample(model, inputs)
+    remove_cache(model)
+    assert events
+    for event in events:
+        boosted = (event.bonus != 0).view(event.bonus.shape[0], 3, 20).sum(-1)
+        assert (boosted == 6).all()  # one token per cell in every frame, none spanning two frames

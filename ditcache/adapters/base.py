@@ -182,6 +182,10 @@ class BlockAdapter:
             if branch_group == group:
                 cache.since_recompute[branch] = torch.zeros(score.shape, dtype=torch.int32, device=score.device)
 
+    def bonus_frames(self, run: RunState) -> tuple[int, tuple[int, int]]:
+        """How many frames the image tokens hold and each frame's token grid, for the spatial bonus."""
+        return 1, run.signature.grid
+
     @torch.compiler.disable  # per-step Python state (counters, progress) stays out of compiled graphs
     def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> Selection | None:
         """The tokens ``branch`` recomputes on this partial step, or None when it recomputes none."""
@@ -196,9 +200,10 @@ class BlockAdapter:
         base = S.l2_normalize(cache.base_scores[self.branch_groups[branch]])
         frequency = settings.frequency_weight * since.float() / interval
         score = base + frequency
-        grid = run.signature.grid
-        if grid[0] * grid[1] == tokens:  # the bonus needs the group to be the image token grid
-            score = S.spatial_bonus(score, grid, settings.spatial_grid, settings.spatial_bonus)
+        frames, grid = self.bonus_frames(run)
+        if frames * grid[0] * grid[1] == tokens:  # the bonus needs the group to be the image token grid
+            per_frame = score.reshape(-1, grid[0] * grid[1])
+            score = S.spatial_bonus(per_frame, grid, settings.spatial_grid, settings.spatial_bonus).view_as(score)
         index = S.top_tokens(score, count)
         if run.recorder is not None:
             bonus = score - (base + frequency)  # exactly zero off the boosted tokens

@@ -50,6 +50,7 @@ class STDiT3BlockAdapter(BlockAdapter):
     ) -> torch.Tensor:
         if x_mask is not None:
             raise ValueError("conditioning frames (`x_mask`) are not supported by ditcache's STDiT3 caching.")
+        self.frames = T
         modulation = self.block.modulation(t)
         if run.is_full:
             return self._full(run, cache, x, y, mask, modulation, T, rope)
@@ -88,6 +89,11 @@ class STDiT3BlockAdapter(BlockAdapter):
         rows["cross_attn"] = x.shape[1] if cross_due else 0
         run.add_flops(self._flops(x.shape, y, frames, rows) + score_flops, self._flops(x.shape, y, frames, None))
         return x
+
+    def bonus_frames(self, run: RunState) -> tuple[int, tuple[int, int]]:
+        """The spatial bonus works on each frame's patch grid."""
+        rows, cols = run.signature.grid
+        return self.frames, (rows // self.frames, cols)
 
     def _frame_match(self, run, x, frames):
         """The merge of each frame's tokens on its patch grid (one match per frame), or None."""
