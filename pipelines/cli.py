@@ -1,8 +1,9 @@
-"""``ditcache generate``: one image with caching, timed, optionally against the uncached run."""
+"""``ditcache generate``: images (or one video) with caching, timed, optionally against the uncached run."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import numpy as np
@@ -25,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default: 28; 20 for the reference model)")
     parser.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     parser.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    parser.add_argument("--frames", type=int, help="video pipelines (OpenSora): frames to generate (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="ditcache.png", help="where to write the cached image (a row of images for "
-                        "several prompts; with --compare the uncached row above the cached one)")
+                        "several prompts; with --compare the uncached row above the cached one); for a video, "
+                        ".gif or .mp4 (each frame: uncached above cached with --compare) or .png (the frames in a row)")
     parser.add_argument("--compare", action="store_true", help="also run uncached: time ratio and PSNR")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32")
@@ -46,6 +49,8 @@ def _call_arguments(pipe, args, defaults: dict) -> dict:
         call |= {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
         if isinstance(call.get("negative_prompt"), str):  # one negative prompt per prompt
             call["negative_prompt"] = [call["negative_prompt"]] * len(args.prompt)
+    if args.frames is not None:
+        call["num_frames"] = args.frames
     return call
 
 
@@ -67,9 +72,10 @@ def _timed(pipe, call, args, **cache):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    images = pipe(generator=generator, **call, **cache).images
+    output = pipe(generator=generator, **call, **cache)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
+    images = output.frames[0] if hasattr(output, "frames") else output.images  # a video: its frames
     return images, time.perf_counter() - start
 
 
@@ -93,13 +99,24 @@ def generate(args: argparse.Namespace) -> None:
         raise SystemExit("ditcache generate: give --prompt with --model.")
     pipe = ToCaPipeline.from_pretrained(model, cache_interval=args.cache_interval, cache_ratio=args.cache_ratio, dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
+    video = "num_frames" in inspect.signature(type(pipe).__call__).parameters
+    if video and len(args.prompt) > 1:
+        raise SystemExit("ditcache generate: a video pipeline takes one --prompt.")
+    if args.frames is not None and not video:
+        raise SystemExit("ditcache generate: --frames needs a video pipeline (OpenSora).")
     call = _call_arguments(pipe, args, defaults)
 
     references = None
     if args.compare:  # uncached first: it also warms up what both runs share
         references, uncached_time = _timed(pipe, call, args, cache=False)
     images, cached_time = _timed(pipe, call, args)
-    (images[0] if len(images) == 1 and references is None else _row(images, references)).save(args.out)
+    if video and args.out.lower().endswith((".gif", ".mp4")):
+        from .opensora import export
+
+        frames = images if references is None else [_row([f], [r]) for f, r in zip(images, references)]
+        export(frames, args.out)
+    else:
+        (images[0] if len(images) == 1 and references is None else _row(images, references)).save(args.out)
     layout = " (top row uncached, bottom row cached)" if references is not None else ""
     stats = pipe.cache_stats
     print(f"cached:   {cached_time:.3f} s  -> {args.out}{layout}")

@@ -1,6 +1,7 @@
 """OpenSora 1.2 (STDiT3) in diffusers form, and caching on it."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,19 @@ def test_spatial_bonus_is_given_per_frame():
     for event in events:
         boosted = (event.bonus != 0).view(event.bonus.shape[0], 3, 20).sum(-1)
         assert (boosted == 6).all()  # one token per cell in every frame, none spanning two frames
+
+
+def test_generate_command_writes_a_video(opensora_folder, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    command = [sys.executable, "-m", "ditcache", "generate", "--model", str(opensora_folder), "--prompt", "a cat",
+               "--frames", "5", "--height", "16", "--width", "24", "--steps", "6", "--cache-interval", "2",
+               "--out", "cat.gif", "--compare", "--quiet"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout and "PSNR" in result.stdout
+    gif = Image.open(tmp_path / "cat.gif")
+    assert gif.n_frames == 5 and gif.size == (24, 32)  # uncached above cached in every frame
