@@ -111,7 +111,7 @@ class BlockCache:
 
     def nbytes(self) -> int:
         differences = [t for values in self.differences.values() for t in values]
-        tensors = [*self.branches.values(), *differences, *self.base_scores.values(), *self.since_recompute.values(), self.text_keys]
+        tensors = [*self.branches.values(), *differences, *self.base_scores.values(), *self.since_recompute.values(), self.text_keys, self.text_values]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -75,7 +75,8 @@ class STDiT3BlockAdapter(BlockAdapter):
             query = block.cross_attn.queries(x)
             cross = block.cross_attn.attend(query, *text, mask)
             self.keep(run, cache, "cross_attn", cross)
-            cache.text_keys, cache.text_values = text
+            if self.settings.recomputes_tokens:  # partial steps recompute cross-attention rows against them
+                cache.text_keys, cache.text_values = text
         else:
             cross = self.reuse(run, cache, "cross_attn")
         x = x + cross
