@@ -10,8 +10,6 @@ as it is, without the 2D VAE it was initialised from.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,8 @@ from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from .released import ReleasedCheckpointMixin
 
 SPATIAL_SCALE = 0.18215  # the released code scales 2D latents by this, not by the 2D config's factor
 # The released model's 2D VAE (SD-XL VAE layout, as in PixArt-Sigma's repository).
@@ -179,7 +179,7 @@ class SpatialVAE(nn.Module):
         return self._per_frame(z, lambda frames: self.module.decode(frames / SPATIAL_SCALE).sample)
 
 
-class OpenSoraVAE(ModelMixin, ConfigMixin):
+class OpenSoraVAE(ReleasedCheckpointMixin, ModelMixin, ConfigMixin):
     """OpenSora 1.2's VAE: video ``(B, 3, T, H, W)`` in [-1, 1] to normalised latents
     ``(B, 4, T', H / 8, W / 8)`` with ``T' = 5 * (T // 17) + ceil((T % 17) / 4)``, and back.
 
@@ -240,23 +240,12 @@ class OpenSoraVAE(ModelMixin, ConfigMixin):
         return self.spatial_vae.decode(torch.cat(spatial, dim=2))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> "OpenSoraVAE":
-        """Load a diffusers-format folder or repository, or the released one (``config.json`` with
-        ``vae_2d``/``vae_temporal`` and ``model.safetensors``, e.g. ``hpcai-tech/OpenSora-VAE-v1.2``)."""
-        from .stdit3 import _released_weights
-
-        weights = _released_weights(pretrained_model_name_or_path, kwargs)
-        if weights is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        from safetensors.torch import load_file
-
-        released = cls.load_config(Path(weights).parent)
-        model = cls(
-            micro_batch_size=(released.get("vae_2d") or {}).get("micro_batch_size", 4),
-            micro_frame_size=released.get("micro_frame_size", 17),
-            latent_scale=tuple(released.get("scale", RELEASED_SCALE)),
-            latent_shift=tuple(released.get("shift", RELEASED_SHIFT)),
+    def from_released_config(cls, config: dict) -> "OpenSoraVAE":
+        """The released ``config.json`` names the 2D VAE it started from and fixes the sizes; the weights
+        file holds every tensor, so the 2D VAE is built here, not downloaded."""
+        return cls(
+            micro_batch_size=(config.get("vae_2d") or {}).get("micro_batch_size", 4),
+            micro_frame_size=config.get("micro_frame_size", 17),
+            latent_scale=tuple(config.get("scale", RELEASED_SCALE)),
+            latent_shift=tuple(config.get("shift", RELEASED_SHIFT)),
         )
-        model.load_state_dict(load_file(weights), strict=True)
-        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
-        return model.to(dtype) if dtype is not None else model

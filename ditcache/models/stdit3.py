@@ -13,8 +13,6 @@ the diffusers one that :meth:`save_pretrained` writes).
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +21,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-RELEASED_WEIGHTS = "model.safetensors"  # the released checkpoint's file name (a transformers layout)
+from .released import ReleasedCheckpointMixin
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -297,7 +295,7 @@ class FinalLayer(nn.Module):
         return self.linear(out)
 
 
-class STDiT3Model(ModelMixin, ConfigMixin):
+class STDiT3Model(ReleasedCheckpointMixin, ModelMixin, ConfigMixin):
     """OpenSora 1.2's STDiT3. Defaults are the released 1.2 model (``hpcai-tech/OpenSora-STDiT-v3``).
 
     Call: ``model(x, timestep, y, mask, x_mask=None, fps=None, height=None, width=None)``: latents
@@ -422,37 +420,7 @@ class STDiT3Model(ModelMixin, ConfigMixin):
         x = x.view(batch, frames, rows, cols, pt, ph, pw, self.out_channels)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, self.out_channels, frames * pt, rows * ph, cols * pw)
 
-    # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> "STDiT3Model":
-        """Load a diffusers-format folder or repository, or the released one (``config.json`` and
-        ``model.safetensors`` with the released key names, e.g. ``hpcai-tech/OpenSora-STDiT-v3``)."""
-        weights = _released_weights(pretrained_model_name_or_path, kwargs)
-        if weights is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        from safetensors.torch import load_file
-
-        config = cls.load_config(Path(weights).parent)
-        model = cls.from_config(config)
-        model.load_state_dict(load_file(weights), strict=True)
-        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
-        return model.to(dtype) if dtype is not None else model
-
-
-def _released_weights(name_or_path, kwargs) -> str | None:
-    """The released layout's weights file, or None when ``name_or_path`` is in the diffusers layout."""
-    subfolder = kwargs.get("subfolder") or ""
-    local = Path(name_or_path) / subfolder
-    if local.is_dir():
-        released = local / RELEASED_WEIGHTS
-        diffusers_weights = any(local.glob("diffusion_pytorch_model*"))
-        return str(released) if released.exists() and not diffusers_weights else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
-
-    hub = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only") if key in kwargs}
-    try:
-        hf_hub_download(str(name_or_path), "config.json", subfolder=subfolder or None, **hub)
-        return hf_hub_download(str(name_or_path), RELEASED_WEIGHTS, subfolder=subfolder or None, **hub)
-    except EntryNotFoundError:
-        return None
+    def from_released_config(cls, config: dict) -> "STDiT3Model":
+        """The released ``config.json`` holds this model's arguments (and training-only ones, ignored)."""
+        return cls.from_config(config)
