@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or the reference DiT's digit names) or class indices (default with no --model: the ten digits)")
     parser.add_argument("--cache-interval", type=int, help="N: a full step every N steps (default: the model's preset)")
     parser.add_argument("--cache-ratio", type=float, help="R: fraction of tokens reused on partial steps (default: preset)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: 28; 20 for the reference model)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: 28; 20 for the reference model; a video pipeline's own)")
     parser.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     parser.add_argument("--width", type=int, help="image width (default: the pipeline's)")
     parser.add_argument("--frames", type=int, help="video pipelines (OpenSora): frames to generate (default: the pipeline's)")
@@ -37,11 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def is_video(pipe) -> bool:
+    """Whether ``pipe`` generates videos (its call takes ``num_frames``)."""
+    return "num_frames" in inspect.signature(type(pipe).__call__).parameters
+
+
 def _call_arguments(pipe, args, defaults: dict) -> dict:
     call = {"output_type": "pil", **defaults}
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
-    call.setdefault("num_inference_steps", 28)
+    if not is_video(pipe):  # video pipelines keep their own default (OpenSora: 30)
+        call.setdefault("num_inference_steps", 28)
     if hasattr(pipe, "get_label_ids"):  # DiT: class-conditional, by label name or class index
         call["class_labels"] = [int(p) if p.isdigit() else pipe.get_label_ids([p])[0] for p in args.prompt]
     else:
@@ -99,7 +105,7 @@ def generate(args: argparse.Namespace) -> None:
         raise SystemExit("ditcache generate: give --prompt with --model.")
     pipe = ToCaPipeline.from_pretrained(model, cache_interval=args.cache_interval, cache_ratio=args.cache_ratio, dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=args.quiet)
-    video = "num_frames" in inspect.signature(type(pipe).__call__).parameters
+    video = is_video(pipe)
     if video and len(args.prompt) > 1:
         raise SystemExit("ditcache generate: a video pipeline takes one --prompt.")
     if args.frames is not None and not video:

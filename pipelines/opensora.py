@@ -20,10 +20,12 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import T5EncoderModel, T5TokenizerFast
 
 from ditcache.models import OpenSoraVAE, STDiT3Model
 
+OUTPUT_TYPES = ("pil", "np", "latent")
 IMAGE_FPS = 120  # the fps conditioning OpenSora 1.2 gives single images
 BASE_RESOLUTION = 512 * 512
 
@@ -76,7 +78,8 @@ class OpenSoraPipeline(DiffusionPipeline):
         features = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
         return features[:, None], mask
 
-    def check_inputs(self, num_frames: int, height: int, width: int, num_inference_steps: int, guidance_scale: float) -> None:
+    def check_inputs(self, num_frames: int, height: int, width: int, num_inference_steps: int, guidance_scale: float,
+                     output_type: str) -> None:
         for name, value in (("num_frames", num_frames), ("height", height), ("width", width), ("num_inference_steps", num_inference_steps)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
@@ -85,6 +88,8 @@ class OpenSoraPipeline(DiffusionPipeline):
             raise ValueError(f"`height` and `width` must be at least {2 * factor} pixels, got {height}x{width}.")
         if guidance_scale < 1:
             raise ValueError(f"`guidance_scale` must be >= 1, got {guidance_scale!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}.")
 
     @torch.no_grad()
     def __call__(
@@ -97,39 +102,47 @@ class OpenSoraPipeline(DiffusionPipeline):
         guidance_scale: float = 7.0,
         fps: int = 24,
         aesthetic_score: float | None = 6.5,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> OpenSoraPipelineOutput | tuple:
-        self.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale)
+        self.check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if aesthetic_score is not None:  # OpenSora 1.2 was trained with this suffix and samples with 6.5
             prompts = [p if "aesthetic score:" in p else f"{p} aesthetic score: {aesthetic_score:.1f}." for p in prompts]
         batch, device = len(prompts), self._execution_device
         transformer = self.transformer
 
+        guided = guidance_scale > 1  # guidance 1 is the conditional prediction: no empty-caption half
+        copies = 2 if guided else 1
         text, mask = self.encode_prompt(prompts, device)
-        text = torch.cat([text.to(transformer.dtype), transformer.null_caption(batch).to(device, transformer.dtype)])
-        mask = torch.cat([mask, mask])  # the empty caption attends to as many tokens as its prompt
+        text = text.to(transformer.dtype)
+        if guided:
+            text = torch.cat([text, transformer.null_caption(batch).to(device, transformer.dtype)])
+            mask = torch.cat([mask, mask])  # the empty caption attends to as many tokens as its prompt
 
         shape = (batch, transformer.config.in_channels, *self.vae.latent_size(num_frames, height, width))
         if latents is None:
-            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
-        latents = latents.float()
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape} for this prompt count and video size, got {tuple(latents.shape)}.")
+        latents = latents.to(device, torch.float32)
 
         self.scheduler.set_shift(timestep_shift(height, width, num_frames))
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps).tolist(), device=device)
         conditioning = {
-            "fps": torch.full((2 * batch,), IMAGE_FPS if num_frames == 1 else fps, device=device),
-            "height": torch.full((2 * batch,), float(height), device=device),
-            "width": torch.full((2 * batch,), float(width), device=device),
+            "fps": torch.full((copies * batch,), IMAGE_FPS if num_frames == 1 else fps, device=device),
+            "height": torch.full((copies * batch,), float(height), device=device),
+            "width": torch.full((copies * batch,), float(width), device=device),
         }
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]).to(transformer.dtype)
-            prediction = transformer(model_input, t.expand(2 * batch), text, mask, **conditioning).sample
-            velocity_cond, velocity_uncond = prediction[:, : latents.shape[1]].float().chunk(2)
-            velocity = velocity_uncond + guidance_scale * (velocity_cond - velocity_uncond)
+            model_input = latents.repeat(copies, 1, 1, 1, 1).to(transformer.dtype)
+            prediction = transformer(model_input, t.expand(copies * batch), text, mask, **conditioning).sample
+            velocity = prediction[:, : latents.shape[1]].float()
+            if guided:
+                velocity_cond, velocity_uncond = velocity.chunk(2)
+                velocity = velocity_uncond + guidance_scale * (velocity_cond - velocity_uncond)
             # OpenSora's velocity points from noise to data; diffusers' flow scheduler steps along noise - data.
             latents = self.scheduler.step(-velocity, t, latents).prev_sample
 

@@ -76,7 +76,7 @@ def test_forward_shapes_padding_and_conditioning_frames():
     inputs = call_inputs(batch=1, frames=2, height=7, width=9)  # odd sizes: padded to whole patches, cropped back
     out = model(inputs["x"], torch.tensor([500.0]), inputs["y"], inputs["mask"], fps=inputs["fps"]).sample
     assert out.shape == (1, 8, 2, 7, 9) and torch.isfinite(out).all()
-    # A conditioning frame (x_mask False) is modulated as at timestep 0: changes that frame's path only.
+    # A conditioning frame (x_mask False) is modulated as at timestep 0, which changes the output.
     x_mask = torch.tensor([[False, True]])
     masked = model(inputs["x"], torch.tensor([500.0]), inputs["y"], inputs["mask"], x_mask=x_mask).sample
     plain = model(inputs["x"], torch.tensor([500.0]), inputs["y"], inputs["mask"]).sample
@@ -142,12 +142,20 @@ def test_opensora_preset_runs_cross_attention_every_other_full_step():
     assert (schedule.cache_interval, settings.score, schedule.full_steps_at_start) == (3, "cross_attention_entropy", 3)
     assert schedule.recompute_fraction(0.5, 0.5, "mlp") == pytest.approx(0.15)
     assert schedule.recompute_fraction(0.5, 0.5, "cross_attn") == 0.0
-    full_steps = [0, 1, 2, 3, 6, 9, 12, 15]
+    full_steps, since = [], 0
+    for step in range(20):
+        since += 1
+        if schedule.is_full_step(step, since, step / 19):
+            full_steps.append(step)
+            since = 0
+    assert full_steps == [0, 1, 2, 5, 8, 11, 14, 17]
     due = [schedule.branch_due("cross_attn", step, n + 1) for n, step in enumerate(full_steps)]
     assert due == [True, True, True, False, True, False, True, False]  # every 6 steps after the first 3
 
 
 @pytest.mark.parametrize("config", [ToCaConfig(cache_interval=2, cache_ratio=0.7, schedule="constant", score="v_norm"),
+                                    ToCaConfig(cache_interval=2, cache_ratio=0.7, schedule="constant", score="cross_attention_entropy"),
+                                    ToCaConfig(cache_interval=2, cache_ratio=0.7, schedule="constant", score="attention"),
                                     FORAConfig(cache_interval=2), ToCaConfig(forecast_order=1),
                                     [ToCaConfig(cache_interval=2), ToMeConfig(ratio=0.5, merge_mlp=True, seed=0)]])
 def test_engine_flops_match_flop_counter(config):
@@ -230,8 +238,27 @@ def test_pipeline_generates_frames_and_round_trips(opensora_folder, tmp_path):
     assert export(images, tmp_path / "dog.gif").stat().st_size > 0
     with pytest.raises(ValueError, match="height"):
         pipe("a dog", **{**VIDEO, "height": 3})
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a dog", **{**VIDEO, "output_type": "pt"})
+    with pytest.raises(ValueError, match="latents"):
+        pipe("a dog", latents=torch.zeros(2, 4, 2, 8, 12), **VIDEO)
     with pytest.raises(ValueError, match="num_frames"):
         pipe("a dog", **{**VIDEO, "num_frames": 0})
+
+
+def test_pipeline_batches_long_clips_and_unguided_calls(opensora_folder):
+    from ditcache.pipelines import OpenSoraPipeline
+
+    pipe = OpenSoraPipeline.from_pretrained(opensora_folder)
+    pipe.set_progress_bar_config(disable=True)
+    video = {**VIDEO, "num_frames": 18, "num_inference_steps": 4}  # two VAE chunks (17 + 1 frames)
+    latents = torch.randn(2, 4, *pipe.vae.latent_size(18, 16, 24), generator=torch.Generator().manual_seed(0))
+    both = pipe(["a red fox in snow", "a cat"], latents=latents, **video).frames
+    alone = pipe("a cat", latents=latents[1:], **video).frames
+    assert both.shape == (2, 18, 16, 24, 3) and latents.shape[2] == 6
+    assert abs(both[1] - alone[0]).max() < 1e-5  # a prompt's video does not depend on its batch
+    unguided = pipe("a cat", latents=latents[1:], guidance_scale=1.0, **video).frames
+    assert unguided.shape == alone.shape and abs(unguided - alone).max() > 0
 
 
 def test_toca_pipeline_loads_opensora_and_interval_one_reproduces_uncached(opensora_folder):

@@ -39,6 +39,7 @@ class TransformerAdapter:
     family: str = ""
     block_adapter = BasicTransformerBlockAdapter
     timestep_scale = 1.0  # the model's timestep per scheduler timestep
+    latents_argument = "hidden_states"  # the forward argument holding the latents
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
@@ -57,7 +58,7 @@ class TransformerAdapter:
 
     def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
         bound = self.signature.bind(None, *args, **kwargs).arguments
-        latents, timestep = bound["hidden_states"], bound.get("timestep")
+        latents, timestep = bound[self.latents_argument], bound.get("timestep")
         if timestep is None:
             raise ValueError(f"{type(self.transformer).__name__} was called without `timestep`; ditcache needs it.")
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -136,6 +137,7 @@ class STDiT3Adapter(TransformerAdapter):
 
     family = "opensora"
     block_adapter = STDiT3BlockAdapter
+    latents_argument = "x"
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         transformer = self.transformer
@@ -144,18 +146,12 @@ class STDiT3Adapter(TransformerAdapter):
                 for item in ((f"spatial_blocks.{i}", spatial), (f"temporal_blocks.{i}", temporal))]
 
     def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
-        depth = max(len(self.transformer.spatial_blocks) - 1, 1)
-        return [STDiT3BlockAdapter(block, name, int(name.rsplit(".", 1)[1]) / depth, settings) for name, block in self.blocks()]
-
-    def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
-        bound = self.signature.bind(None, *args, **kwargs).arguments
-        latents, timestep = bound["x"], bound["timestep"]
-        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        return CallInfo(latents, value, self.token_grid(latents, bound), bound)
+        depth = max(len(self.transformer.spatial_blocks) - 1, 1)  # a spatial/temporal pair shares its layer position
+        return [STDiT3BlockAdapter(block, name, (i // 2) / depth, settings) for i, (name, block) in enumerate(self.blocks())]
 
     def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
-        """The frames' patch grids stacked: ``(T * H, W)`` (a cell of a spatial grid never spans two
-        frames when ``H`` is a multiple of its side)."""
+        """The frames' patch grids stacked, ``(T * H, W)``; the spatial bonus and token merging split it
+        back into frames."""
         frames, rows, cols = self.transformer.token_grid(latents)
         return frames * rows, cols
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import scores as S
+from .. import scores
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..models.stdit3 import STDiT3Block, modulate
@@ -44,17 +44,17 @@ class STDiT3BlockAdapter(BlockAdapter):
         mask: torch.Tensor | None = None,
         x_mask: torch.Tensor | None = None,
         t0: torch.Tensor | None = None,
-        T: int | None = None,
-        S: int | None = None,
+        frames: int | None = None,
+        tokens_per_frame: int | None = None,
         rope=None,
     ) -> torch.Tensor:
         if x_mask is not None:
             raise ValueError("conditioning frames (`x_mask`) are not supported by ditcache's STDiT3 caching.")
-        self.frames = T
+        self.frames = frames  # for the spatial bonus, which the shared selection code applies per frame
         modulation = self.block.modulation(t)
         if run.is_full:
-            return self._full(run, cache, x, y, mask, modulation, T, rope)
-        return self._partial(run, cache, x, y, mask, modulation, T)
+            return self._full(run, cache, x, y, mask, modulation, frames, rope)
+        return self._partial(run, cache, x, y, mask, modulation, frames)
 
     def _full(self, run, cache, x, y, mask, modulation, frames, rope):
         block = self.block
@@ -75,7 +75,7 @@ class STDiT3BlockAdapter(BlockAdapter):
             query = block.cross_attn.queries(x)
             cross = block.cross_attn.attend(query, *text, mask)
             self.keep(run, cache, "cross_attn", cross)
-            if self.settings.recomputes_tokens:  # partial steps recompute cross-attention rows against them
+            if self._recomputes_cross_rows():  # partial steps recompute cross-attention rows against them
                 cache.text_keys, cache.text_values = text
         else:
             cross = self.reuse(run, cache, "cross_attn")
@@ -85,11 +85,15 @@ class STDiT3BlockAdapter(BlockAdapter):
         x = x + gate_mlp * mlp
         self.keep(run, cache, "mlp", mlp)
 
-        score_flops = self._refresh_scores(run, cache, score, taps, query if cross_due else None, mask, x.shape, frames)
+        cross_taps = (query, text[0]) if cross_due else None
+        score_flops = self._refresh_scores(run, cache, score, taps, cross_taps, mask, x.shape, frames, rope)
         rows = {branch: x.shape[1] if not self.merges(branch, match) else frames * match.merged_tokens for branch in ("attn", "mlp")}
         rows["cross_attn"] = x.shape[1] if cross_due else 0
         run.add_flops(self._flops(x.shape, y, frames, rows) + score_flops, self._flops(x.shape, y, frames, None))
         return x
+
+    def _recomputes_cross_rows(self) -> bool:
+        return self.settings.recomputes_tokens and self.settings.schedule.module_factors.get("cross_attn", 1.0) > 0
 
     def bonus_frames(self, run: RunState) -> tuple[int, tuple[int, int]]:
         """The spatial bonus works on each frame's patch grid."""
@@ -124,6 +128,8 @@ class STDiT3BlockAdapter(BlockAdapter):
         if selection is not None:
             query = block.cross_attn.queries(gather_rows(x, selection))
             scatter_rows(cross, selection, block.cross_attn.attend(query, cache.text_keys, cache.text_values, mask))
+            if self.settings.score == "cross_attention_entropy":
+                self._refresh_entropy_rows(run, cache, query, selection.index, mask)
             recomputed["cross_attn"] = selection.count
         x = x + cross
 
@@ -147,35 +153,51 @@ class STDiT3BlockAdapter(BlockAdapter):
         return {}
 
     @torch.compiler.disable
-    def _refresh_scores(self, run, cache, score, taps, cross_query, mask, shape, frames) -> int:
-        """This full step's base score per token, in frame-major order; the FLOPs it cost."""
+    def _refresh_scores(self, run, cache, score, taps, cross_taps, mask, shape, frames, rope) -> int:
+        """This full step's base score per token, in frame-major order; the FLOPs it cost. ``cross_taps``:
+        the cross-attention's queries and caption keys, None when it was reused on this step."""
         if score is None:
             return 0
         batch, tokens, _ = shape
         attn = self.block.attn
         flops = 0
         if score == "attention":
-            value = S.attention_received(taps["query"], taps["key"], attn.scale)
-            flops = 2 * taps["query"].numel() * taps["key"].shape[-2]
+            query, key = taps["query"], taps["key"]
+            if self.block.temporal:  # the attention the block computes: rotary positions after the qk norm
+                query, key = rope(query), rope(key)
+            value = scores.attention_received(query, key, attn.scale)
+            flops = 2 * query.numel() * key.shape[-2]
         elif score in ("k_norm", "v_norm"):
             qkv = taps["qkv"]
             groups, length, _ = qkv.shape
             part = qkv.view(groups, length, 3, attn.heads, attn.head_dim)[:, :, 1 if score == "k_norm" else 2]
-            value = S.projection_norm(part.transpose(1, 2))
+            value = scores.projection_norm(part.transpose(1, 2))
         elif score == "random":
-            value = S.random_scores(batch, tokens, run.generator)
+            value = scores.random_scores(batch, tokens, run.generator)
         else:
-            if cross_query is None:  # the cross-attention was reused on this full step: keep the last score
+            if cross_taps is None:  # the cross-attention was reused on this full step: keep the last score
                 return 0
-            key = cache.text_keys
-            bias = None if mask is None else torch.zeros(mask.shape, device=key.device).masked_fill(~mask, float("-inf"))
-            value = S.cross_attention_entropy(cross_query, key, self.block.cross_attn.head_dim**-0.5,
-                                              None if bias is None else bias[:, None, None, :])
-            flops = 2 * cross_query.numel() * key.shape[-2]
+            query, key = cross_taps
+            value, flops = self._entropy(query, key, mask)
         if value.shape != (batch, tokens):  # per attention group (frame or position): back to frame-major
             value = self.block.groups_to_frames(value[..., None], batch, frames)[..., 0]
         self.store_base_score(run, cache, "image", value)
         return flops
+
+    def _entropy(self, query, key, mask) -> tuple[torch.Tensor, int]:
+        """Cross-attention entropy of each query token over its caption's valid tokens, and its FLOPs."""
+        bias = None if mask is None else torch.zeros(mask.shape, device=key.device).masked_fill(~mask, float("-inf"))[:, None, None, :]
+        value = scores.cross_attention_entropy(query, key, self.block.cross_attn.head_dim**-0.5, bias)
+        return value, 2 * query.numel() * key.shape[-2]
+
+    @torch.compiler.disable
+    def _refresh_entropy_rows(self, run, cache, query, index, mask) -> None:
+        """Recomputed tokens get their current cross-attention entropy."""
+        rows, flops = self._entropy(query, cache.text_keys, mask)
+        if run.guidance_batch:
+            rows, index = scores.merge_guidance_halves(rows), index[: rows.shape[0] // 2]
+        cache.base_scores["image"].scatter_(1, index, rows)
+        run.add_flops(flops, 0)
 
     # -- accounting ----------------------------------------------------------------------------
     def _flops(self, shape, y, frames, rows: dict[str, int] | None, text_projected: bool = True) -> int:

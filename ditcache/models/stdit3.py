@@ -388,20 +388,19 @@ class STDiT3Model(ReleasedCheckpointMixin, ModelMixin, ConfigMixin):
 
         if height is None or width is None:
             scale = 1.0  # positions as at the training resolution
-        else:
-            scale = float((height.reshape(-1)[0] * width.reshape(-1)[0]) ** 0.5) / self.config.input_sq_size
+        else:  # a product of Python floats, as released (not in the tensors' dtype)
+            scale = (float(height.reshape(-1)[0]) * float(width.reshape(-1)[0])) ** 0.5 / self.config.input_sq_size
         positions = self.pos_embed(rows, cols, scale, round(tokens_per_frame**0.5), dtype, x.device)
 
-        t = self.t_embedder(timestep, dtype)
-        if fps is not None:
+        fps_embedding = 0
+        if fps is not None:  # one value, one per prompt, or one per row: repeated to the batch, as released
             fps = torch.as_tensor(fps, device=x.device).reshape(-1)
-            t = t + self.fps_embedder(fps.expand(batch) if fps.numel() == 1 else fps, dtype)
+            fps_embedding = self.fps_embedder(fps.repeat(batch // fps.numel()), dtype)
+        t = self.t_embedder(timestep, dtype) + fps_embedding
         t_mlp = self.t_block(t)
         t0 = t0_mlp = None
         if x_mask is not None:
-            t0 = self.t_embedder(torch.zeros_like(timestep), dtype)
-            if fps is not None:
-                t0 = t0 + self.fps_embedder(fps.expand(batch) if fps.numel() == 1 else fps, dtype)
+            t0 = self.t_embedder(torch.zeros_like(timestep), dtype) + fps_embedding
             t0_mlp = self.t_block(t0)
 
         y, caption_mask = self.encode_caption(y.to(dtype), mask)
