@@ -119,6 +119,19 @@ def test_block_adapter_full_path_equals_the_block(temporal, score):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert set(cache.branches) == {"attn", "cross_attn", "mlp"}
     assert cache.base_scores["image"].shape == (2, frames * per_frame)
+    if score == "attention":  # the attention the block computed: qk norm, then rotary positions in time
+        from ditcache import scores
+        from ditcache.models.stdit3 import modulate
+
+        shift, scale = block.modulation(t)[:2]
+        groups = block.frames_to_groups(modulate(block.norm1(x), shift, scale), frames)
+        q, k, _ = block.attn.qkv(groups).view(*groups.shape[:2], 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = block.attn.q_norm(q), block.attn.k_norm(k)
+        if temporal:
+            q, k = rope(q), rope(k)
+        received = scores.attention_received(q, k, block.attn.scale)
+        expected_score = block.groups_to_frames(received[..., None], 2, frames)[..., 0]
+        torch.testing.assert_close(cache.base_scores["image"], expected_score, rtol=1e-5, atol=1e-6)
 
 
 def test_cache_interval_one_reproduces_uncached_and_removal_restores():
@@ -350,3 +363,15 @@ def test_generate_command_writes_a_video(opensora_folder, tmp_path):
     assert "speedup" in result.stdout and "PSNR" in result.stdout
     gif = Image.open(tmp_path / "cat.gif")
     assert gif.n_frames == 5 and gif.size == (24, 32)  # uncached above cached in every frame
+
+
+def test_fps_per_prompt_and_bfloat16_sizes_condition_as_released():
+    model = tiny_stdit3()
+    inputs = call_inputs(batch=2)
+    x, y = torch.cat([inputs["x"], inputs["x"]]), torch.cat([inputs["y"], model.null_caption(2)])
+    t = torch.full((4,), 500.0)
+    run = lambda **kw: model(x, t, y, inputs["mask"], **kw).sample
+    per_row = run(fps=torch.tensor([24.0, 12.0, 24.0, 12.0]), height=torch.full((4,), 480.0), width=torch.full((4,), 848.0))
+    per_prompt = run(fps=torch.tensor([24.0, 12.0]),  # one per prompt, repeated over the guidance halves
+                     height=torch.full((2,), 480.0, dtype=torch.bfloat16), width=torch.full((2,), 848.0, dtype=torch.bfloat16))
+    torch.testing.assert_close(per_prompt, per_row, rtol=0, atol=0)  # 480 x 848 in Python floats, not bf16
