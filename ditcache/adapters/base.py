@@ -182,6 +182,15 @@ class BlockAdapter:
             if branch_group == group:
                 cache.since_recompute[branch] = torch.zeros(score.shape, dtype=torch.int32, device=score.device)
 
+    @torch.compiler.disable
+    def store_score_rows(self, run: RunState, cache: BlockCache, group: str, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrite the base score of the tokens ``index`` (a partial step's selection, both guidance
+        halves when batched) with ``rows``, their score now."""
+        if run.guidance_batch:
+            rows = S.merge_guidance_halves(rows)
+            index = index[: rows.shape[0]]
+        cache.base_scores[group].scatter_(1, index, rows)
+
     def bonus_frames(self, run: RunState) -> tuple[int, tuple[int, int]]:
         """How many frames the image tokens hold and each frame's token grid, for the spatial bonus."""
         return 1, run.signature.grid

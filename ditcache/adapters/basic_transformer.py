@@ -251,10 +251,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         cross = self.block.attn2
         query = split_heads(query, cross.heads)
         rows = S.cross_attention_entropy(query, cache.text_keys, cross.scale, _bias(encoder_attention_mask))
-        if run.guidance_batch:
-            rows = S.merge_guidance_halves(rows)
-            index = index[: rows.shape[0]]
-        cache.base_scores["image"].scatter_(1, index, rows)
+        self.store_score_rows(run, cache, "image", index, rows)
         run.add_flops(2 * query.numel() * cache.text_keys.shape[-2], 0)
 
     # -- accounting ----------------------------------------------------------------------------

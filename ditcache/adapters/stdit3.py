@@ -194,9 +194,7 @@ class STDiT3BlockAdapter(BlockAdapter):
     def _refresh_entropy_rows(self, run, cache, query, index, mask) -> None:
         """Recomputed tokens get their current cross-attention entropy."""
         rows, flops = self._entropy(query, cache.text_keys, mask)
-        if run.guidance_batch:
-            rows, index = scores.merge_guidance_halves(rows), index[: rows.shape[0] // 2]
-        cache.base_scores["image"].scatter_(1, index, rows)
+        self.store_score_rows(run, cache, "image", index, rows)
         run.add_flops(flops, 0)
 
     # -- accounting ----------------------------------------------------------------------------
