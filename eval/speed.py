@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
 from ditcache.flops import count_flops
+from ditcache.models.opensora_vae import latent_frames
 
 from . import builders
 from .peers import PEERS, DiffusersCache
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     text = f" text_tokens={args.text_tokens}" if args.model != "dit" else ""
     tokens = (height // 2) * (width // 2)
     if args.model == "opensora":
-        frames = builders.tiny_opensora_vae().latent_size(args.frames, height, width)[0]
+        frames = latent_frames(args.frames)
         layers, tokens = f"{args.layers} spatial + {args.layers} temporal", f"{frames}x{tokens}"
     print(
         f"{args.model} width={args.width} layers={layers} image_tokens={tokens}{text} "

@@ -31,6 +31,17 @@ RELEASED_SCALE = (3.85, 2.32, 2.33, 3.06)
 RELEASED_SHIFT = (-0.10, 0.34, 0.27, 0.98)
 
 
+def frame_chunks(frames: int, micro_frame_size: int | None) -> list[int]:
+    """The lengths of the chunks the temporal VAE codes independently (one chunk without a size)."""
+    size = micro_frame_size or frames
+    return [min(size, frames - start) for start in range(0, frames, size)]
+
+
+def latent_frames(frames: int, micro_frame_size: int | None = 17, time_factor: int = 4) -> int:
+    """Latent frames of a ``frames``-frame video: each chunk padded in front to whole groups of ``time_factor``."""
+    return sum(math.ceil(n / time_factor) for n in frame_chunks(frames, micro_frame_size))
+
+
 class CausalConv3d(nn.Module):
     """A 3D convolution that sees only past frames: zero frames before the clip, none after; spatial
     zero padding keeps the size. Temporal stride ``stride``, spatial stride 1."""
@@ -212,19 +223,15 @@ class OpenSoraVAE(ReleasedCheckpointMixin, ModelMixin, ConfigMixin):
         self.register_buffer("shift", torch.tensor(latent_shift, dtype=torch.float32).view(1, -1, 1, 1, 1))
         self.spatial_compression = 2 ** (len(spatial["block_out_channels"]) - 1)
 
-    def _chunks(self, frames: int) -> list[int]:
-        size = self.config.micro_frame_size or frames
-        return [min(size, frames - start) for start in range(0, frames, size)]
-
     def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        factor, time = self.spatial_compression, self.temporal_vae.time_factor
-        return sum(math.ceil(n / time) for n in self._chunks(num_frames)), height // factor, width // factor
+        factor = self.spatial_compression
+        return latent_frames(num_frames, self.config.micro_frame_size, self.temporal_vae.time_factor), height // factor, width // factor
 
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised latents; the posteriors' means without ``generator``, samples with it."""
         spatial = self.spatial_vae.encode(video, generator)
         latents, start = [], 0
-        for length in self._chunks(video.shape[2]):
+        for length in frame_chunks(video.shape[2], self.config.micro_frame_size):
             latents.append(self.temporal_vae.encode(spatial[:, :, start : start + length], generator))
             start += length
         return (torch.cat(latents, dim=2) - self.shift.to(spatial.dtype)) / self.scale.to(spatial.dtype)
@@ -233,7 +240,7 @@ class OpenSoraVAE(ReleasedCheckpointMixin, ModelMixin, ConfigMixin):
         """Video ``(B, 3, num_frames, 8 h, 8 w)``, not clamped."""
         z = latents * self.scale.to(latents.dtype) + self.shift.to(latents.dtype)
         spatial, start = [], 0
-        for length in self._chunks(num_frames):
+        for length in frame_chunks(num_frames, self.config.micro_frame_size):
             size = math.ceil(length / self.temporal_vae.time_factor)
             spatial.append(self.temporal_vae.decode(z[:, :, start : start + size], num_frames=length))
             start += size
