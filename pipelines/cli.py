@@ -60,13 +60,12 @@ def _call_arguments(pipe, args, defaults: dict) -> dict:
     return call
 
 
-def _row(images: list, reference: list | None = None):
-    """The images side by side, the reference row above them when given."""
+def image_grid(rows: list[list]):
+    """Images of one size laid out row by row (e.g. an uncached row above a cached one)."""
     from PIL import Image
 
-    rows = [reference, images] if reference is not None else [images]
-    width, height = images[0].size
-    grid = Image.new("RGB", (width * len(images), height * len(rows)))
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)))
     for y, row in enumerate(rows):
         for x, image in enumerate(row):
             grid.paste(image, (x * width, y * height))
@@ -119,10 +118,10 @@ def generate(args: argparse.Namespace) -> None:
     if video and args.out.lower().endswith((".gif", ".mp4")):
         from .opensora import export
 
-        frames = images if references is None else [_row([f], [r]) for f, r in zip(images, references)]
+        frames = images if references is None else [image_grid([[r], [f]]) for f, r in zip(images, references)]
         export(frames, args.out)
     else:
-        (images[0] if len(images) == 1 and references is None else _row(images, references)).save(args.out)
+        image_grid([images] if references is None else [references, images]).save(args.out)
     layout = " (top row uncached, bottom row cached)" if references is not None else ""
     stats = pipe.cache_stats
     print(f"cached:   {cached_time:.3f} s  -> {args.out}{layout}")
