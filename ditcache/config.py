@@ -6,14 +6,31 @@ Each config validates itself on creation and resolves, for a detected model fami
 
 from __future__ import annotations
 
+import math
 import numbers
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
-from .schedule import PRESETS, CacheSchedule
+import numpy as np
+
+from .schedule import PRESETS, REFERENCE_PRESETS, CacheSchedule, Preset
 
 SCORES = ("attention", "cross_attention_entropy", "k_norm", "v_norm", "random")
-SCHEDULES = ("auto", "constant", *PRESETS)
-MAX_FORECAST_ORDER = 2
+SCHEDULES = ("auto", "constant", "reference", *PRESETS)
+FORA_SCHEDULES = ("auto", "reference")
+
+MAX_FORECAST_ORDER = 4  # TaylorSeer's DiT setting
+# Steps (cache_interval, full_steps_at_start) and token sizes (spatial_grid, ToMe's sx and sy): far above
+# any real setting, so that a typo fails when the config is made rather than at run time.
+MAX_SIZE = 10_000
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
+
+def family_preset(schedule: str, family: str) -> Preset:
+    """The preset a ``schedule`` option names for a model family: ``"reference"`` the published
+    setting, a family name that family's default, anything else the model's own default."""
+    if schedule == "reference":
+        return REFERENCE_PRESETS[family]
+    return PRESETS[schedule if schedule in PRESETS else family]
 
 
 def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
@@ -25,14 +42,36 @@ def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> No
 
 def _check_float(name: str, value, low: float, high: float | None = None) -> None:
     bad_type = isinstance(value, bool) or not isinstance(value, numbers.Real)
-    if bad_type or value != value or value < low or (high is not None and value > high):
+    if bad_type or value != value or abs(value) == math.inf or value < low or (high is not None and value > high):
         allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"`{name}` must be a number {allowed}, got {value!r}.")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def _normalise(config) -> None:
+    """Store numpy scalars and other numbers as plain ``bool``, ``int``, ``float`` or ``str`` before the
+    checks, so that a config saves as JSON and equals its reloaded copy (``object.__setattr__``: the
+    configs are frozen so that no change skips the checks)."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, (bool, np.bool_)):
+            value = bool(value)
+        elif isinstance(value, numbers.Integral):
+            value = int(value)
+        elif isinstance(value, numbers.Real):
+            value = float(value)
+        elif isinstance(value, str):
+            value = str(value)
+        object.__setattr__(config, field.name, value)
 
 
 @dataclass(frozen=True)
@@ -71,7 +110,7 @@ class EngineSettings:
         return self.schedule.recompute > 0.0 and self.caches
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToCaConfig:
     """Token-wise caching (ToCa): partial steps reuse cached branch outputs and recompute the
     highest-scoring tokens of the cross-attention and MLP branches.
@@ -80,9 +119,11 @@ class ToCaConfig:
         cache_interval: N, a full step every N steps (>= 1; 1 disables caching).
         cache_ratio: R, the fraction of tokens whose cached value is reused on a partial step, in
             [0, 1]. 0.9 recomputes 10% of the tokens.
-        schedule: ``"auto"`` (the detected model's reference preset), ``"constant"`` (every step,
-            layer and branch recomputes exactly ``1 - cache_ratio``), or a preset name
-            (``"dit"``, ``"pixart"``).
+        schedule: ``"auto"`` (the detected model's default preset), ``"reference"`` (the published
+            setting of the detected model: its full steps, ratios and score, as the reference code
+            runs them), ``"constant"`` (every step, layer and branch recomputes exactly
+            ``1 - cache_ratio``), or a family's default preset (``"dit"``, ``"pixart"``, ``"flux"``,
+            ``"opensora"``).
         score: which tokens to recompute: ``"attention"`` (attention received), ``"cross_attention_entropy"``,
             ``"k_norm"``, ``"v_norm"`` or ``"random"``; ``"auto"`` takes the preset's.
         frequency_weight: weight of the cache-frequency term (steps since a token was recomputed,
@@ -91,10 +132,11 @@ class ToCaConfig:
             grid cell so that selections spread over the image; ``None`` takes the preset's.
         spatial_grid: side, in tokens, of the cells of the spatial bonus; ``None`` takes the preset's.
         full_steps_at_start: how many first steps are always full; ``None`` takes the preset's.
-        seed: seed of the ``random`` score, so that runs are reproducible.
-        forecast_order: 0 reuses a branch's last full-step output; 1 or 2 reuses its Taylor forecast
-            for the step, extrapolated from the differences of the last 2 or 3 full steps; the tokens a
-            partial step recomputes take their fresh values on that step.
+        seed: seed of the ``random`` score, so that runs are reproducible (at most ``2**64 - 1``).
+        forecast_order: 0 reuses a branch's last full-step output; K in 1..4 reuses its Taylor (Newton)
+            forecast for the step, extrapolated from the divided differences of the last K + 1 full steps
+            (see :class:`ditcache.state.BlockCache`); the tokens a partial step recomputes take their
+            fresh values on that step.
     """
 
     cache_interval: int | None = None
@@ -109,8 +151,9 @@ class ToCaConfig:
     forecast_order: int = 0
 
     def __post_init__(self) -> None:
+        _normalise(self)
         if self.cache_interval is not None:
-            _check_int("cache_interval", self.cache_interval, 1)
+            _check_int("cache_interval", self.cache_interval, 1, MAX_SIZE)
         if self.cache_ratio is not None:
             _check_float("cache_ratio", self.cache_ratio, 0.0, 1.0)
         _check_choice("schedule", self.schedule, SCHEDULES)
@@ -119,14 +162,14 @@ class ToCaConfig:
         if self.spatial_bonus is not None:
             _check_float("spatial_bonus", self.spatial_bonus, 0.0)
         if self.spatial_grid is not None:
-            _check_int("spatial_grid", self.spatial_grid, 1)
+            _check_int("spatial_grid", self.spatial_grid, 1, MAX_SIZE)
         if self.full_steps_at_start is not None:
-            _check_int("full_steps_at_start", self.full_steps_at_start, 1)
-        _check_int("seed", self.seed, 0)
+            _check_int("full_steps_at_start", self.full_steps_at_start, 1, MAX_SIZE)
+        _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER)
 
     def resolve(self, family: str) -> EngineSettings:
-        preset = PRESETS[self.schedule if self.schedule in PRESETS else family]
+        preset = family_preset(self.schedule, family)
         schedule = preset.schedule(
             cache_interval=_default(self.cache_interval, preset.cache_interval),
             cache_ratio=_default(self.cache_ratio, preset.cache_ratio),
@@ -145,41 +188,42 @@ class ToCaConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FORAConfig:
     """Layer caching (FORA): partial steps reuse every branch output whole; gates are recomputed.
 
     Args:
         cache_interval: N, a full step every N steps (>= 1; 1 disables caching).
         full_steps_at_start: how many first steps are always full; ``None`` takes the preset's.
-        forecast_order: 0 reuses the last full-step outputs; 1 or 2 their Taylor forecast for the step
+        forecast_order: 0 reuses the last full-step outputs; 1 to 4 their Taylor forecast for the step
             (see :class:`ToCaConfig`).
+        schedule: ``"auto"`` (the detected model's default full-step rule) or ``"reference"`` (the
+            published FORA runs' rule: on FLUX only step 0 is forced full).
     """
 
     cache_interval: int = 3
     full_steps_at_start: int | None = None
     forecast_order: int = 0
+    schedule: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_int("cache_interval", self.cache_interval, 1)
+        _normalise(self)
+        _check_int("cache_interval", self.cache_interval, 1, MAX_SIZE)
         if self.full_steps_at_start is not None:
-            _check_int("full_steps_at_start", self.full_steps_at_start, 1)
+            _check_int("full_steps_at_start", self.full_steps_at_start, 1, MAX_SIZE)
         _check_int("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER)
+        _check_choice("schedule", self.schedule, FORA_SCHEDULES)
 
     def resolve(self, family: str) -> EngineSettings:
-        preset = PRESETS[family]
-        schedule = CacheSchedule(
-            cache_interval=self.cache_interval,
-            recompute=0.0,
-            full_steps_at_start=_default(self.full_steps_at_start, preset.full_steps_at_start),
-        )
+        preset = family_preset(self.schedule, family)
+        schedule = preset.fora_schedule(self.cache_interval, self.full_steps_at_start)
         return EngineSettings(
             method="fora", schedule=schedule, score=None, frequency_weight=0.0, spatial_bonus=0.0, spatial_grid=1, seed=0,
             forecast_order=self.forecast_order,
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToMeConfig:
     """Token merging (ToMe for diffusion) on the image token grid, alone or with ToCa or FORA.
 
@@ -202,13 +246,16 @@ class ToMeConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        _normalise(self)
         _check_float("ratio", self.ratio, 0.0, 1.0)
         if self.ratio >= 1.0:
             raise ValueError(f"`ratio` must be a number in [0, 1), got {self.ratio!r}.")
-        _check_int("sx", self.sx, 1)
-        _check_int("sy", self.sy, 1)
+        _check_int("sx", self.sx, 1, MAX_SIZE)
+        _check_int("sy", self.sy, 1, MAX_SIZE)
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            _check_bool(name, getattr(self, name))
         if self.seed is not None:
-            _check_int("seed", self.seed, 0)
+            _check_int("seed", self.seed, 0, MAX_SEED)
 
     def merge_settings(self) -> MergeSettings | None:
         """None when nothing would be merged, so that the model runs exactly as without merging."""
@@ -231,8 +278,9 @@ CacheConfig = ToCaConfig | FORAConfig | ToMeConfig
 CONFIG_CLASSES = {"toca": ToCaConfig, "fora": FORAConfig, "tome": ToMeConfig}
 
 
-def resolve_configs(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig, ...], family: str) -> EngineSettings:
-    """Settings of one config, or of a caching config (ToCa or FORA) composed with a ToMeConfig."""
+def _split(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig, ...]) -> tuple[list, list]:
+    """The caching configs and the ToMeConfigs of ``configs``, checked to compose: one config, or one
+    ToCaConfig/FORAConfig with one ToMeConfig."""
     items = list(configs) if isinstance(configs, (list, tuple)) else [configs]
     for item in items:
         if not isinstance(item, (ToCaConfig, FORAConfig, ToMeConfig)):
@@ -241,6 +289,12 @@ def resolve_configs(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig
     merging = [c for c in items if isinstance(c, ToMeConfig)]
     if len(caching) > 1 or len(merging) > 1 or not items:
         raise ValueError("give one config, or one ToCaConfig/FORAConfig together with one ToMeConfig.")
+    return caching, merging
+
+
+def resolve_configs(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig, ...], family: str) -> EngineSettings:
+    """Settings of one config, or of a caching config (ToCa or FORA) composed with a ToMeConfig."""
+    caching, merging = _split(configs)
     if not caching:
         return merging[0].resolve(family)
     settings = caching[0].resolve(family)
@@ -256,11 +310,15 @@ NAMED_PRESETS = {
     "tome": lambda: ToMeConfig(),
     "toca-taylor": lambda: ToCaConfig(schedule="constant", score="v_norm", cache_ratio=0.9, forecast_order=1),
     "fora-taylor": lambda: FORAConfig(forecast_order=1),
+    # The published method of each family (full steps, ratios, score), resolved when applied.
+    "toca-reference": lambda: ToCaConfig(schedule="reference"),
+    "fora-reference": lambda: FORAConfig(schedule="reference"),
 }
 
 
 def preset(name: str, **changes) -> CacheConfig:
-    """A named setting (``"toca"``, ``"fora"``, ``"tome"``, ``"toca-taylor"``, ``"fora-taylor"``) with
+    """A named setting (``"toca"``, ``"fora"``, ``"tome"``, ``"toca-taylor"``, ``"fora-taylor"``,
+    ``"toca-reference"``, ``"fora-reference"``) with
     ``changes`` to its fields, e.g. ``preset("fora-taylor", cache_interval=4)``."""
     _check_choice("name", name, tuple(NAMED_PRESETS))
     return replace(NAMED_PRESETS[name](), **changes)
@@ -275,14 +333,26 @@ def config_to_dict(config: CacheConfig | list[CacheConfig]) -> dict | list[dict]
 
 
 def config_from_dict(data: dict | list[dict]) -> CacheConfig | list[CacheConfig]:
-    """The inverse of ``config_to_dict``; validates like the constructors do."""
+    """The inverse of ``config_to_dict``; validates like the constructors do. Anything malformed (read
+    from a file: a wrong shape, an unknown field) raises ``ValueError``."""
     if isinstance(data, list):
-        return [config_from_dict(item) for item in data]
-    fields = dict(data)
-    method = fields.pop("method", None)
-    if method not in CONFIG_CLASSES:
-        raise ValueError(f"`method` must be one of {', '.join(map(repr, CONFIG_CLASSES))}; got {method!r}.")
-    return CONFIG_CLASSES[method](**fields)
+        configs = [_config_from_object(item) for item in data]
+        _split(configs)
+        return configs
+    return _config_from_object(data)
+
+
+def _config_from_object(data: dict) -> CacheConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be an object with a `method`, got {data!r}.")
+    values = dict(data)
+    method = values.pop("method", None)
+    _check_choice("method", method, tuple(CONFIG_CLASSES))
+    known = [field.name for field in fields(CONFIG_CLASSES[method])]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} for {method!r}; known: {', '.join(known)}.")
+    return CONFIG_CLASSES[method](**values)
 
 
 def _default(value, preset_value):

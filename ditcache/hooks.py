@@ -7,6 +7,7 @@ block adapter. Nothing is patched on a class: ``remove_cache`` restores the orig
 
 from __future__ import annotations
 
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Iterator
@@ -27,7 +28,18 @@ BLOCK_HOOK = "ditcache.block"
 
 
 class StepHook(ModelHook):
-    """Transformer-level hook: one call per denoising step (or per guidance stream)."""
+    """Transformer-level hook: one call per denoising step (or per guidance stream).
+
+    The start of a run is known, not guessed, when the cache was applied to a pipeline: every
+    pipeline call sets its scheduler's timesteps anew (a new tensor), so a call that sees another
+    timesteps object than the run's starts a new run, whatever happened to the last one (a callback
+    that raised, Ctrl-C between steps) and whichever way timesteps run. On a bare transformer the
+    start is inferred: a rising timestep, or a finished run.
+
+    A run belongs to the thread that started it. A call that enters while another thread's call is
+    inside the transformer, or that would continue another thread's run, raises ``RuntimeError``; a
+    thread whose run was taken over by another thread's new run gets that error on its next step.
+    """
 
     _is_stateful = True
 
@@ -39,10 +51,15 @@ class StepHook(ModelHook):
         self.model = model
         self.config = config
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._entry = threading.Lock()
+        self._taken_over: dict[int, object] = {}  # thread -> marker (or last timestep) of the run it lost
+        self._refused_markers: dict[int, object] = {}  # markers set by calls refused during this run, by id
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         run = self.run
-        self._enter(self.model.read_call(args, kwargs))
+        call = self.model.read_call(args, kwargs)
+        with self._entry:
+            self._enter(call)
         try:
             if run.outside_flops is None:  # first call of a run: measure what runs outside the blocks
                 with record_layer_flops(module, lambda: not run.in_block) as outside:
@@ -58,14 +75,37 @@ class StepHook(ModelHook):
         return output
 
     def _enter(self, call) -> None:
-        run = self.run
+        run, thread, timestep = self.run, threading.get_ident(), call.timestep
+        marker = self._run_marker()
+        if run.in_call:
+            if marker is not None and marker is not run.marker:  # the refused call's pipeline set it, not the run's
+                self._refused_markers[id(marker)] = marker
+            raise RuntimeError(
+                "a cached transformer serves one call at a time and another thread is inside it now: "
+                "give each thread its own pipeline (or its own copy of the transformer)."
+            )
         latents = call.latents
         signature = CallSignature(latents.shape[0], call.grid, latents.dtype, latents.device)
-        timestep = call.timestep
-        same_step = run.signature is not None and not run.in_call and timestep == run.last_timestep
-        fresh = run.signature is None or run.in_call or (not same_step and (run.run_finished or timestep > run.last_timestep))
+        if marker is not None:  # the pipeline tells where runs start
+            new_marker = marker is not run.marker and id(marker) not in self._refused_markers
+            fresh = run.signature is None or new_marker or run.run_finished
+            same_step = not fresh and timestep == run.last_timestep
+        else:
+            same_step = run.signature is not None and timestep == run.last_timestep
+            fresh = run.signature is None or (not same_step and (run.run_finished or timestep > run.last_timestep))
+        lost = self._taken_over.pop(thread, None)
+        if lost is not None and (lost is marker if marker is not None else not fresh or timestep <= lost):
+            raise RuntimeError(
+                "another thread started a run on this cached transformer while this thread's run was in "
+                "progress, so this run's caches are gone: give each thread its own pipeline."
+            )
+        if not fresh and run.owner != thread:
+            raise RuntimeError(
+                "this call would continue a run that another thread started on this cached transformer: "
+                "give each thread its own pipeline."
+            )
         if not fresh and signature != run.signature:
-            if timestep < run.last_timestep:
+            if marker is not None or timestep < run.last_timestep:
                 previous, step = run.signature, run.step + 1
                 run.reset()
                 raise ValueError(
@@ -75,7 +115,10 @@ class StepHook(ModelHook):
                 )
             fresh = True
         if fresh:
-            run.start(signature, timestep, self._schedule(), self.model.is_guidance_batch(latents))
+            if run.signature is not None and run.owner != thread and not run.run_finished:
+                self._taken_over[run.owner] = run.marker if run.marker is not None else run.last_timestep
+            self._refused_markers.clear()
+            run.start(signature, timestep, self._schedule(), self.model.is_guidance_batch(latents), marker, thread)
             if run.schedule is not None and run.settings.schedule.cache_interval > 1:
                 self.model.prepare_run(run, call.arguments)
             run.begin_step(timestep)
@@ -85,10 +128,17 @@ class StepHook(ModelHook):
             run.begin_step(timestep)
         run.in_call = True
 
+    def _scheduler(self):
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        return getattr(pipeline, "scheduler", None)
+
+    def _run_marker(self) -> object | None:
+        """The pipeline scheduler's timesteps object, which each pipeline call replaces; None without one."""
+        return getattr(self._scheduler(), "timesteps", None)
+
     def _schedule(self) -> tuple[float, ...] | None:
         """The timesteps the pipeline's scheduler set for this run, in the model's units, if known."""
-        pipeline = self._pipeline() if self._pipeline is not None else None
-        timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+        timesteps = self._run_marker()
         if timesteps is None or not len(timesteps):
             return None
         values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)

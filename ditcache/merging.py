@@ -68,10 +68,17 @@ def bipartite_match(
     generator: torch.Generator | None = None,
 ) -> TokenMatch:
     """Match the tokens of ``metric`` ``(batch, tokens, dim)`` laid out on ``grid`` (rows, columns), each
-    sequence on its own."""
+    sequence on its own. The grid is known only now, so a cell that does not fit it is refused here:
+    it would leave no destination to match."""
     batch, tokens, _ = metric.shape
     if grid[0] * grid[1] != tokens:
         raise ValueError(f"token grid {grid} does not hold {tokens} tokens")
+    height, width = grid
+    if sx > width or sy > height:
+        raise ValueError(
+            f"ToMe cell `sx` x `sy` = {sx} x {sy} does not fit the token grid of {width} x {height} (columns x rows); "
+            f"choose `sx` <= {width} and `sy` <= {height}."
+        )
     is_destination = destination_mask(grid, sx, sy, batch, random, generator, metric.device)
     order = torch.argsort(is_destination.to(torch.int8), dim=1, descending=True, stable=True)
     count = int(is_destination[0].sum())

@@ -61,7 +61,9 @@ def merge_guidance_halves(scores: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_bonus(scores: torch.Tensor, grid: tuple[int, int], cell: int, bonus: float) -> torch.Tensor:
-    """Add ``bonus * max(score)`` to the best token of each ``cell x cell`` patch of the token grid.
+    """Raise the best token of each ``cell x cell`` patch of the token grid by ``bonus`` times that
+    cell's maximum, i.e. multiply the cell winner's score by ``1 + bonus`` (the published rule), so
+    that selections spread over the image.
 
     ``grid`` is ``(height, width)`` in tokens; any size works (edge cells are smaller).
     """
@@ -73,12 +75,11 @@ def spatial_bonus(scores: torch.Tensor, grid: tuple[int, int], cell: int, bonus:
     padded = scores.new_full((batch, cells_h * cell, cells_w * cell), float("-inf"))
     padded[:, :height, :width] = scores.view(batch, height, width)
     blocks = padded.view(batch, cells_h, cell, cells_w, cell).permute(0, 1, 3, 2, 4).reshape(batch, -1, cell * cell)
-    best = blocks.argmax(dim=-1)
+    best_score, best = blocks.max(dim=-1)
     rows = torch.arange(cells_h, device=scores.device).repeat_interleave(cells_w) * cell + best // cell
     cols = torch.arange(cells_w, device=scores.device).repeat(cells_h) * cell + best % cell
     winners = rows * width + cols
-    boost = bonus * scores.amax(dim=-1, keepdim=True)
-    return scores.scatter_add(1, winners, boost.expand_as(winners).to(scores.dtype))
+    return scores.scatter_add(1, winners, (bonus * best_score).to(scores.dtype))
 
 
 def top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ hooks (which read the step's decision and keep their caches in it). Resetting it
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -50,14 +51,20 @@ class CacheStats:
 class BlockCache:
     """One block's cached branch outputs (before their gates) and token-selection state.
 
-    With a forecast order ``k > 0`` each branch also keeps the Newton divided differences of its last
-    ``k + 1`` full-step values, so that a partial step reuses the Taylor (Newton) extrapolation of the
-    branch to that step instead of its last value; a polynomial of degree ``k`` in the step index is
-    forecast exactly, whatever the spacing of the full steps. The forecast state is anchored at full
-    steps: rows a partial step recomputes are written into that step's forecast only (without a
-    forecast, into the stored value, where they persist, as ToCa defines it). Re-anchoring recomputed
-    rows in the stored value was measured too: within 0.2 dB on the reference DiT, 0.2-1.0 dB worse on
-    the reference FLUX (eval/BENCHMARKS.md).
+    With a forecast order ``K`` (1 to 4) each branch also keeps the Newton divided differences of its
+    last ``K + 1`` full-step values, so that a partial step reuses the Taylor (Newton) extrapolation of
+    the branch to that step instead of its last value; a polynomial of degree ``K`` in the step index is
+    forecast exactly, whatever the spacing of the full steps. TaylorSeer forecasts
+    ``F(k) = sum_i D^i k^i / i!`` instead, ``k`` the offset from the last full step and its differences
+    divided by the last interval only. The two agree at order 1 (the line through the last two full
+    steps); from order 2 on they differ even at an even spacing ``N``, where TaylorSeer's ``D^i / i!`` are
+    the divided differences kept here but multiply ``k^i`` instead of ``k (k + N) ... (k + (i - 1) N)``,
+    so that TaylorSeer is exact for degree 1 only (tests/test_forecast.py).
+
+    The forecast state is anchored at full steps: rows a partial step recomputes are written into that
+    step's forecast only (without a forecast, into the stored value, where they persist, as ToCa
+    defines it). Re-anchoring recomputed rows in the stored value was measured too: within 0.2 dB on the
+    reference DiT, 0.2-1.0 dB worse on the reference FLUX (eval/BENCHMARKS.md).
     """
 
     branches: dict[str, torch.Tensor] = field(default_factory=dict)  # value at the last full step
@@ -157,11 +164,14 @@ class RunState:
     def reset(self) -> None:
         """Forget the run: caches, counters and the random generator."""
         self.signature: CallSignature | None = None
+        self.marker: object | None = None  # what marks this run's start in the pipeline (its timesteps object)
+        self.owner: int | None = None  # the thread that started the run
         self.step = -1
         self.stream = 0
         self.last_timestep: float | None = None
         self.first_timestep: float | None = None
         self.schedule: tuple[float, ...] | None = None  # the run's timesteps as the model sees them, if known
+        self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
         self.progress = 0.0
         self.is_full = True
         self.steps_since_full = 0
@@ -184,13 +194,29 @@ class RunState:
 
     # -- run lifecycle -------------------------------------------------------------------------
     def start(
-        self, signature: CallSignature, timestep: float, schedule: tuple[float, ...] | None, guidance_batch: bool
+        self,
+        signature: CallSignature,
+        timestep: float,
+        schedule: tuple[float, ...] | None,
+        guidance_batch: bool,
+        marker: object | None = None,
+        owner: int | None = None,
     ) -> None:
         self.reset()
         self.signature = signature
+        self.marker, self.owner = marker, owner
         self.first_timestep = timestep
         self.schedule = schedule
         self.guidance_batch = guidance_batch
+        if self.settings.schedule.needs_step_count:
+            if schedule is None:
+                warnings.warn(
+                    "the grid full-step rule needs the run's step count, which a bare transformer does not "
+                    "know: full steps follow the interval rule. Apply the cache to the pipeline to get the grid.",
+                    stacklevel=2,
+                )
+            else:
+                self.full_step_plan = self.settings.schedule.full_step_plan(len(schedule))
         self.generator = torch.Generator(device=signature.device).manual_seed(self.settings.seed)
         merging = self.settings.merging
         if merging is not None and merging.seed is not None:
@@ -203,7 +229,10 @@ class RunState:
         self.last_timestep = timestep
         self.progress = self._progress(timestep)
         self.steps_since_full += 1
-        self.is_full = self.settings.schedule.is_full_step(self.step, self.steps_since_full, self.progress)
+        if self.full_step_plan is not None:
+            self.is_full = self.step >= len(self.full_step_plan) or self.full_step_plan[self.step]
+        else:
+            self.is_full = self.settings.schedule.is_full_step(self.step, self.steps_since_full, self.progress)
         if self.is_full:
             self.steps_since_full = 0
             self._full_step_indices.append(self.step)
@@ -215,7 +244,7 @@ class RunState:
 
     def _progress(self, timestep: float) -> float:
         if self.schedule is not None and len(self.schedule) > 1:
-            return min(self.step / (len(self.schedule) - 1), 1.0)
+            return self.settings.schedule.progress(self.step, len(self.schedule))
         if self.first_timestep:  # no step count known: progress of the timestep itself
             return min(max(1.0 - timestep / self.first_timestep, 0.0), 1.0)
         return 0.0

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BertTokenizer, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from .weights import MissingWeightsError, require_weights
+from .weights import MissingWeightsError, load_checkpoint, require_weights
 
 CHECKPOINT_FILE = "ImageReward.pt"
 MED_CONFIG_FILE = "med_config.json"
@@ -342,6 +342,7 @@ class ImageReward(nn.Module):
 
         Raises:
             MissingWeightsError: a folder or file is missing; the message says which and how to get it.
+            UnsafeCheckpointError: ``ImageReward.pt`` holds pickled objects besides tensors.
             ValueError: the checkpoint's keys differ from the architecture beyond the ignorable ones.
         """
         folder = require_weights("image-reward", path)
@@ -351,7 +352,7 @@ class ImageReward(nn.Module):
         # BLIP's init_tokenizer adds these two; they change tokenisation only of prompts that contain them literally.
         tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
 
-        state_dict = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+        state_dict = load_checkpoint(checkpoint_file)
         model = cls(med_config, VisionSizes.from_state_dict(state_dict), tokenizer)
         model.load_state_dict(_checked_state_dict(state_dict, set(model.state_dict()), str(checkpoint_file)))
         return model

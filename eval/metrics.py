@@ -2,17 +2,20 @@
 
 Input format everywhere: images as a ``(N, 3, H, W)`` tensor, float in ``[0, 1]`` (uint8 in ``[0, 255]`` is
 accepted too), and for the text metrics one prompt per image. Weights are found through
-:mod:`ditcache.eval.weights` and never downloaded here.
+:mod:`ditcache.eval.weights`, never downloaded here, and loaded with ``weights_only=True``, also those that
+torchmetrics and torch-fidelity would unpickle in full.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .weights import require_weights
+from .weights import load_checkpoint, require_weights
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:
@@ -28,6 +31,35 @@ def as_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 # -- distribution metrics --------------------------------------------------------------------------
+class InceptionFeatures(nn.Module):
+    """torchmetrics' Inception-v3 features of float images in [0, 1], from weights loaded with ``weights_only=True``.
+
+    torch-fidelity, which builds the network, unpickles its weights file in full (``weights_only=False``), and
+    torchmetrics' KID takes no weights file at all (it downloads or reads the torch hub cache the same way): a
+    pickle planted where the weights are looked up would run its code. Here the file is loaded safely and
+    torch-fidelity reads back only those tensors, serialized again in memory. Images are quantised with
+    ``(images * 255).byte()`` as torchmetrics does for its own Inception, so FID and KID given this module as
+    ``feature`` compute what they compute with ``feature=<int>`` and the same weights.
+
+    Args:
+        feature: the feature layer, 64, 192, 768 or 2048.
+        weights_path: explicit path of the Inception weights (else found as ``inception``).
+    """
+
+    def __init__(self, feature: int = 2048, weights_path: str | os.PathLike | None = None):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        serialized = io.BytesIO()
+        torch.save(load_checkpoint(require_weights("inception", weights_path)), serialized)
+        serialized.seek(0)
+        self.inception = NoTrainInceptionV3("inception-v3-compat", [str(feature)], feature_extractor_weights_path=serialized)
+        self.num_features = feature  # read by FID instead of running a dummy image
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inception((images * 255).byte())
+
+
 def feature_distances(
     images: torch.Tensor,
     references: torch.Tensor,
@@ -44,7 +76,7 @@ def feature_distances(
         feature: an Inception-v3 feature layer (64, 192, 768 or 2048, weights found as ``inception``) or
             any ``nn.Module`` that maps float images in [0, 1] to ``(N, d)`` features; results computed
             with a custom module must not be called FID without saying which features.
-        weights_path: explicit path of the Inception weights.
+        weights_path: explicit path of the Inception weights (see :class:`InceptionFeatures`).
         kid_subset_size: KID's subset size (torchmetrics' default 1000).
 
     Returns:
@@ -53,12 +85,11 @@ def feature_distances(
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    options = {}
     if isinstance(feature, int):
-        options["feature_extractor_weights_path"] = str(require_weights("inception", weights_path))
+        feature = InceptionFeatures(feature, weights_path)  # one network, safely loaded, for both metrics
     subset = min(kid_subset_size, len(images), len(references))
-    fid = FrechetInceptionDistance(feature=feature, normalize=True, **options)
-    kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset, **options)
+    fid = FrechetInceptionDistance(feature=feature, normalize=True)
+    kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset)
     for metric in (fid, kid):
         metric.eval()
         with torch.no_grad():
@@ -138,17 +169,20 @@ class LPIPS(nn.Module):
     """LPIPS (AlexNet) with torchmetrics' linear heads and the AlexNet weights from a local file.
 
     torchmetrics would fetch the AlexNet weights itself; here they come from ``weights_path``, the
-    ``DITCACHE_LPIPS_WEIGHTS`` variable or the torch hub cache, loaded with ``weights_only=True``.
-    ``backbone_state=None`` with ``random_backbone=True`` keeps a random backbone (tests only).
+    ``DITCACHE_LPIPS_WEIGHTS`` variable or the torch hub cache. Both they and the heads, which torchmetrics
+    would load with torch's default ``weights_only`` (False before torch 2.6), load with ``weights_only=True``.
+    ``random_backbone=True`` keeps a random backbone (tests only).
     """
 
     def __init__(self, weights_path: str | os.PathLike | None = None, random_backbone: bool = False):
         super().__init__()
-        from torchmetrics.functional.image.lpips import _LPIPS
+        from torchmetrics.functional.image import lpips
 
-        self.lpips = _LPIPS(pretrained=True, net="alex", pnet_rand=True).eval()
+        self.lpips = lpips._LPIPS(pretrained=False, net="alex", pnet_rand=True).eval()
+        # the file holds only the heads (`lin{k}.model.1.weight`), hence strict=False, as in torchmetrics
+        self.lpips.load_state_dict(load_checkpoint(Path(lpips.__file__).with_name("lpips_models") / "alex.pth"), strict=False)
         if not random_backbone:
-            state = torch.load(require_weights("lpips-alexnet", weights_path), map_location="cpu", weights_only=True)
+            state = load_checkpoint(require_weights("lpips-alexnet", weights_path))
             # torchmetrics splits AlexNet's `features.{i}` into slices that keep the index: `slice{k}.{i}`.
             backbone = self.lpips.net
             backbone.load_state_dict({key: state["features." + key.split(".", 1)[1]] for key in backbone.state_dict()})

@@ -9,6 +9,8 @@ given the same branches ditcache caches.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers.hooks import (
     FirstBlockCacheConfig,
@@ -25,6 +27,13 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 PEERS = ("fbc", "taylorseer", "magcache", "pab")
+# The values a spec may give after the name, in order: (option, type, default, minimum).
+OPTIONS = {
+    "fbc": [("threshold", float, 0.05, 0.0)],
+    "taylorseer": [("interval", int, 4, 1), ("max_order", int, 1, 0)],
+    "magcache": [("threshold", float, 0.06, 0.0)],
+    "pab": [("block_skip_range", int, 2, 1)],
+}
 BRANCH_PATTERNS = {
     "DiTTransformer2DModel": [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"],
     "PixArtTransformer2DModel": [r"transformer_blocks\.\d+\.attn[12]", r"transformer_blocks\.\d+\.ff"],
@@ -35,11 +44,31 @@ def _hook_names(module: torch.nn.Module) -> dict[torch.nn.Module, set[str]]:
     return {m: set(m._diffusers_hook.hooks) for m in module.modules() if hasattr(m, "_diffusers_hook")}
 
 
+def parse_options(name: str, values: list[str]) -> dict:
+    """The checked options of a ``name:value[:value]`` spec; a value left out or empty takes its default."""
+    allowed = OPTIONS[name]
+    if len(values) > len(allowed):
+        raise ValueError(f"expected at most {':'.join([name, *(option for option, *_ in allowed)])}.")
+    padded = values + [""] * (len(allowed) - len(values))
+    return {option: _number(option, kind, text, minimum) if text else default
+            for (option, kind, default, minimum), text in zip(allowed, padded)}
+
+
+def _number(option: str, kind: type, text: str, minimum: float) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or abs(value) == math.inf or value < minimum:
+        raise ValueError(f"`{option}` must be {'an integer' if kind is int else 'a number'} >= {minimum}, got {text!r}.")
+    return value
+
+
 class DiffusersCache:
     """One of diffusers' caches as a benchmark method: ``apply(pipe)``, run, ``remove(pipe)``.
 
     ``spec`` is ``fbc[:threshold]``, ``taylorseer[:interval[:max_order]]``, ``magcache[:threshold]`` or
-    ``pab[:block_skip_range]``.
+    ``pab[:block_skip_range]``, parsed here so that a bad one fails before any run.
     """
 
     def __init__(self, spec: str):
@@ -47,6 +76,7 @@ class DiffusersCache:
         if name not in PEERS:
             raise ValueError(f"unknown diffusers cache {name!r}; known: {', '.join(PEERS)}.")
         self.name, self.value = name, value
+        self.options = parse_options(name, value.split(":") if value else [])
         self._added: dict[torch.nn.Module, set[str]] = {}
         self._handle = None
 
@@ -68,25 +98,24 @@ class DiffusersCache:
         self._handle.remove()
 
     def _apply_config(self, pipe, steps: int) -> None:
-        transformer, value = pipe.transformer, self.value
+        transformer, options = pipe.transformer, self.options
         if self.name == "fbc":
-            apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=float(value or 0.05)))
+            apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=options["threshold"]))
         elif self.name == "taylorseer":
-            interval, _, order = value.partition(":")
             config = TaylorSeerCacheConfig(
-                cache_interval=int(interval or 4),
-                max_order=int(order or 1),
+                cache_interval=options["interval"],
+                max_order=options["max_order"],
                 taylor_factors_dtype=transformer.dtype,
                 cache_identifiers=BRANCH_PATTERNS.get(type(transformer).__name__),
             )
             apply_taylorseer_cache(transformer, config)
         elif self.name == "magcache":
             ratios = FLUX_MAG_RATIOS if self._scale != 1.0 else torch.ones(steps)
-            config = MagCacheConfig(threshold=float(value or 0.06), num_inference_steps=steps, mag_ratios=ratios)
+            config = MagCacheConfig(threshold=options["threshold"], num_inference_steps=steps, mag_ratios=ratios)
             apply_mag_cache(transformer, config)
         else:
             config = PyramidAttentionBroadcastConfig(
-                spatial_attention_block_skip_range=int(value or 2),
+                spatial_attention_block_skip_range=options["block_skip_range"],
                 current_timestep_callback=lambda: self._last_timestep * self._scale,
             )
             apply_pyramid_attention_broadcast(transformer, config)

@@ -65,16 +65,25 @@ class Method:
 
 
 def parse_method(spec: str) -> Method:
-    """``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant;
-    ``auto`` takes the model's preset, for the score or the schedule), either with a trailing
+    """``uncached``, ``fora:N[:schedule]``, ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant
+    for ToCa; ``auto`` takes the model's preset, for the score or the schedule, ``reference`` the
+    published one), either with a trailing
     ``:order=K`` (forecast order, e.g. ``fora:4:order=1``), ``tome:R[:mlp]`` (token merging on
     self-attention, and on the MLP with ``mlp``), a caching method and ToMe joined by ``+``
     (``toca:4:0.9+tome:0.5``), or one of diffusers' caches: ``fbc[:threshold]``,
-    ``taylorseer[:interval[:order]]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``."""
+    ``taylorseer[:interval[:order]]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``. Every value
+    is checked here, so that a bad spec fails before any run, with an error naming it."""
+    try:
+        return _parse_method(spec)
+    except ValueError as error:
+        raise ValueError(f"method {spec!r}: {error}") from error
+
+
+def _parse_method(spec: str) -> Method:
     if "+" in spec:
-        parts = [parse_method(part) for part in spec.split("+")]
+        parts = [_parse_method(part) for part in spec.split("+")]
         if len(parts) != 2 or any(part.config is None for part in parts):
-            raise ValueError(f"method {spec!r}: join one of fora/toca with one tome, e.g. 'toca:4:0.9+tome:0.5'.")
+            raise ValueError("join one of fora/toca with one tome, e.g. 'toca:4:0.9+tome:0.5'.")
         return Method(spec, config=[part.config for part in parts])
     name, *params = spec.split(":")
     forecast = {}
@@ -84,17 +93,18 @@ def parse_method(spec: str) -> Method:
         return Method(spec, config=ToMeConfig(ratio=float(params[0]), merge_mlp=params[1:] == ["mlp"], seed=0))
     if name == "uncached" and not params:
         return Method(spec)
-    if name == "fora" and len(params) == 1:
-        return Method(spec, config=FORAConfig(cache_interval=int(params[0]), **forecast))
+    if name == "fora" and len(params) in (1, 2):
+        schedule = {"schedule": params[1]} if len(params) == 2 else {}
+        return Method(spec, config=FORAConfig(cache_interval=int(params[0]), **schedule, **forecast))
     if name == "toca" and 2 <= len(params) <= 4:
         score = params[2] if len(params) > 2 else "auto"
         schedule = params[3] if len(params) > 3 else "constant"
         config = ToCaConfig(cache_interval=int(params[0]), cache_ratio=float(params[1]), score=score, schedule=schedule, **forecast)
         return Method(spec, config=config)
-    if name in PEERS and len(params) <= (2 if name == "taylorseer" else 1):
+    if name in PEERS:
         return Method(spec, peer=DiffusersCache(spec))
     raise ValueError(
-        f"method {spec!r}: expected 'uncached', 'fora:N[:order=K]', 'toca:N:R[:score[:schedule]][:order=K]', "
+        "expected 'uncached', 'fora:N[:schedule][:order=K]', 'toca:N:R[:score[:schedule]][:order=K]', "
         f"'tome:R[:mlp]' or one of {', '.join(PEERS)} with an optional ':value'."
     )
 

@@ -25,8 +25,10 @@ import importlib
 import io
 import itertools
 import json
+import numbers
 import os
 import re
+import reprlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,6 +56,8 @@ VIDEO_METRICS = ("temporal_flickering", "subject_consistency", "background_consi
 METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS + (DIGITS_FID,) + VIDEO_METRICS
 PLOT_AXES = {"speedup": "wall-clock speedup (x)", "flops_speedup": "FLOPs speedup (x)"}
 BASELINE = "uncached"
+MAX_SEED = 2**63 - 1  # int64, as numpy and pandas read the results back
+MAX_SEED_COUNT = 1_000_000
 
 
 @dataclass
@@ -62,7 +66,8 @@ class SweepConfig:
 
     ``methods`` take ``ditcache bench`` specs (``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]``,
     ``fbc``, ``taylorseer:N``, ``magcache``, ``pab``) or a grid entry ``{grid: "toca:{n}:{r}", n: [3, 4],
-    r: [0.8, 0.9]}``; ``uncached`` is always run, as the baseline of speedups and fidelity.
+    r: [0.8, 0.9]}``; ``uncached`` is always run, as the baseline of speedups and fidelity. ``seeds`` is a
+    list of distinct seeds or a count ``N`` (seeds ``0 .. N-1``).
     ``prompts`` is a list, a file (``.txt`` one per line, ``.tsv``, ``.json``) or
     ``{file|dataset: ..., column: ..., split: ..., limit: ...}``; for DiT a prompt is an ImageNet label
     name or a class index. ``metric_options``: ``clip_score: {model: PATH}``, ``image_reward:
@@ -100,8 +105,9 @@ class SweepConfig:
             self.methods.insert(0, BASELINE)
         for spec in self.methods:
             parse_method(spec)  # a bad spec fails now, not after hours of generation
-        if not self.prompts or not self.seeds:
-            raise ValueError("prompts and seeds must not be empty")
+        self.seeds = check_seeds(self.seeds)
+        if not self.prompts:
+            raise ValueError("prompts must not be empty")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.plot_x not in PLOT_AXES:
@@ -111,6 +117,23 @@ class SweepConfig:
         """Images of one method live here; the hash covers everything that changes their pixels."""
         key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method])
         return f"{method.replace(':', '_')}-{_digest(key)}"
+
+
+def check_seeds(seeds) -> list[int]:
+    """The seeds as a list, from a list of distinct seeds or a count ``N`` (seeds ``0 .. N-1``)."""
+    if _is_int(seeds) and 1 <= seeds <= MAX_SEED_COUNT:
+        return list(range(seeds))
+    if isinstance(seeds, list) and all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds):
+        if seeds and len(set(seeds)) == len(seeds):
+            return [int(s) for s in seeds]
+    raise ValueError(
+        f"`seeds` must be a list of distinct integers in [0, {MAX_SEED}] or a count in [1, {MAX_SEED_COUNT}], "
+        f"got {reprlib.repr(seeds)}."
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _digest(text: str) -> str:
@@ -165,8 +188,6 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     raw["prompts"] = load_prompts(raw["prompts"], path.parent)
     if (path.parent / raw["pipeline"]).is_dir():
         raw["pipeline"] = str((path.parent / raw["pipeline"]).resolve())
-    if isinstance(raw.get("seeds"), int):  # seeds: N means seeds 0 .. N-1
-        raw["seeds"] = list(range(raw["seeds"]))
     unknown = sorted(set(raw) - set(SweepConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(SweepConfig.__dataclass_fields__)}")

@@ -327,13 +327,17 @@ def run_official_vbench(
 
     It runs ``VBench(device, ..., output_dir).evaluate(..., mode="custom_input")`` (prompts read from
     the file names) in a child process of ``python``, and reads back ``{output_dir}/{name}_eval_results.json``.
+    VBench and its dependencies load their checkpoints with ``torch.load``, some with ``weights_only=False``; the
+    child runs with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, so torch loads them all with ``weights_only=True``, as
+    ditcache does, and a checkpoint holding other pickled objects fails instead of running their code.
     vbench pins ``transformers==4.33.2`` and ``numpy<2``, so it normally lives in its own environment:
     pass that environment's interpreter as ``python`` (the default is this one).
 
     Raises:
         ImportError: ``python`` cannot import vbench; the message says how to install it.
         ValueError: a dimension VBench does not score in custom_input mode.
-        RuntimeError: vbench failed (its output went to this process's stdout and stderr).
+        RuntimeError: vbench failed (its output went to this process's stdout and stderr), also when it
+            met a checkpoint that ``weights_only=True`` refuses.
     """
     unsupported = sorted(set(dimensions) & set(CUSTOM_INPUT_UNSUPPORTED))
     if unsupported:
@@ -346,7 +350,8 @@ def run_official_vbench(
         "device": device,
         "name": name,
     }
-    returncode = subprocess.run([python, "-c", _OFFICIAL_RUNNER, json.dumps(args)], check=False).returncode
+    env = os.environ | {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}  # overrides weights_only=False at any torch.load call
+    returncode = subprocess.run([python, "-c", _OFFICIAL_RUNNER, json.dumps(args)], env=env, check=False).returncode
     if returncode == _VBENCH_MISSING:
         raise ImportError(
             f"The official VBench (`vbench` on PyPI) is not installed for {python}. It pins transformers==4.33.2 "

@@ -5,11 +5,15 @@ path in the spec's environment variable, and in the standard caches: the torch h
 (``$TORCH_HOME/hub/checkpoints``) for files that torch or torchvision download from a URL, and the
 Hugging Face cache (``$HF_HOME/hub``) for hub repositories. ``ditcache eval check`` lists what is found
 and what is missing; ``ditcache eval fetch`` downloads the missing ones on a machine that is online.
+
+Checkpoints found there load as safetensors or with ``weights_only=True`` (:func:`load_checkpoint` here, transformers
+for hub folders), never unpickled in full: a pickle put at any of these places would otherwise run its code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +22,10 @@ import torch
 
 class MissingWeightsError(FileNotFoundError):
     """A metric's weights are not on this machine; the message says which file and where to put it."""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holds pickled objects other than tensors and plain containers, which could run code when loaded."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,21 @@ def require_weights(name: str, path: str | os.PathLike | None = None) -> Path:
         f"{spec.cache_path}, or point {spec.env} at a local copy, or run `ditcache eval fetch {name}` on a machine "
         "that is online."
     )
+
+
+def load_checkpoint(file: str | os.PathLike) -> dict:
+    """``torch.load(file, weights_only=True)`` onto the CPU: tensors and plain containers, nothing that runs code.
+
+    Raises:
+        UnsafeCheckpointError: the file holds anything else, as a pickle planted at a weights path would.
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f"{file} holds pickled objects besides tensors (torch.load with weights_only=True refused it, see above), "
+            "so it was not loaded: unpickling them could run code. Replace it with the released weights."
+        ) from error
 
 
 def check() -> list[tuple[WeightSpec, Path | None]]:

@@ -12,11 +12,12 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
-from ditcache import CacheStats, FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
+from ditcache import CacheStats, FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_config, cache_stats, remove_cache
 from ditcache.adapters import ADAPTERS
 from ditcache.config import CacheConfig, config_from_dict, config_to_dict
 
@@ -90,7 +91,7 @@ class ToCaPipeline(DiffusionPipeline):
         ``ditcache_config.json`` saved in a local folder, then from the model family's preset."""
         saved = Path(pretrained_model_name_or_path) / CONFIG_FILE
         if cache_config is None and saved.is_file():
-            cache_config = config_from_dict(json.loads(saved.read_text()))
+            cache_config = read_config(saved)
         config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)
         loader = pipeline_loader(pretrained_model_name_or_path, kwargs)
         return cls.attach(loader.from_pretrained(pretrained_model_name_or_path, **kwargs), config)
@@ -149,22 +150,58 @@ class ToCaPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """Save as the original pipeline (plain diffusers loads the folder), plus the cache settings
-        in ``ditcache_config.json`` for ``ToCaPipeline.from_pretrained``."""
+        in ``ditcache_config.json`` for ``ToCaPipeline.from_pretrained``. The settings are serialised
+        before any weight is written, a stale copy is removed, and they are written last and atomically:
+        a failed save leaves no folder that claims them."""
+        text = json.dumps(config_to_dict(self._ditcache_config), indent=2)
+        path = Path(save_directory) / CONFIG_FILE
+        path.unlink(missing_ok=True)
         super().save_pretrained(save_directory, *args, **kwargs)
-        (Path(save_directory) / CONFIG_FILE).write_text(json.dumps(config_to_dict(self._ditcache_config), indent=2))
+        _write_atomically(path, text)
 
     def _cached_call(self, original_call, args, kwargs, cache_interval, cache_ratio, cache):
-        config = self._ditcache_config
-        call_config = resolve_config(cache_interval, cache_ratio, config) if cache else None
-        if call_config != config:
-            remove_cache(self) if call_config is None else apply_cache(self, call_config)
+        """Run with this pipeline's config (and the call's changes) on the transformer, then leave the
+        transformer carrying exactly what it carried before: another pipeline sharing it (``from_pipe``)
+        keeps its own settings, and a removed cache is never put back silently."""
+        carried = cache_config(self)
+        if cache and carried is None:
+            raise RuntimeError(
+                "ditcache was removed from this pipeline's transformer (ditcache.remove_cache): call "
+                "ditcache.apply_cache(pipe, pipe.cache_config) to cache it again, or pass cache=False."
+            )
+        wanted = resolve_config(cache_interval, cache_ratio, self._ditcache_config) if cache else None
+        swapped = wanted != carried
+        if swapped:
+            remove_cache(self) if wanted is None else apply_cache(self, wanted)
         try:
             output = original_call(self, *args, **kwargs)
             self._ditcache_stats = cache_stats(self) if cache else None
             return output
         finally:
-            if call_config != config:
-                apply_cache(self, config)
+            if swapped:
+                apply_cache(self, carried) if carried is not None else remove_cache(self)
+
+
+def read_config(path: Path) -> CacheConfig | list[CacheConfig]:
+    """The settings saved in ``path``; a malformed file raises a ``ValueError`` that names it."""
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except ValueError as error:  # invalid JSON or UTF-8 included
+        raise ValueError(f"{path} is not a valid ditcache config: {error}") from error
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a temporary file next to ``path``, then rename it over ``path``: a crash leaves the old
+    file or the new one, never part of one."""
+    temporary = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}.tmp")  # *.json.tmp: git-ignored
+    try:
+        with open(temporary, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def pipeline_loader(pretrained_model_name_or_path, kwargs: dict | None = None) -> type[DiffusionPipeline]:

@@ -1,5 +1,7 @@
 """Forecasting caches: Taylor (Newton) extrapolation of cached branch outputs between full steps."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +18,14 @@ def polynomial(step: float, degree: int) -> torch.Tensor:
     return sum(coefficients ** (k + 1) * (step / 10) ** k * (-1) ** k for k in range(degree + 1))
 
 
-@pytest.mark.parametrize("order", [0, 1, 2])
-@pytest.mark.parametrize("full_steps", [(0, 3, 6), (1, 2, 7)])  # even and uneven spacing
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("full_steps", [(0, 3, 6, 9, 12), (1, 2, 7, 8, 12)])  # even and uneven spacing
 def test_order_k_forecasts_a_degree_k_polynomial_exactly(order, full_steps):
     cache = BlockCache()
     for step in full_steps:
         cache.store("mlp", polynomial(step, order), step, order)
-    for step in (full_steps[-1] + 1, full_steps[-1] + 2, 11):
+    assert cache.nodes["mlp"] == list(reversed(full_steps))[: order + 1]
+    for step in (full_steps[-1] + 1, full_steps[-1] + 2, 17):
         torch.testing.assert_close(cache.current("mlp", step), polynomial(step, order), rtol=1e-12, atol=1e-12)
         flat = torch.tensor([0, 2, 3])
         terms = cache.forecast_terms("mlp", step, flat)
@@ -35,7 +38,41 @@ def test_order_k_forecasts_a_degree_k_polynomial_exactly(order, full_steps):
         cache = BlockCache()
         for step in full_steps:
             cache.store("mlp", polynomial(step, order + 1), step, order)
-        assert not torch.allclose(cache.current("mlp", 11), polynomial(11, order + 1))
+        assert not torch.allclose(cache.current("mlp", 17), polynomial(17, order + 1))
+
+
+def taylorseer(values, steps, order: int, step: int) -> torch.Tensor:
+    """TaylorSeer's forecast as diffusers computes it (``TaylorSeerState``): differences divided by the
+    last interval only, ``F(k) = sum_i D^i k^i / i!`` with ``k`` the offset from the last full step."""
+    factors, last = None, None
+    for value, node in zip(values, steps):
+        new = [value]
+        for j in range(min(order, len(factors or []))):
+            new.append((new[j] - factors[j]) / (node - last))
+        factors, last = new, node
+    return sum(factor * (step - last) ** i / math.factorial(i) for i, factor in enumerate(factors))
+
+
+def feature(step: int) -> torch.Tensor:
+    """A feature that is no polynomial of the step."""
+    return torch.tensor([math.sin(step / 3), math.sqrt(step + 1)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_newton_and_taylorseer_forms(order):
+    """What the BlockCache docstring says: the two forecasts agree at order 1 (a line through the last two
+    full steps), from order 2 on not even at even spacing N, where TaylorSeer's ``D^i / i!`` are the
+    Newton divided differences."""
+    for full_steps, even in (((0, 3, 6, 9, 12), True), ((1, 2, 7, 8, 12), False)):
+        cache, values = BlockCache(), [feature(step) for step in full_steps]
+        for value, step in zip(values, full_steps):
+            cache.store("attn", value, step, order)
+        assert torch.allclose(cache.current("attn", 14), taylorseer(values, full_steps, order, 14)) == (order == 1)
+        if even:
+            backward = values
+            for i, difference in enumerate(cache.differences["attn"], 1):
+                backward = [b - a for a, b in zip(backward, backward[1:])]  # the i-th backward differences
+                torch.testing.assert_close(difference, backward[-1] / 3**i / math.factorial(i), rtol=1e-12, atol=1e-12)
 
 
 def test_forecast_uses_the_full_steps_it_has():
@@ -63,7 +100,7 @@ def test_order_zero_is_the_method_without_forecasting(dit_pipe):
         assert stats.cache_bytes > plain_stats.cache_bytes  # value and first difference per branch
 
 
-@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("order", [1, 2, 4])
 def test_forecasting_runs_on_pixart_and_flux(pixart_pipe, flux_pipe, order):
     apply_cache(pixart_pipe, ToCaConfig(cache_interval=3, cache_ratio=0.8, schedule="constant", forecast_order=order))
     assert np.isfinite(run_pixart(pixart_pipe, steps=8)).all()
@@ -73,9 +110,9 @@ def test_forecasting_runs_on_pixart_and_flux(pixart_pipe, flux_pipe, order):
     assert np.isfinite(image).all() and cache_stats(flux_pipe).partial_steps > 0
 
 
-@pytest.mark.parametrize("value", [-1, 3, 1.5, True])
+@pytest.mark.parametrize("value", [-1, 5, 1.5, True])
 def test_forecast_order_is_validated(value):
-    with pytest.raises(ValueError, match=r"`forecast_order` must be an integer in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"`forecast_order` must be an integer in \[0, 4\]"):
         ToCaConfig(forecast_order=value)
     with pytest.raises(ValueError, match="forecast_order"):
         FORAConfig(forecast_order=value)

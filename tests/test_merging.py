@@ -71,10 +71,27 @@ def test_random_destinations_are_one_per_cell_and_seeded():
     assert cells == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
+@pytest.mark.parametrize("sx, sy", [(5, 2), (2, 4), (6, 6)])
+def test_a_cell_larger_than_the_grid_is_refused(sx, sy):
+    x = torch.randn(1, 12, 4)
+    message = (rf"ToMe cell `sx` x `sy` = {sx} x {sy} does not fit the token grid of 4 x 3 \(columns x rows\); "
+               r"choose `sx` <= 4 and `sy` <= 3\.")
+    with pytest.raises(ValueError, match=message):
+        bipartite_match(x, (3, 4), 0.5, sx=sx, sy=sy)
+    assert bipartite_match(x, (3, 4), 0.5, sx=4, sy=3).destinations.shape == (1, 1)  # one cell: the whole grid
+
+
+def test_a_cell_larger_than_the_model_grid_fails_clearly(dit_pipe):
+    dit_pipe.set_progress_bar_config(disable=True)
+    apply_cache(dit_pipe, ToMeConfig(sx=8, sy=2, seed=0))  # the tiny DiT has a 4 x 4 token grid
+    with pytest.raises(ValueError, match=r"`sx` x `sy` = 8 x 2 does not fit the token grid of 4 x 4 \(columns x rows\)"):
+        _dit(dit_pipe)
+
+
 def test_tome_config_validation():
     with pytest.raises(ValueError, match="`ratio` must be a number in \\[0, 1\\)"):
         ToMeConfig(ratio=1.0)
-    with pytest.raises(ValueError, match="`sx` must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"`sx` must be an integer in \[1, 10000\]"):
         ToMeConfig(sx=0)
     with pytest.raises(ValueError, match="one ToCaConfig/FORAConfig together with one ToMeConfig"):
         resolve_configs([ToCaConfig(), ToCaConfig()], "dit")

@@ -94,6 +94,58 @@ def test_save_pretrained_writes_a_plain_diffusers_folder(saved_pipelines, tmp_pa
     np.testing.assert_array_equal(generate(reloaded, "flux"), expected)
 
 
+def test_save_pretrained_takes_numpy_values_and_writes_the_config_atomically(saved_pipelines, tmp_path):
+    config = ToCaConfig(cache_interval=np.int64(3), cache_ratio=np.float32(0.5), seed=np.uint64(7))
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "dit", cache_config=config)
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "ditcache_config.json").read_text())
+    assert saved["cache_interval"] == 3 and saved["seed"] == 7
+    reloaded = ToCaPipeline.from_pretrained(tmp_path / "saved")
+    assert reloaded.cache_config == ToCaConfig(cache_interval=3, cache_ratio=0.5, seed=7)
+    assert not list((tmp_path / "saved").glob("*.tmp"))
+
+
+def test_a_failed_save_leaves_no_folder_claiming_a_config(saved_pipelines, tmp_path, monkeypatch):
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "dit", cache_interval=2)
+    object.__setattr__(pipe.cache_config, "seed", object())  # not JSON: refused before any weight is written
+    with pytest.raises(TypeError, match="JSON serializable"):
+        pipe.save_pretrained(tmp_path / "unsaved")
+    assert not (tmp_path / "unsaved").exists()
+
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "dit", cache_interval=2)
+    pipe.save_pretrained(tmp_path / "saved")
+
+    def fail(self, save_directory, *args, **kwargs):
+        (tmp_path / "saved" / "model_index.json").write_text("{")  # half-written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "ditcache_config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{not json", "Expecting property name"),
+        ('{"method": "tocaa"}', "`method` must be one of"),
+        ('{"method": "toca", "cache_interval": 0}', "`cache_interval` must be an integer in"),
+        ('{"method": "toca", "cache_interval": "3"}', "`cache_interval` must be an integer in"),
+        ('{"method": "toca", "interval": 3}', "unknown field"),
+        ('{"method": "tome", "use_rand": "no"}', "`use_rand` must be True or False"),
+        ("[]", "give one config"),
+        ("3", "must be an object"),
+    ],
+)
+def test_malformed_saved_config_names_the_file(tmp_path, text, problem):
+    path = tmp_path / "ditcache_config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        ToCaPipeline.from_pretrained(tmp_path)
+    assert str(path) in str(error.value) and problem in str(error.value)
+
+
 def test_from_pipe_shares_components_and_switches_task(saved_pipelines):
     source = FluxPipeline.from_pretrained(saved_pipelines / "flux")
     img2img = ToCaPipeline.from_pipe(source, pipeline_class=FluxImg2ImgPipeline, cache_interval=2)

@@ -68,7 +68,14 @@ def test_spatial_bonus_boosts_one_best_token_per_cell(grid):
                 cell = grid_scores[top : top + 2, left : left + 2]
                 winners = gained[b].view(height, width)[top : top + 2, left : left + 2]
                 assert winners.sum() == 1 and cell[winners].item() == cell.max().item()
-        torch.testing.assert_close((boosted - scores)[b][gained[b]], torch.full((int(gained[b].sum()),), 0.5 * scores[b].max().item()))
+        # the published rule: the winner's score times (1 + bonus), not a share of the global maximum
+        torch.testing.assert_close(boosted[b][gained[b]], 1.5 * scores[b][gained[b]])
+
+
+def test_spatial_bonus_scales_each_cell_by_its_own_maximum():
+    scores = torch.tensor([[1.0, 0.1, 0.2, 0.3]])  # one row, cells of 2 tokens: [1.0, 0.1] and [0.2, 0.3]
+    boosted = S.spatial_bonus(scores, (1, 4), cell=2, bonus=0.6)
+    torch.testing.assert_close(boosted, torch.tensor([[1.6, 0.1, 0.2, 0.48]]))
 
 
 def test_top_tokens_and_normalisation():

@@ -59,6 +59,54 @@ def test_bad_sweep_configs_fail_before_any_work():
         sweep.SweepConfig(pipeline="tiny-dit", methods=["toca:3:1.5"], prompts=["zero"])
 
 
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("fbc:abc", "`threshold` must be a number >= 0.0, got 'abc'"),
+        ("fbc:nan", "`threshold` must be a number >= 0.0"),
+        ("magcache:-1", "`threshold` must be a number >= 0.0"),
+        ("taylorseer:3:x", "`max_order` must be an integer >= 0, got 'x'"),
+        ("taylorseer:0", "`interval` must be an integer >= 1"),
+        ("taylorseer:3:1:2", "expected at most taylorseer:interval:max_order"),
+        ("pab:1.5", "`block_skip_range` must be an integer >= 1"),
+        ("fora:x", "invalid literal for int()"),
+        ("toca:3:high", "could not convert string to float"),
+        ("fora:3:order=9", "`forecast_order` must be an integer in [0, 4]"),
+        ("toca:4:0.9+tome:x", "could not convert string to float"),
+    ],
+)
+def test_bad_method_specs_fail_when_the_config_is_read(spec, problem, tmp_path, monkeypatch):
+    with pytest.raises(ValueError) as error:
+        sweep.SweepConfig(pipeline="tiny-dit", methods=[spec], prompts=["zero"])
+    assert f"method {spec!r}" in str(error.value) and problem in str(error.value)
+    monkeypatch.setattr(sweep, "load_pipeline", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="method"):
+        sweep.main([str(write_config(tmp_path, methods=["fora:2", spec])), "--output", str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_peer_specs_keep_their_values():
+    from ditcache.eval.peers import DiffusersCache
+
+    assert DiffusersCache("taylorseer:3:2").options == {"interval": 3, "max_order": 2}
+    assert DiffusersCache("fbc").options == {"threshold": 0.05}
+    assert DiffusersCache("pab:").options == {"block_skip_range": 2}
+
+
+@pytest.mark.parametrize("seeds", ["0", [0.5], [True], [-1], [2**63], [0, 1, 0], 0, 10**7, True, 2.0, None, [[0]]])
+def test_bad_seeds_are_refused(seeds, tmp_path):
+    with pytest.raises(ValueError, match="`seeds` must be"):
+        sweep.SweepConfig(pipeline="tiny-dit", methods=[], prompts=["zero"], seeds=seeds)
+    with pytest.raises(ValueError, match="`seeds` must be"):
+        sweep.load_config(write_config(tmp_path, seeds=seeds))
+
+
+def test_seeds_are_a_list_or_a_count(tmp_path):
+    assert sweep.SweepConfig(pipeline="tiny-dit", methods=[], prompts=["zero"], seeds=3).seeds == [0, 1, 2]
+    assert sweep.load_config(write_config(tmp_path, seeds=2)).seeds == [0, 1]
+    assert sweep.SweepConfig(pipeline="tiny-dit", methods=[], prompts=["zero"], seeds=[2**63 - 1, 5]).seeds[0] == 2**63 - 1
+
+
 def test_prompt_sources(tmp_path):
     (tmp_path / "p.txt").write_text("a fox\n\na cat\n")
     (tmp_path / "p.tsv").write_text("Prompts\tCategory\na fox\tanimals\na cat\tanimals\n")

@@ -173,14 +173,23 @@ class BlockAdapter:
     # -- scores -------------------------------------------------------------------------------
     @torch.compiler.disable
     def store_base_score(self, run: RunState, cache: BlockCache, group: str, score: torch.Tensor) -> None:
-        """Keep a full step's score of one token group (one row per guidance pair) and zero the
-        frequency counters of the branches that recompute from it."""
+        """Keep a full step's score of one token group (one row per guidance pair); the branches that
+        recompute from it get their frequency counters on the first score."""
         if run.guidance_batch:
             score = S.merge_guidance_halves(score)
         cache.base_scores[group] = score
         for branch, branch_group in self.branch_groups.items():
-            if branch_group == group:
+            if branch_group == group and branch not in cache.since_recompute:
                 cache.since_recompute[branch] = torch.zeros(score.shape, dtype=torch.int32, device=score.device)
+
+    @torch.compiler.disable
+    def recomputed_whole(self, cache: BlockCache, *branches: str) -> None:
+        """Zero the frequency counters of ``branches``, which this full step recomputed for every token,
+        whether or not it also refreshed their score."""
+        for branch in branches:
+            counter = cache.since_recompute.get(branch)
+            if counter is not None:
+                counter.zero_()
 
     @torch.compiler.disable
     def store_score_rows(self, run: RunState, cache: BlockCache, group: str, index: torch.Tensor, rows: torch.Tensor) -> None:
@@ -205,9 +214,9 @@ class BlockAdapter:
         if count == 0:
             return None
         since = cache.since_recompute[branch]
-        interval = settings.schedule.interval_at(run.progress)
         base = S.l2_normalize(cache.base_scores[self.branch_groups[branch]])
-        frequency = settings.frequency_weight * since.float() / interval
+        # steps since recomputed over the base interval N, as published (not the interval in force)
+        frequency = settings.frequency_weight * since.float() / settings.schedule.cache_interval
         score = base + frequency
         frames, grid = self.bonus_frames(run)
         if frames * grid[0] * grid[1] == tokens:  # the bonus needs the group to be the image token grid

@@ -159,6 +159,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         hidden_states = gate_mlp * mlp + hidden_states
         self.keep(run, cache, "mlp", mlp)
 
+        self.recomputed_whole(cache, *self.branch_groups)
         score_flops = self._refresh_scores(run, cache, score, taps, encoder_attention_mask, hidden_states.shape, match)
         run.add_flops(self._flops(hidden_states.shape, encoder_hidden_states, rows) + score_flops,
                       self._flops(hidden_states.shape, encoder_hidden_states, None))
@@ -214,7 +215,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         if score == "attention":
             return query_key_taps(attn)
         if score == "k_norm":
-            return {"key": query_key_taps(attn)["key"]}
+            return {"key": attn.to_k}  # before any QK norm, as published
         if score == "v_norm":
             return {"value": attn.to_v}
         return {}

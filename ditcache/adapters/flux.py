@@ -40,12 +40,12 @@ def _score_taps(attn, score: str | None, joint: bool) -> dict:
         taps = {"query": attn.norm_q, "key": attn.norm_k}
         if joint:
             taps |= {"text_query": attn.norm_added_q, "text_key": attn.norm_added_k}
-    elif score == "k_norm":
-        taps = {"key": attn.norm_k} | ({"text_key": attn.norm_added_k} if joint else {})
-    elif score == "v_norm":
+    elif score in ("k_norm", "v_norm"):
+        # keys before the QK RMSNorm, after which every key has nearly the same norm (as published)
         if attn.fused_projections:
-            raise ValueError("score='v_norm' cannot read values from fused QKV projections; unfuse them or use 'k_norm'.")
-        taps = {"value": attn.to_v} | ({"text_value": attn.add_v_proj} if joint else {})
+            raise ValueError(f"score={score!r} cannot read keys or values from fused QKV projections; unfuse them or use 'random'.")
+        kind, image, text = ("key", "to_k", "add_k_proj") if score == "k_norm" else ("value", "to_v", "add_v_proj")
+        taps = {kind: getattr(attn, image)} | ({f"text_{kind}": getattr(attn, text)} if joint else {})
     return taps
 
 
@@ -53,13 +53,11 @@ def _token_scores(run: RunState, attn, score: str, taps: dict, rotary, batch: in
     """Scores of the attention's whole sequence (text first), and the FLOPs they cost."""
     if score == "random":
         return S.random_scores(batch, tokens, run.generator), 0
-    if score == "v_norm":
-        values = [taps[name] for name in ("text_value", "value") if name in taps]
-        value = torch.cat(values, dim=1).unflatten(-1, (attn.heads, -1))  # (batch, tokens, heads, dim)
-        return S.projection_norm(value.transpose(1, 2)), 0
+    if score in ("k_norm", "v_norm"):
+        kind = "key" if score == "k_norm" else "value"
+        projection = torch.cat([taps[name] for name in (f"text_{kind}", kind) if name in taps], dim=1)
+        return S.projection_norm(projection.unflatten(-1, (attn.heads, -1)).transpose(1, 2)), 0  # (batch, heads, tokens, dim)
     keys = torch.cat([taps[name] for name in ("text_key", "key") if name in taps], dim=1)
-    if score == "k_norm":
-        return S.projection_norm(keys.transpose(1, 2)), 0
     queries = torch.cat([taps[name] for name in ("text_query", "query") if name in taps], dim=1)
     if rotary is not None:
         queries = apply_rotary_emb(queries, rotary, sequence_dim=1)
@@ -193,6 +191,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
         for branch, output in (("attn", attn), ("context_attn", context_attn), ("mlp", mlp), ("context_mlp", context_mlp)):
             self.keep(run, cache, branch, output)
 
+        self.recomputed_whole(cache, "mlp", "context_mlp")
         score_flops = 0
         if score is not None:
             attended = text + (match.merged_tokens if merge_attn else image)
@@ -302,6 +301,7 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
         output = block.proj_out(torch.cat([attn, mlp], dim=2))
         self.keep(run, cache, "attn", attn)
         self.keep(run, cache, "output", output)
+        self.recomputed_whole(cache, "single_mlp")
         score_flops = 0
         if score is not None:
             attended = text + match.merged_tokens if merge_attn else tokens

@@ -85,6 +85,7 @@ class STDiT3BlockAdapter(BlockAdapter):
         x = x + gate_mlp * mlp
         self.keep(run, cache, "mlp", mlp)
 
+        self.recomputed_whole(cache, "mlp", *(("cross_attn",) if cross_due else ()))
         cross_taps = (query, text[0]) if cross_due else None
         score_flops = self._refresh_scores(run, cache, score, taps, cross_taps, mask, x.shape, frames, rope)
         rows = {branch: x.shape[1] if not self.merges(branch, match) else frames * match.merged_tokens for branch in ("attn", "mlp")}
