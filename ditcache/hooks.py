@@ -88,8 +88,8 @@ class StepHook(ModelHook):
         signature = CallSignature(latents.shape[0], call.grid, latents.dtype, latents.device)
         if marker is not None:  # the pipeline tells where runs start
             new_marker = marker is not run.marker and id(marker) not in self._refused_markers
-            fresh = run.signature is None or new_marker or run.run_finished
-            same_step = not fresh and timestep == run.last_timestep
+            same_step = run.signature is not None and not new_marker and timestep == run.last_timestep
+            fresh = run.signature is None or new_marker or (run.run_finished and not same_step)
         else:
             same_step = run.signature is not None and timestep == run.last_timestep
             fresh = run.signature is None or (not same_step and (run.run_finished or timestep > run.last_timestep))

@@ -200,3 +200,11 @@ def test_a_thread_whose_run_was_taken_over_gets_an_error_not_a_wrong_image(dit_p
     del dit_pipe.scheduler.step
     assert isinstance(results["first"], RuntimeError) and "another thread" in str(results["first"])
     np.testing.assert_array_equal(results["second"], expected)
+
+
+def test_the_last_step_of_a_true_guidance_run_stays_in_that_run(flux_pipe):
+    """Two calls per step (cond, then uncond): the second call of the last step is not a new run."""
+    apply_cache(flux_pipe, ToCaConfig(cache_interval=2, cache_ratio=0.5, schedule="constant", full_steps_at_start=1))
+    run("flux", flux_pipe, negative_prompt="", true_cfg_scale=3.0)
+    stats = cache_stats(flux_pipe)
+    assert (stats.steps, stats.full_step_indices) == (6, (0, 2, 4))
