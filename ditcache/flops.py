@@ -20,6 +20,7 @@ def linear_flops(layer: nn.Linear, rows: int) -> int:
 _FLOPS_PER_ROW: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
+@torch.compiler.disable  # bookkeeping: a compiled graph would guard on the weak cache's changing keys
 def linears_flops(module: nn.Module, rows: int) -> int:
     """All ``nn.Linear`` layers of ``module`` applied once to ``rows`` rows.
 
