@@ -128,13 +128,10 @@ class StepHook(ModelHook):
             run.begin_step(timestep)
         run.in_call = True
 
-    def _scheduler(self):
-        pipeline = self._pipeline() if self._pipeline is not None else None
-        return getattr(pipeline, "scheduler", None)
-
     def _run_marker(self) -> object | None:
         """The pipeline scheduler's timesteps object, which each pipeline call replaces; None without one."""
-        return getattr(self._scheduler(), "timesteps", None)
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        return getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
 
     def _schedule(self) -> tuple[float, ...] | None:
         """The timesteps the pipeline's scheduler set for this run, in the model's units, if known."""

@@ -7,7 +7,7 @@ modulation off so that ``cache_ratio`` means exactly what it says.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -248,69 +248,18 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
 
 
 # The published settings, as the reference code runs them (its commands for DiT DDIM-50, PixArt-alpha
-# DPM-Solver 20, FLUX.1-dev 50 and OpenSora 1.2 rectified flow 30; docs/reference-fidelity.md).
+# DPM-Solver 20, FLUX.1-dev 50 and OpenSora 1.2 rectified flow 30; docs/reference-fidelity.md): each
+# family's default with what the reference does differently.
 REFERENCE_PRESETS: Mapping[str, Preset] = MappingProxyType(
     {
-        # Counter i from 49 down to 0; full when i % N_t == 0 with N_t = round(3 / (1.4 - 0.8 i / n)),
-        # and N_t = 2 while i is in [0.2 n, 0.4 n); attention score, bonus 0.6 on 2 x 2 cells.
-        "dit": Preset(
-            cache_interval=3,
-            cache_ratio=0.93,
-            full_steps_at_start=1,
-            interval_divisor=Ramp(0.6, 1.4),
-            time=Ramp(-1.0, 3.0),
-            layer=Ramp(0.8, 1.2),
-            module_factors=MappingProxyType({"mlp": 2.5}),
-            score="attention",
-            spatial_bonus=0.6,
-            spatial_grid=2,
-            full_step_rule="grid",
-            count_down=True,
-            forced_interval=(0.2, 0.4, 2),
-        ),
+        # Counter i from n-1 down to 0; full when i % N_t == 0 with N_t = round(3 / (1.4 - 0.8 i / n)),
+        # and N_t = 2 while i is in [0.2 n, 0.4 n).
+        "dit": replace(PRESETS["dit"], cache_interval=3, full_step_rule="grid", count_down=True, forced_interval=(0.2, 0.4, 2)),
         # Counter from 0 up; full when step % N_t == 0 with N_t = round(3 / (0.8 + 0.4 step / n)).
-        "pixart": Preset(
-            cache_interval=3,
-            cache_ratio=0.70,
-            full_steps_at_start=1,
-            interval_divisor=Ramp(0.8, 1.2),
-            time=Ramp(1.9, 0.1),
-            layer=Ramp(1.6, 0.4),
-            module_factors=MappingProxyType({"cross_attn": 0.6, "mlp": 1.6}),
-            score="cross_attention_entropy",
-            spatial_bonus=0.4,
-            spatial_grid=4,
-            full_step_rule="grid",
-        ),
-        # Steps 0-2 full, then a full step every N counted from the last; the published ImageReward
-        # (0.98 at N = 4) used the attention score. FORA forces only step 0.
-        "flux": Preset(
-            cache_interval=4,
-            cache_ratio=0.90,
-            full_steps_at_start=3,
-            interval_divisor=FLAT,
-            time=FLAT,
-            layer=Ramp(1.5, 1.5 - 37 / 27),
-            module_factors=MappingProxyType({"mlp": 0.4, "context_mlp": 0.4, "single_mlp": 1.6}),
-            score="attention",
-            spatial_bonus=0.0,
-            spatial_grid=1,
-            fora_full_steps_at_start=1,
-        ),
+        "pixart": replace(PRESETS["pixart"], full_step_rule="grid"),
+        # The published ImageReward (0.98 at N = 4) used the attention score; FORA forces only step 0.
+        "flux": replace(PRESETS["flux"], score="attention", fora_full_steps_at_start=1),
         # Full at steps 0-2 and every step % 3 == 0; cross-attention at steps 0-2 and step % 6 == 0.
-        "opensora": Preset(
-            cache_interval=3,
-            cache_ratio=0.90,
-            full_steps_at_start=3,
-            interval_divisor=FLAT,
-            time=FLAT,
-            layer=FLAT,
-            module_factors=MappingProxyType({"cross_attn": 0.0, "mlp": 1.5}),
-            score="cross_attention_entropy",
-            spatial_bonus=0.0,
-            spatial_grid=1,
-            full_step_periods=MappingProxyType({"cross_attn": 2}),
-            full_step_rule="grid",
-        ),
+        "opensora": replace(PRESETS["opensora"], full_step_rule="grid"),
     }
 )

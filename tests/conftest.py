@@ -43,3 +43,17 @@ def flux_pipe(saved_pipelines):
     pipe = FluxPipeline.from_pretrained(saved_pipelines / "flux")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def stand_in_vbench(tmp_path, monkeypatch):
+    """Install a stand-in ``vbench`` package whose ``__init__.py`` is the given source, importable by the
+    child process that ``run_official_vbench`` starts."""
+
+    def install(source: str) -> None:
+        package = tmp_path / "fake" / "vbench"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(source)
+        monkeypatch.setenv("PYTHONPATH", str(package.parent))
+
+    return install

@@ -151,12 +151,12 @@ def test_a_planted_transformers_checkpoint_is_refused_without_running_its_code(
 
 
 # -- the official VBench, which loads its checkpoints itself in a child process -------------------
-def test_the_official_vbench_refuses_a_planted_checkpoint_that_it_loads_with_weights_only_false(tmp_path, monkeypatch):
+def test_the_official_vbench_refuses_a_planted_checkpoint_that_it_loads_with_weights_only_false(
+    tmp_path, monkeypatch, stand_in_vbench
+):
     """A stand-in vbench package that loads a checkpoint as VBench's dependencies may: weights_only=False."""
     marker = tmp_path / "marker"
-    package = tmp_path / "fake" / "vbench"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(
+    stand_in_vbench(
         "import os, torch\n"
         "class VBench:\n"
         "    def __init__(self, device, full_info_dir, output_path):\n"
@@ -164,7 +164,6 @@ def test_the_official_vbench_refuses_a_planted_checkpoint_that_it_loads_with_wei
         "    def evaluate(self, videos_path, name, dimension_list=None, mode=None):\n"
         "        torch.load(os.environ['PLANTED_CHECKPOINT'], weights_only=False)\n"
     )
-    monkeypatch.setenv("PYTHONPATH", str(package.parent))
     monkeypatch.setenv("PLANTED_CHECKPOINT", str(plant(tmp_path / "planted.pth", marker)))
     run = lambda: V.run_official_vbench(tmp_path / "videos", ["subject_consistency"], tmp_path / "out", device="cpu")  # noqa: E731
     assert_refused_without_running(run, marker, RuntimeError)

@@ -232,11 +232,9 @@ def test_official_vbench_missing_raises_import_error_with_install_steps(tmp_path
         V.run_official_vbench(tmp_path, ["temporal_flickering"], tmp_path / "out")
 
 
-def test_official_vbench_runs_custom_input_mode_and_reads_its_results(tmp_path, monkeypatch):
+def test_official_vbench_runs_custom_input_mode_and_reads_its_results(tmp_path, stand_in_vbench):
     """A stand-in vbench package with VBench's API records the call and writes VBench's results file."""
-    package = tmp_path / "fake" / "vbench"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(
+    stand_in_vbench(
         "import json, os\n"
         "class VBench:\n"
         "    def __init__(self, device, full_info_dir, output_path):\n"
@@ -251,7 +249,6 @@ def test_official_vbench_runs_custom_input_mode_and_reads_its_results(tmp_path, 
         "        with open(os.path.join(self.output_path, name + '_eval_results.json'), 'w') as f:\n"
         "            json.dump(results, f)\n"
     )
-    monkeypatch.setenv("PYTHONPATH", str(package.parent))
     output = tmp_path / "out"
     scores = V.run_official_vbench(tmp_path / "videos", ["subject_consistency"], output, device="cpu", name="run")
     assert scores == {"subject_consistency": V.OfficialScore(0.5, {str(tmp_path / "videos" / "a cat-0.mp4"): 0.5})}
