@@ -1,41 +1,41 @@
-"""ditcache: token-wise feature caching (ToCa) and layer caching (FORA) for diffusers' DiTs."""
+"""ditcache: token-wise feature caching (ToCa) and layer caching (FORA) for diffusers' DiTs.
 
-from .config import FORAConfig, ToCaConfig, ToMeConfig, preset
-from .hooks import apply_cache, cache_config, cache_stats, record_selections, remove_cache
-from .state import CacheStats, SelectionEvent
+Names are imported on first use, so that the ``ditcache`` command answers ``--help`` and argument
+mistakes without loading torch and diffusers.
+"""
 
-__all__ = [
-    "ToCaConfig",
-    "FORAConfig",
-    "ToMeConfig",
-    "preset",
-    "CacheStats",
-    "apply_cache",
-    "remove_cache",
-    "cache_stats",
-    "cache_config",
-    "record_selections",
-    "SelectionEvent",
-    "ToCaPipeline",
-    "OpenSoraPipeline",
-    "STDiT3Model",
-    "OpenSoraVAE",
-]
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ToCaConfig": ".config",
+    "FORAConfig": ".config",
+    "ToMeConfig": ".config",
+    "preset": ".config",
+    "CacheStats": ".state",
+    "SelectionEvent": ".state",
+    "apply_cache": ".hooks",
+    "remove_cache": ".hooks",
+    "cache_stats": ".hooks",
+    "cache_config": ".hooks",
+    "record_selections": ".hooks",
+    # The core never depends on ``pipelines`` or ``models``; diffusers finds a saved component's class here.
+    "ToCaPipeline": ".pipelines",
+    "OpenSoraPipeline": ".pipelines",
+    "STDiT3Model": ".models",
+    "OpenSoraVAE": ".models",
+}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # ``ditcache.ToCaPipeline`` is re-exported lazily: the core itself never depends on ``pipelines``.
-    if name == "ToCaPipeline":
-        from .pipelines import ToCaPipeline
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ditcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
 
-        return ToCaPipeline
-    if name == "OpenSoraPipeline":
-        from .pipelines.opensora import OpenSoraPipeline
 
-        return OpenSoraPipeline
-    if name in ("STDiT3Model", "OpenSoraVAE"):  # diffusers finds a saved component's class here
-        from . import models
-
-        return getattr(models, name)
-    raise AttributeError(f"module 'ditcache' has no attribute {name!r}")
-__version__ = "0.1.0"
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

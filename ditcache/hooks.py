@@ -25,6 +25,9 @@ from .state import CacheStats, CallSignature, RunState, SelectionEvent
 
 STEP_HOOK = "ditcache.step"
 BLOCK_HOOK = "ditcache.block"
+# diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
+# same work twice, so ``apply_cache`` refuses a transformer that carries one.
+FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache")
 
 
 class StepHook(ModelHook):
@@ -189,6 +192,7 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
     Applying again replaces the previous configuration. Returns ``target``.
     """
     transformer, pipeline = _split_target(target)
+    _refuse_foreign_caches(transformer)
     model = transformer_adapter(transformer)
     settings = resolve_configs(config, model.family)
     adapters = model.block_adapters(settings)
@@ -201,6 +205,18 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
         HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(BlockHook(run, adapter), BLOCK_HOOK)
     transformer._diffusers_hook.invalidate_child_registries_cache()
     return target
+
+
+def _refuse_foreign_caches(transformer: nn.Module) -> None:
+    for name, module in transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in registry.hooks if registry is not None else ():
+            if hook.startswith(FOREIGN_CACHE_HOOKS):
+                raise RuntimeError(
+                    f"the transformer already carries diffusers' cache hook {hook!r} (on {name or 'the transformer'}): "
+                    "ditcache would cache on top of it. Remove it first (transformer.disable_cache(), or remove that "
+                    "hook), or compare the two caches on separate runs."
+                )
 
 
 def remove_cache(target):

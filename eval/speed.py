@@ -1,15 +1,6 @@
-"""Wall-clock time and FLOPs of uncached, FORA and ToCa runs of one pipeline, side by side.
-
-    python -m ditcache.eval.speed                                  # tiny DiT, seconds, offline
-    python -m ditcache.eval.speed --width xl --layers 4 --size 32  # DiT-XL/2 width, 256 tokens
-    python -m ditcache.eval.speed --model flux --width flux --size 32x64 --steps 50 \\
-        --methods uncached toca:4:0.9:auto:auto                   # FLUX width, 512 + 128 tokens
-
-Random weights (speed does not depend on them). Methods run interleaved, after a warm-up run each;
-the table shows the median time per pipeline call, the transformer's FLOPs counted by
-``FlopCounterMode`` next to the engine's own count, the efficiency (time speedup over FLOPs speedup)
-and the cache's memory. ``--out`` writes the
-rows as JSON.
+"""``ditcache bench`` (also ``python -m ditcache.eval.speed``): wall-clock time and FLOPs of uncached,
+FORA, ToCa and diffusers' own caches on one pipeline, side by side. ``ditcache bench --help`` has the
+options and examples; ``--out`` writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -18,13 +9,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
+from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, cli, remove_cache
 from ditcache.flops import count_flops
 from ditcache.models.opensora_vae import latent_frames
 
@@ -129,6 +121,8 @@ class Row:
 def latent_size(text: str) -> tuple[int, int]:
     """``"32"`` or ``"32x64"`` (height x width, in latent pixels)."""
     height, _, width = text.partition("x")
+    if not (height.isdigit() and (width.isdigit() or not width)) or int(height) < 1 or int(width or 1) < 1:
+        raise ValueError(f"--size must be HEIGHT or HEIGHTxWIDTH in latent pixels (positive integers), got {text!r}.")
     return int(height), int(width or height)
 
 
@@ -256,31 +250,25 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["dit", "pixart", "flux", "opensora"], default="dit")
-    parser.add_argument(
-        "--width", choices=sorted(builders.WIDTHS), default="tiny", help="xl: 1152 hidden, 16 heads; flux: 3072, 24 heads"
-    )
-    parser.add_argument("--layers", type=int, default=2, help="blocks (FLUX: double-stream blocks)")
-    parser.add_argument("--single-layers", type=int, default=2, help="FLUX single-stream blocks")
-    parser.add_argument("--size", default="16", help="latent HEIGHT[xWIDTH]; image tokens = (height / 2) * (width / 2)")
-    parser.add_argument("--text-tokens", type=int, default=128, help="text tokens (PixArt, FLUX, OpenSora: 300 as released)")
-    parser.add_argument("--frames", type=int, default=51, help="OpenSora: video frames (51 = 15 latent frames)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=1, help="images per call (guidance doubles the transformer batch)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the blocks; count graph breaks and timed-run recompiles"
-    )
-    parser.add_argument("--out", help="write the rows as JSON here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    """``ditcache bench`` with ``argv`` (see ``ditcache bench --help``): prints the table, returns its rows."""
+    return run(cli.build_parser().parse_args(["bench", *(sys.argv[1:] if argv is None else argv)]))
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """The benchmark of parsed ``ditcache bench`` arguments. Raises ``CommandError`` for a bad method spec,
+    width or size, before anything is built."""
+    args.device = cli.resolve_device(args.device)
+    args.methods = list(args.methods or DEFAULT_METHODS)
     if args.methods[0] != "uncached":
         args.methods.insert(0, "uncached")  # the baseline every ratio is taken against
+    if args.width not in builders.WIDTHS:
+        raise cli.CommandError(f"--width must be one of {', '.join(builders.WIDTHS)}, got {args.width!r}")
+    try:
+        latent_size(args.size)
+        for spec in args.methods:
+            parse_method(spec)
+    except ValueError as error:
+        raise cli.CommandError(str(error)) from None
 
     rows = benchmark(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -304,4 +292,4 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.main(["bench", *sys.argv[1:]]))

@@ -30,6 +30,7 @@ import os
 import re
 import reprlib
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ditcache import cli
 from ditcache.flops import count_flops
 
 from . import builders
@@ -108,8 +110,8 @@ class SweepConfig:
         self.seeds = check_seeds(self.seeds)
         if not self.prompts:
             raise ValueError("prompts must not be empty")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (_is_int(self.steps) and self.steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.plot_x not in PLOT_AXES:
             raise ValueError(f"plot_x must be one of {', '.join(PLOT_AXES)}, got {self.plot_x!r}")
 
@@ -617,28 +619,29 @@ def run(config: SweepConfig, output: Path, device: str, allow_changed: bool = Fa
     return rows
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="sweep configuration (YAML), see eval/configs/")
-    parser.add_argument("--output", required=True, help="output folder; rerun the same command to resume")
-    parser.add_argument("--allow-changed", action="store_true", help="go on in a folder made by a different configuration")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ditcache sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    run_from_arguments(parser.parse_args(argv))
+    """``ditcache sweep`` with ``argv`` (also ``python -m ditcache.eval.sweep``, e.g. under ``accelerate launch``)."""
+    run_from_arguments(cli.build_parser().parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)]))
 
 
 def run_from_arguments(args: argparse.Namespace) -> None:
-    device = args.device
+    """Run parsed ``ditcache sweep`` arguments; an unreadable or malformed configuration raises ``CommandError``."""
+    import yaml
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise cli.CommandError(f"no sweep configuration at {path}")
+    try:
+        config = load_config(path)
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise cli.CommandError(f"{path}: {error}") from None
+    device = cli.resolve_device(args.device)
     if device == "cuda":  # one GPU per process under accelerate launch
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    run(load_config(args.config), Path(args.output), device, args.allow_changed, args.quiet)
+    run(config, Path(args.output), device, args.allow_changed, args.quiet)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.main(["sweep", *sys.argv[1:]]))

@@ -190,15 +190,28 @@ def fetch(names: list[str] | None = None) -> dict[str, Path]:
     return fetched
 
 
-def main(action: str, names: list[str]) -> None:
-    """``ditcache eval check`` / ``ditcache eval fetch [NAMES]``."""
+def main(action: str, names: list[str]) -> int:
+    """``ditcache eval check`` (exit status 1 when weights are missing) / ``ditcache eval fetch [NAMES]``."""
+    from ditcache.cli import CommandError
+
     if action == "fetch":
-        for name, path in fetch(names or None).items():
+        unknown = sorted(set(names) - set(WEIGHTS))
+        if unknown:
+            raise CommandError(f"unknown weights {', '.join(unknown)}; known: {', '.join(WEIGHTS)}")
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off"):
+            raise CommandError("HF_HUB_OFFLINE is set: fetching downloads, so run it online without HF_HUB_OFFLINE")
+        try:
+            fetched = fetch(names or None)
+        except OSError as error:  # no network: urllib's URLError, requests' and huggingface_hub's errors
+            raise CommandError(f"download failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                               "`ditcache eval fetch` needs the network") from None
+        for name, path in fetched.items():
             print(f"{name:<24} {path}")
-        return
+        return 0
     missing = 0
     for spec, path in check():
         missing += path is None
         status = str(path) if path else f"MISSING: put it at {spec.cache_path} or set {spec.env}"
         print(f"{spec.name:<24} {', '.join(spec.used_by):<24} {status}")
     print(f"{missing} of {len(WEIGHTS)} missing; `ditcache eval fetch NAME` downloads one on a machine that is online.")
+    return 1 if missing else 0

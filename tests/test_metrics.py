@@ -180,7 +180,8 @@ def test_eval_check_command_lists_missing_weights(tmp_path):
 
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub"),
                         "DITCACHE_LPIPS_WEIGHTS": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "ditcache", "eval", "check"], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "ditcache", "eval", "check"], env=env, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr  # weights are missing
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
     assert "MISSING" in lines["inception"] and str(tmp_path / "hub" / "checkpoints") in lines["inception"]
     assert lines["lpips-alexnet"].rstrip().endswith(str(tmp_path))

@@ -127,6 +127,14 @@ def _unmerge_image(joint: torch.Tensor, match: TokenMatch, text: int) -> torch.T
     return torch.cat([joint[:, :text], unmerge(joint[:, text:], match)], dim=1)
 
 
+def _refuse_entropy_score(settings: EngineSettings) -> None:
+    if settings.score == "cross_attention_entropy":
+        raise ValueError(
+            "score='cross_attention_entropy' needs cross-attention blocks (PixArt, OpenSora); FLUX attends to text "
+            "and image jointly: use 'attention', 'k_norm', 'v_norm' or 'random'."
+        )
+
+
 class _FluxMerging:
     """FLUX merges image tokens only, with one matching for the whole batch (the rotary embedding the
     attention takes is shared by the batch); text tokens are never merged."""
@@ -142,6 +150,7 @@ class _FluxMerging:
 class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
+        _refuse_entropy_score(settings)
         self.branch_groups = {"mlp": "image", "context_mlp": "text"}
 
     def forward(
@@ -259,6 +268,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
 class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxSingleTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
+        _refuse_entropy_score(settings)
         self.branch_groups = {"single_mlp": "joint"}
 
     def forward(
