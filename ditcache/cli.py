@@ -77,7 +77,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "cached with --compare; .mp4 needs `pip install 'ditcache[video]'`) or .png (the frames in a row)")
     parser.add_argument("--compare", action="store_true", help="also run uncached: both warmed up, then timed alternately "
                         "(--repeats times); prints median times, the time and FLOPs speedups and the PSNR")
-    parser.add_argument("--repeats", type=_at_least(1), default=3, help="timed runs of each with --compare (default: 3)")
+    parser.add_argument("--repeats", type=_at_least(1), default=5, help="timed runs of each with --compare (default: 5)")
     parser.add_argument("--device", help=_device_help)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (loading and sampling)")

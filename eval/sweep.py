@@ -317,9 +317,10 @@ def generate(pipe, config: SweepConfig, output: Path, mine: list[Unit], device: 
 
 def frame_strip(frames: list[Image.Image]) -> Image.Image:
     """A video's frames side by side, left to right (one frame: the image itself)."""
-    from ditcache.pipelines.cli import image_grid
-
-    return image_grid([frames])
+    strip = Image.new("RGB", (sum(frame.width for frame in frames), frames[0].height))
+    for index, frame in enumerate(frames):
+        strip.paste(frame, (index * frames[0].width, 0))
+    return strip
 
 
 def strip_to_video(strip: torch.Tensor, frames: int) -> torch.Tensor:

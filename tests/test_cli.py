@@ -146,19 +146,19 @@ def test_compare_warms_up_alternates_and_labels_the_grid(tmp_path, capsys, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     calls = []
-    original = generate_module._timed
+    original = generate_module._Clock.run
 
-    def recording(pipe, call, seed, device, **cache):
+    def recording(clock, call, seed, device, **cache):
         calls.append(cache.get("cache", True))
-        return original(pipe, call, seed, device, **cache)
+        return original(clock, call, seed, device, **cache)
 
-    monkeypatch.setattr(generate_module, "_timed", recording)
+    monkeypatch.setattr(generate_module._Clock, "run", recording)
     argv = ["generate", "--prompt", "a handwritten digit one", "a handwritten digit two", "--steps", "4", "--compare",
             "--repeats", "2", "--out", "digits.png", "--quiet", "--method", "fora-taylor", "--guidance-scale", "2"]
     status, out, _ = run_command(argv, capsys)
     assert status == 0
     assert calls == [False, True, False, True, False, True]  # one warm-up each, then alternating
-    assert "median of 2 warm runs" in out and "x in time" in out and "x in transformer FLOPs" in out
+    assert "median of 2 warm runs" in out and "x in time per call" in out and "inside the transformer" in out and "x in transformer FLOPs" in out
     grid = Image.open(tmp_path / "digits.png")
     assert grid.height == 2 * 128 and grid.width > 2 * 128  # two enlarged rows, a label column
     label = grid.crop((0, 0, grid.width - 2 * 128, grid.height)).convert("L")

@@ -362,7 +362,8 @@ def test_generate_command_writes_a_video(opensora_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "speedup" in result.stdout and "PSNR" in result.stdout
     gif = Image.open(tmp_path / "cat.gif")
-    assert gif.n_frames == 5 and gif.size == (24, 32)  # uncached above cached in every frame
+    # uncached above cached in every frame, each enlarged 8 times (16 px high), with a label column
+    assert gif.n_frames == 5 and gif.height == 2 * 8 * 16 and gif.width > 8 * 24
 
 
 def test_fps_per_prompt_and_bfloat16_sizes_condition_as_released():
