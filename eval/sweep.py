@@ -289,13 +289,15 @@ def _synchronize(device: str) -> None:
 
 
 def generate(pipe, config: SweepConfig, output: Path, mine: list[Unit], device: str, quiet: bool, position: int) -> None:
-    """Generate this process's images, one method at a time."""
+    """Generate this process's images, one method at a time, each after one untimed warm-up call (a
+    method's first call pays one-off costs: its latency would be the warm-up, not the method)."""
     overall = tqdm(total=len(mine), desc="images", position=position, disable=quiet)
     for method_spec, group in itertools.groupby(mine, key=lambda u: u.method):
         group = list(group)
         method = parse_method(method_spec)
         method.apply(pipe, config.steps)
         try:
+            pipe(**call_arguments(pipe, config, config.prompts[group[0].index], group[0].seed, device))
             for unit in tqdm(group, desc=method_spec, leave=False, disable=quiet):
                 prompt = config.prompts[unit.index]
                 call = call_arguments(pipe, config, prompt, unit.seed, device)
