@@ -65,7 +65,7 @@ def resolve_config(
 class ToCaPipeline(DiffusionPipeline):
     """Load a diffusers pipeline with ToCa (or FORA) caching on its transformer.
 
-    ``ToCaPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16,
+    ``ToCaPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16,
     cache_interval=4, cache_ratio=0.9)`` returns a ``FluxPipeline`` that is also a ``ToCaPipeline``.
     Calls accept ``cache_interval=``, ``cache_ratio=`` (that call only) and ``cache=False`` (that call
     uncached); ``pipe.cache_stats`` describes the last call.
