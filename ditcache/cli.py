@@ -140,6 +140,15 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def hide_loading_bars() -> None:
+    """Turn off diffusers' and transformers' loading progress bars (for ``--quiet``)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "generate":
         from ditcache.pipelines.generate import generate

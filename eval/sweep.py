@@ -638,6 +638,8 @@ def run_from_arguments(args: argparse.Namespace) -> None:
         config = load_config(path)
     except (ValueError, KeyError, TypeError, yaml.YAMLError) as error:
         raise cli.CommandError(f"{path}: {error}") from None
+    if args.quiet:
+        cli.hide_loading_bars()
     device = cli.resolve_device(args.device)
     if device == "cuda":  # one GPU per process under accelerate launch
         from accelerate import PartialState

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ditcache.cli import CommandError, resolve_device
+from ditcache.cli import CommandError, hide_loading_bars, resolve_device
 
 from .toca_pipeline import ToCaPipeline, resolve_config
 
@@ -63,12 +63,8 @@ def _cache_settings(args: argparse.Namespace) -> dict:
 def _load(model: str, settings: dict, dtype: torch.dtype, quiet: bool) -> ToCaPipeline:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if quiet:  # the loading bars of diffusers and transformers, not only the sampling bar
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    if quiet:  # the loading bars too, not only the sampling bar
+        hide_loading_bars()
     path = Path(model).expanduser()
     if path.exists() and not (path / "model_index.json").is_file():
         raise CommandError(f"--model {model}: not a diffusers pipeline folder (it has no model_index.json)")
