@@ -25,6 +25,8 @@ from .state import CacheStats, CallSignature, RunState, SelectionEvent
 
 STEP_HOOK = "ditcache.step"
 BLOCK_HOOK = "ditcache.block"
+CONSTANT_HOOK = "ditcache.run_constant"
+TABLE_HOOK = "ditcache.step_table"
 # diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
 # same work twice, so ``apply_cache`` refuses a transformer that carries one.
 FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache")
@@ -63,6 +65,7 @@ class StepHook(ModelHook):
         call = self.model.read_call(args, kwargs)
         with self._entry:
             self._enter(call)
+        run.arguments = call.arguments
         try:
             if run.outside_flops is None:  # first call of a run: measure what runs outside the blocks
                 with record_layer_flops(module, lambda: not run.in_block) as outside:
@@ -122,13 +125,13 @@ class StepHook(ModelHook):
                 self._taken_over[run.owner] = run.marker if run.marker is not None else run.last_timestep
             self._refused_markers.clear()
             run.start(signature, timestep, self._schedule(), self.model.is_guidance_batch(latents), marker, thread)
-            if run.schedule is not None and run.settings.schedule.cache_interval > 1:
-                self.model.prepare_run(run, call.arguments)
             run.begin_step(timestep)
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
         else:
             run.begin_step(timestep)
+        if run.schedule is not None and run.settings.schedule.cache_interval > 1:
+            self.model.prepare_run(run, call.arguments)
         run.in_call = True
 
     def _run_marker(self) -> object | None:
@@ -147,6 +150,61 @@ class StepHook(ModelHook):
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.run.reset()
         return module
+
+
+class RunConstantHook(ModelHook):
+    """A submodule outside the blocks whose output is the same on every call of a run as long as the
+    tensors it is made from are (FLUX's rotary embedding from the position ids, its text projection from
+    the prompt embeddings): computed once per run and guidance stream, then reused.
+
+    ``sources(run, args, kwargs)`` gives those tensors. They are reused only while they are the same
+    objects, unmodified (same ``_version``), and are held meanwhile, so that no other tensor can take
+    their identity; anything else computes anew. A reused call takes its layers' FLOPs off the run.
+    """
+
+    def __init__(self, run: RunState, name: str, sources):
+        super().__init__()
+        self.run = run
+        self.name = name
+        self.sources = sources
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        run = self.run
+        if not run.in_call or run.in_block:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        sources = self.sources(run, args, kwargs)
+        if any(source is None for source in sources):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        versions = [source._version for source in sources]
+        key = f"{self.name}.{run.stream}"
+        held = run.tables.get(key)
+        if held is not None and held[1] == versions and all(a is b for a, b in zip(held[0], sources, strict=True)):
+            run.add_flops(-held[3], 0)
+            return held[2]
+        with record_layer_flops(module, lambda: True) as flops:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        run.tables[key] = (sources, versions, output, flops[0])
+        return output
+
+
+class StepTableHook(ModelHook):
+    """A submodule outside the blocks whose output at every step of the run was tabulated at its start
+    (FLUX's timestep embedding): served from the table. ``lookup(run)`` gives ``(output, FLOPs one call
+    costs)``, or None off the table's schedule; the FLOPs stay in the uncached count, as a call would."""
+
+    def __init__(self, run: RunState, lookup):
+        super().__init__()
+        self.run = run
+        self.lookup = lookup
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        run = self.run
+        found = self.lookup(run) if run.in_call and not run.in_block else None
+        if found is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        output, flops = found
+        run.add_flops(0, flops)
+        return output
 
 
 class BlockHook(ModelHook):
@@ -203,6 +261,10 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
     for adapter in adapters:
         HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(BlockHook(run, adapter), BLOCK_HOOK)
+    for name, (module, sources) in model.run_constants().items():
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
+    for module, lookup in model.step_tables().values():
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(StepTableHook(run, lookup), TABLE_HOOK)
     transformer._diffusers_hook.invalidate_child_registries_cache()
     return target
 
@@ -230,6 +292,8 @@ def remove_cache(target):
         if registry is None:
             continue
         registry.remove_hook(BLOCK_HOOK, recurse=False)
+        registry.remove_hook(CONSTANT_HOOK, recurse=False)
+        registry.remove_hook(TABLE_HOOK, recurse=False)
         if not registry.hooks:
             _drop_empty_registry(module)
     if hasattr(transformer, "_diffusers_hook"):

@@ -71,6 +71,7 @@ class BlockCache:
     differences: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # f[s0, s1], f[s0, s1, s2], ...
     nodes: dict[str, list[int]] = field(default_factory=dict)  # full steps s0 > s1 > ... behind them
     base_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # per token group
+    normalized_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # the same at unit L2 norm
     since_recompute: dict[str, torch.Tensor] = field(default_factory=dict)  # per branch
     text_keys: torch.Tensor | None = None  # cross-attention keys, to refresh entropy rows
     text_values: torch.Tensor | None = None  # cross-attention values, where partial steps recompute its rows
@@ -118,7 +119,8 @@ class BlockCache:
 
     def nbytes(self) -> int:
         differences = [t for values in self.differences.values() for t in values]
-        tensors = [*self.branches.values(), *differences, *self.base_scores.values(), *self.since_recompute.values(), self.text_keys, self.text_values]
+        tensors = [*self.branches.values(), *differences, *self.base_scores.values(), *self.normalized_scores.values(),
+                   *self.since_recompute.values(), self.text_keys, self.text_values]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -179,7 +181,8 @@ class RunState:
         self.in_call = False
         self.in_block = False
         self.caches: dict[tuple[str, int], BlockCache] = {}
-        self.tables: dict[str, object] = {}  # per-run values precomputed for every step (modulation tables)
+        self.tables: dict[str, object] = {}  # per-run values: modulation tables, outputs constant within the run
+        self.arguments: dict = {}  # the current transformer call's arguments, by name
         self.generator: torch.Generator | None = None
         self.merge_generator: torch.Generator | None = None  # random destinations of token merging
         self.outside_flops: int | None = None
@@ -287,7 +290,8 @@ class RunState:
     def end_call(self) -> None:
         self._flops += self.outside_flops or 0
         self._flops_full += self.outside_flops or 0
-        self._cache_bytes = max(self._cache_bytes, sum(cache.nbytes() for cache in self.caches.values()))
+        if self.is_full:  # only full steps store: partial steps leave the caches' size as it was
+            self._cache_bytes = max(self._cache_bytes, sum(cache.nbytes() for cache in self.caches.values()))
         self.completed_stats = self.stats()
         if self.run_finished:  # this call's stream is done: hold no memory until the next run
             for key in [key for key in self.caches if key[1] == self.stream]:

@@ -258,6 +258,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     """The benchmark of parsed ``ditcache bench`` arguments. Raises ``CommandError`` for a bad method spec,
     width or size, before anything is built."""
     args.device = cli.resolve_device(args.device)
+    cli.steady_cpu_allocator(args.device)
     args.methods = list(args.methods or DEFAULT_METHODS)
     if args.methods[0] != "uncached":
         args.methods.insert(0, "uncached")  # the baseline every ratio is taken against

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ditcache.cli import CommandError, hide_loading_bars, resolve_device
+from ditcache.cli import CommandError, hide_loading_bars, resolve_device, steady_cpu_allocator
 
 from .toca_pipeline import ToCaPipeline, resolve_config
 
@@ -168,6 +168,7 @@ class _Clock:
 def generate(args: argparse.Namespace) -> None:
     """Run ``ditcache generate`` with parsed arguments (see ``ditcache generate --help``)."""
     device = resolve_device(args.device)
+    steady_cpu_allocator(device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     _check_output(args.out)
     settings = _cache_settings(args)

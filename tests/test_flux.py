@@ -216,3 +216,44 @@ def test_flux_without_guidance_embedding():
     assert not torch.allclose(cached[3], expected[3])
     stats = cache_stats(transformer)
     assert stats.full_step_indices == (0, 1, 2) and transformer._diffusers_hook.get_hook(STEP_HOOK).run.signature.grid == (4, 4)
+
+
+def test_rotary_embedding_and_text_projection_are_reused_within_a_run_until_their_sources_change(monkeypatch):
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    from ditcache import remove_cache
+
+    transformer = flux_transformer(guidance_embeds=False)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(4 + 16, 3)
+    ids[4:, 1], ids[4:, 2] = torch.arange(4).repeat_interleave(4).float(), torch.arange(4).repeat(4).float()
+    text_ids, image_ids = ids[:4].clone(), ids[4:].clone()
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 16, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 4, 32, generator=generator),
+        "pooled_projections": torch.randn(1, 32, generator=generator),
+        "img_ids": image_ids,
+        "txt_ids": text_ids,
+    }
+    rotary_calls = []
+    original = flux_module.get_1d_rotary_pos_embed
+    monkeypatch.setattr(flux_module, "get_1d_rotary_pos_embed", lambda *a, **k: rotary_calls.append(1) or original(*a, **k))
+    step = lambda t: transformer(timestep=torch.tensor([t]), **inputs).sample  # noqa: E731
+    with torch.no_grad():
+        apply_cache(transformer, FORAConfig(cache_interval=1))
+        step(1.0)
+        assert len(rotary_calls) == 3  # one per rotary axis
+        step(0.75)
+        assert len(rotary_calls) == 3  # the same ids: the run's rotary embedding is reused
+        text_ids[:, 1] += 1  # moved in place: the stored embedding must not be reused
+        moved = step(0.5)
+        assert len(rotary_calls) == 6
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"] * 2  # another prompt tensor
+        changed_text = step(0.25)
+        remove_cache(transformer)
+        assert not hasattr(transformer.pos_embed, "_diffusers_hook") and not hasattr(transformer.context_embedder, "_diffusers_hook")
+        expected = step(0.25)
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"] / 2
+        expected_moved = step(0.5)
+    torch.testing.assert_close(moved, expected_moved, rtol=0, atol=0)
+    torch.testing.assert_close(changed_text, expected, rtol=0, atol=0)

@@ -54,7 +54,18 @@ class TransformerAdapter:
         return [self.block_adapter(block, name, i / depth, settings) for i, (name, block) in enumerate(blocks)]
 
     def prepare_run(self, run, arguments: dict) -> None:
-        """Precompute per-step values for a run whose schedule is known (nothing by default)."""
+        """Precompute per-step values for a run whose schedule is known, on every call of the run (a
+        model keeps what it made for a guidance stream in ``run.tables``); nothing by default."""
+
+    def run_constants(self) -> dict[str, tuple[nn.Module, object]]:
+        """Submodules outside the blocks whose output stays the same within a run, each with a function
+        ``(run, args, kwargs) -> tensors it is made from`` (see ``hooks.RunConstantHook``); none by default."""
+        return {}
+
+    def step_tables(self) -> dict[str, tuple[nn.Module, object]]:
+        """Submodules outside the blocks whose output for each step ``prepare_run`` tabulated, each with
+        a function ``run -> (output, FLOPs one call costs) or None`` (see ``hooks.StepTableHook``); none by default."""
+        return {}
 
     def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
         bound = self.signature.bind(None, *args, **kwargs).arguments
@@ -91,10 +102,11 @@ class FluxAdapter(TransformerAdapter):
     timestep_scale = 1 / 1000  # FLUX pipelines pass t / 1000
 
     def prepare_run(self, run, arguments: dict) -> None:
-        """The timestep embedding of every step of the run, for the blocks' modulation tables."""
+        """The timestep embedding of every step of the run, for the blocks' modulation tables, made on
+        the first call of each guidance stream (each has its own pooled prompt)."""
         transformer = self.transformer
         guidance, pooled = arguments.get("guidance"), arguments.get("pooled_projections")
-        if pooled is None:
+        if pooled is None or f"temb.{run.stream}" in run.tables:
             return
         dtype, steps, batch = pooled.dtype, len(run.schedule), pooled.shape[0]
         timesteps = torch.tensor(run.schedule, device=pooled.device).to(dtype).repeat_interleave(batch) * 1000
@@ -105,7 +117,27 @@ class FluxAdapter(TransformerAdapter):
             else:
                 temb = transformer.time_text_embed(timesteps, guidance.to(dtype).repeat(steps) * 1000, pooled)
         run.add_flops(flops[0], 0)
-        run.tables["temb"] = temb.view(steps, batch, -1)
+        run.tables[f"temb.{run.stream}"] = temb.view(steps, batch, -1)
+        run.tables[f"temb_flops.{run.stream}"] = flops[0] // steps  # what one call's embedding costs
+
+    def run_constants(self) -> dict[str, tuple[nn.Module, object]]:
+        """The rotary embedding (from the call's position ids; the pipeline passes the same tensors at
+        every step) and the text projection (from the prompt embeddings)."""
+        transformer = self.transformer
+        return {
+            "pos_embed": (transformer.pos_embed, lambda run, args, kwargs: [run.arguments.get("txt_ids"), run.arguments.get("img_ids")]),
+            "context_embedder": (transformer.context_embedder, lambda run, args, kwargs: [args[0] if args else kwargs.get("input")]),
+        }
+
+    def step_tables(self) -> dict[str, tuple[nn.Module, object]]:
+        """The timestep and pooled-text embedding, from the run's table (``prepare_run``)."""
+
+        def lookup(run):
+            if not (f"temb.{run.stream}" in run.tables and run.on_schedule):
+                return None
+            return run.tables[f"temb.{run.stream}"][run.step], run.tables[f"temb_flops.{run.stream}"]
+
+        return {"time_text_embed": (self.transformer.time_text_embed, lookup)}
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         transformer = self.transformer

@@ -107,6 +107,8 @@ class BlockAdapter:
         self.name = name
         self.layer_position = layer_position
         self.settings = settings
+        self._flops_memo: dict[tuple, int] = {}
+        self._row_offsets: dict[tuple, torch.Tensor] = {}
 
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
@@ -161,6 +163,21 @@ class BlockAdapter:
         run.add_merged(match.merged.shape[1] / tokens)
         return match
 
+    @torch.compiler.disable  # bookkeeping: Python numbers and a memo stay out of compiled graphs
+    def add_call_flops(self, run: RunState, shape: tuple, rows: dict[str, int] | None, modulation: bool, extra: int = 0) -> None:
+        """Add one call's FLOPs to the run: ``self._flops(*shape, rows, modulation)`` plus ``extra``
+        executed, the same call uncached beside it. Both depend on shapes only: each combination is
+        computed once per adapter (walking the layers on every call costs more than the partial step saves)."""
+        executed = self._call_flops(shape, rows, modulation)
+        run.add_flops(executed + extra, self._call_flops(shape, None, True))
+
+    def _call_flops(self, shape: tuple, rows: dict[str, int] | None, modulation: bool) -> int:
+        key = (shape, tuple(sorted(rows.items())) if rows is not None else None, modulation)
+        flops = self._flops_memo.get(key)
+        if flops is None:
+            flops = self._flops_memo[key] = self._flops(*shape, rows, modulation=modulation)
+        return flops
+
     def merges(self, branch: str, match: TokenMatch | None) -> bool:
         return match is not None and branch in self.settings.merging.branches
 
@@ -178,6 +195,7 @@ class BlockAdapter:
         if run.guidance_batch:
             score = S.merge_guidance_halves(score)
         cache.base_scores[group] = score
+        cache.normalized_scores[group] = S.l2_normalize(score)  # once per full step, not on every partial step
         for branch, branch_group in self.branch_groups.items():
             if branch_group == group and branch not in cache.since_recompute:
                 cache.since_recompute[branch] = torch.zeros(score.shape, dtype=torch.int32, device=score.device)
@@ -199,6 +217,7 @@ class BlockAdapter:
             rows = S.merge_guidance_halves(rows)
             index = index[: rows.shape[0]]
         cache.base_scores[group].scatter_(1, index, rows)
+        cache.normalized_scores[group] = S.l2_normalize(cache.base_scores[group])
 
     def bonus_frames(self, run: RunState) -> tuple[int, tuple[int, int]]:
         """How many frames the image tokens hold and each frame's token grid, for the spatial bonus."""
@@ -214,7 +233,7 @@ class BlockAdapter:
         if count == 0:
             return None
         since = cache.since_recompute[branch]
-        base = S.l2_normalize(cache.base_scores[self.branch_groups[branch]])
+        base = cache.normalized_scores[self.branch_groups[branch]]
         # steps since recomputed over the base interval N, as published (not the interval in force)
         frequency = settings.frequency_weight * since.float() / settings.schedule.cache_interval
         score = base + frequency
@@ -229,5 +248,8 @@ class BlockAdapter:
         since.add_(1).scatter_(1, index, 0)
         if run.guidance_batch:
             index = torch.cat([index, index])
-        offsets = torch.arange(0, index.shape[0] * tokens, tokens, device=index.device)
-        return Selection(index, (index + offsets[:, None]).reshape(-1))
+        key = (index.shape[0], tokens, index.device)
+        offsets = self._row_offsets.get(key)
+        if offsets is None:
+            offsets = self._row_offsets[key] = torch.arange(0, index.shape[0] * tokens, tokens, device=index.device)[:, None]
+        return Selection(index, (index + offsets).reshape(-1))

@@ -75,9 +75,10 @@ def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunk
     Each step's matrix-vector product reads the block's largest weights for a few rows: memory traffic
     that a partial step's FLOPs do not show. One product over all steps reads them once per run.
     """
-    if not _scheduled(run):  # the table is made from the run's first call: it belongs to stream 0
+    if not _scheduled(run):
         return None
-    temb = run.tables["temb"]
+    temb = run.tables[f"temb.{run.stream}"]
+    key = f"{key}.{run.stream}"
     table = run.tables.get(key)
     if table is None:
         steps, batch, dim = temb.shape
@@ -88,7 +89,7 @@ def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunk
 
 
 def _scheduled(run: RunState) -> bool:
-    return "temb" in run.tables and run.stream == 0 and run.on_schedule
+    return f"temb.{run.stream}" in run.tables and run.on_schedule
 
 
 def _modulation(run: RunState, key: str, norm, temb: torch.Tensor, chunks: int) -> tuple:
@@ -210,7 +211,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
             self.store_base_score(run, cache, "text", scores[:, :text])
             self.store_base_score(run, cache, "image", scores[:, text:])
         rows = {"attn": match.merged_tokens if merge_attn else image, "mlp": match.merged_tokens if merge_mlp else image, "context_mlp": text}
-        run.add_flops(self._flops(batch, image, text, rows) + score_flops, self._flops(batch, image, text, None))
+        self.add_call_flops(run, (batch, image, text), rows, True, score_flops)
         return encoder_hidden_states, hidden_states
 
     def _partial(self, run, cache, hidden_states, encoder_hidden_states, temb):
@@ -237,8 +238,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
 
     @torch.compiler.disable
     def _account_partial(self, run, batch, image, text, recomputed) -> None:
-        executed = self._flops(batch, image, text, recomputed, modulation=not _scheduled(run))
-        run.add_flops(executed, self._flops(batch, image, text, None))
+        self.add_call_flops(run, (batch, image, text), recomputed, not _scheduled(run))
 
     def _partial_mlp(self, run, cache, branch, ff, norm, hidden_states, shift, scale, gate):
         """``hidden_states`` (owned by this call) gets the gated MLP output added in place."""
@@ -321,7 +321,7 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
             self.store_base_score(run, cache, "joint", scores)
         rows = {"attn": text + match.merged_tokens if merge_attn else tokens,
                 "mlp": text + match.merged_tokens if merge_mlp else tokens, "out": tokens}
-        run.add_flops(self._flops(batch, tokens, rows) + score_flops, self._flops(batch, tokens, None))
+        self.add_call_flops(run, (batch, tokens), rows, True, score_flops)
         return hidden_states + gate.unsqueeze(1) * output
 
     def _partial(self, run, cache, hidden_states, temb):
@@ -342,8 +342,7 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
 
     @torch.compiler.disable
     def _account_partial(self, run, batch, tokens, recomputed) -> None:
-        executed = self._flops(batch, tokens, {"mlp": recomputed, "out": recomputed}, modulation=not _scheduled(run))
-        run.add_flops(executed, self._flops(batch, tokens, None))
+        self.add_call_flops(run, (batch, tokens), {"mlp": recomputed, "out": recomputed}, not _scheduled(run))
 
     def _flops(self, batch: int, tokens: int, rows: dict[str, int] | None, modulation: bool = True) -> int:
         """FLOPs of one call; ``rows`` maps ``attn``, ``mlp`` (the MLP's input projection) and ``out``
