@@ -159,7 +159,8 @@ class RunConstantHook(ModelHook):
 
     ``sources(run, args, kwargs)`` gives those tensors. They are reused only while they are the same
     objects, unmodified (same ``_version``), and are held meanwhile, so that no other tensor can take
-    their identity; anything else computes anew. A reused call takes its layers' FLOPs off the run.
+    their identity; anything else computes anew, and so does a run under ``torch.inference_mode``, whose
+    tensors keep no version. A reused call takes its layers' FLOPs off the run.
     """
 
     def __init__(self, run: RunState, name: str, sources):
@@ -173,7 +174,7 @@ class RunConstantHook(ModelHook):
         if not run.in_call or run.in_block:
             return self.fn_ref.original_forward(*args, **kwargs)
         sources = self.sources(run, args, kwargs)
-        if any(source is None for source in sources):
+        if any(source is None or source.is_inference() for source in sources):  # inference tensors keep no version
             return self.fn_ref.original_forward(*args, **kwargs)
         versions = [source._version for source in sources]
         key = f"{self.name}.{run.stream}"

@@ -257,3 +257,11 @@ def test_rotary_embedding_and_text_projection_are_reused_within_a_run_until_thei
         expected_moved = step(0.5)
     torch.testing.assert_close(moved, expected_moved, rtol=0, atol=0)
     torch.testing.assert_close(changed_text, expected, rtol=0, atol=0)
+
+
+def test_run_constants_under_inference_mode_are_computed_every_call(flux_pipe):
+    """Inference tensors keep no version counter: nothing is reused, and the images are the same."""
+    apply_cache(flux_pipe, FORAConfig(cache_interval=2))
+    expected = run_flux(flux_pipe)
+    with torch.inference_mode():
+        assert (run_flux(flux_pipe) == expected).all()
