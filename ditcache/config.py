@@ -27,10 +27,15 @@ MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 def family_preset(schedule: str, family: str) -> Preset:
     """The preset a ``schedule`` option names for a model family: ``"reference"`` the published
-    setting, a family name that family's default, anything else the model's own default."""
+    setting, a family name that family's default, anything else the model's own default (the generic
+    one for a family without its own)."""
     if schedule == "reference":
+        if family not in REFERENCE_PRESETS:
+            raise ValueError(f"schedule='reference': no published setting for the {family!r} family; known: {', '.join(REFERENCE_PRESETS)}.")
         return REFERENCE_PRESETS[family]
-    return PRESETS[schedule if schedule in PRESETS else family]
+    if schedule in PRESETS:
+        return PRESETS[schedule]
+    return PRESETS.get(family, PRESETS["generic"])
 
 
 def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:

@@ -27,6 +27,7 @@ STEP_HOOK = "ditcache.step"
 BLOCK_HOOK = "ditcache.block"
 CONSTANT_HOOK = "ditcache.run_constant"
 TABLE_HOOK = "ditcache.step_table"
+BRANCH_HOOK = "ditcache.branch"
 # diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
 # same work twice, so ``apply_cache`` refuses a transformer that carries one.
 FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache")
@@ -98,7 +99,7 @@ class StepHook(ModelHook):
             fresh = run.signature is None or new_marker or (run.run_finished and not same_step)
         else:
             same_step = run.signature is not None and timestep == run.last_timestep
-            fresh = run.signature is None or (not same_step and (run.run_finished or timestep > run.last_timestep))
+            fresh = run.signature is None or (not same_step and (run.run_finished or self._went_back(timestep)))
         lost = self._taken_over.pop(thread, None)
         if lost is not None and (lost is marker if marker is not None else not fresh or timestep <= lost):
             raise RuntimeError(
@@ -133,6 +134,11 @@ class StepHook(ModelHook):
         if run.schedule is not None and run.settings.schedule.cache_interval > 1:
             self.model.prepare_run(run, call.arguments)
         run.in_call = True
+
+    def _went_back(self, timestep: float) -> bool:
+        """Whether the timestep moved against the run's direction (falling for most models, rising for Mochi)."""
+        last = self.run.last_timestep
+        return timestep < last if self.model.timestep_rises else timestep > last
 
     def _run_marker(self) -> object | None:
         """The pipeline scheduler's timesteps object, which each pipeline call replaces; None without one."""
@@ -208,6 +214,27 @@ class StepTableHook(ModelHook):
         return output
 
 
+class BranchHook(ModelHook):
+    """Branch-submodule hook of the generic path: runs the branch through its ``BranchAdapter`` while a
+    cached call is in progress (computed and kept on full steps, reused on partial ones)."""
+
+    def __init__(self, run: RunState, adapter):
+        super().__init__()
+        self.run = run
+        self.adapter = adapter
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        run = self.run
+        if not run.in_call:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        was_in_block, run.in_block = run.in_block, True  # its FLOPs are the branch's, not outside work
+        try:
+            cache = run.block_cache(self.adapter.block_name)
+            return self.adapter.forward(run, cache, self.fn_ref.original_forward, args, kwargs)
+        finally:
+            run.in_block = was_in_block
+
+
 class BlockHook(ModelHook):
     """Block-level hook: runs the block through its adapter while a cached call is in progress."""
 
@@ -255,6 +282,7 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
     model = transformer_adapter(transformer)
     settings = resolve_configs(config, model.family)
     adapters = model.block_adapters(settings)
+    branch_adapters = model.branch_adapters(settings)
     remove_cache(transformer)
 
     run = RunState(settings)
@@ -262,6 +290,8 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
     for adapter in adapters:
         HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(BlockHook(run, adapter), BLOCK_HOOK)
+    for adapter in branch_adapters:
+        HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(BranchHook(run, adapter), BRANCH_HOOK)
     for name, (module, sources) in model.run_constants().items():
         HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
     for module, lookup in model.step_tables().values():
@@ -295,6 +325,7 @@ def remove_cache(target):
         registry.remove_hook(BLOCK_HOOK, recurse=False)
         registry.remove_hook(CONSTANT_HOOK, recurse=False)
         registry.remove_hook(TABLE_HOOK, recurse=False)
+        registry.remove_hook(BRANCH_HOOK, recurse=False)
         if not registry.hooks:
             _drop_empty_registry(module)
     if hasattr(transformer, "_diffusers_hook"):

@@ -243,6 +243,19 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             spatial_grid=1,
             full_step_periods=MappingProxyType({"cross_attn": 2}),
         ),
+        # Every other model (the generic path, layer caching only): the first 2 steps full, then every 3.
+        "generic": Preset(
+            cache_interval=3,
+            cache_ratio=0.90,
+            full_steps_at_start=2,
+            interval_divisor=FLAT,
+            time=FLAT,
+            layer=FLAT,
+            module_factors=MappingProxyType({}),
+            score="random",
+            spatial_bonus=0.0,
+            spatial_grid=1,
+        ),
     }
 )
 

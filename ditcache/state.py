@@ -75,6 +75,8 @@ class BlockCache:
     since_recompute: dict[str, torch.Tensor] = field(default_factory=dict)  # per branch
     text_keys: torch.Tensor | None = None  # cross-attention keys, to refresh entropy rows
     text_values: torch.Tensor | None = None  # cross-attention values, where partial steps recompute its rows
+    layouts: dict[str, tuple] = field(default_factory=dict)  # generic path: each branch's output structure and FLOPs
+    versions: dict[str, int | None] = field(default_factory=dict)  # generic path: kept tensors' version counters
 
     def store(self, branch: str, value: torch.Tensor, step: int, order: int) -> None:
         """Keep a full step's output and update its divided differences up to ``order``."""

@@ -18,8 +18,10 @@ from pathlib import Path
 from diffusers import DiffusionPipeline
 
 from ditcache import CacheStats, FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_config, cache_stats, remove_cache
-from ditcache.adapters import ADAPTERS
+from ditcache.adapters import transformer_adapter
+from ditcache.adapters.generic import GenericTransformerAdapter
 from ditcache.config import CacheConfig, config_from_dict, config_to_dict
+from ditcache.specs import SPECS
 
 CONFIG_FILE = "ditcache_config.json"
 SUPPORTED_PIPELINES = (
@@ -33,6 +35,8 @@ SUPPORTED_PIPELINES = (
     "FluxControlPipeline",
     "FluxFillPipeline",
     "OpenSoraPipeline",
+    # Layer caching (FORA and forecasts) through their specs:
+    *(pipeline for spec in SPECS.values() for pipeline in spec.pipelines),
 )
 
 
@@ -92,9 +96,12 @@ class ToCaPipeline(DiffusionPipeline):
         saved = Path(pretrained_model_name_or_path) / CONFIG_FILE
         if cache_config is None and saved.is_file():
             cache_config = read_config(saved)
-        config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)
+        config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)  # bad settings fail before loading
         loader = pipeline_loader(pretrained_model_name_or_path, kwargs)
-        return cls.attach(loader.from_pretrained(pretrained_model_name_or_path, **kwargs), config)
+        pipeline = loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if cache_config is None:
+            config = resolve_config(cache_interval, cache_ratio, default_config(pipeline), tome_ratio)
+        return cls.attach(pipeline, config)
 
     @classmethod
     def from_pipe(
@@ -120,18 +127,17 @@ class ToCaPipeline(DiffusionPipeline):
             kwargs["dtype"] = pipeline.dtype  # diffusers would cast the shared components to float32
         if cache_config is None and isinstance(pipeline, ToCaPipeline):
             cache_config = pipeline.cache_config
-        config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)
+        config = resolve_config(cache_interval, cache_ratio, cache_config or default_config(pipeline), tome_ratio)
         return cls.attach(target.from_pipe(pipeline, **kwargs), config)
 
     @classmethod
     def attach(cls, pipeline: DiffusionPipeline, config: CacheConfig | list[CacheConfig]) -> "ToCaPipeline":
         """Turn a loaded ``pipeline`` into a cached one, in place."""
         original = _original_class(type(pipeline))
-        transformer = getattr(pipeline, "transformer", None)
-        if not isinstance(transformer, tuple(ADAPTERS)):
+        if default_config(pipeline) is None:
             raise TypeError(
                 f"ToCaPipeline does not support {original.__name__}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)} "
-                "(any pipeline whose transformer is a DiT, PixArt, FLUX or STDiT3 transformer called the standard way)."
+                "(any pipeline whose transformer ditcache supports, called the standard way)."
             )
         apply_cache(pipeline, config)
         pipeline.__class__ = _cached_class(original)
@@ -202,6 +208,16 @@ def _write_atomically(path: Path, text: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def default_config(pipeline: DiffusionPipeline) -> CacheConfig | None:
+    """What a pipeline is cached with when no config is given: ToCa where its transformer has a
+    token-wise path, FORA on the generic path; None when ditcache does not support its transformer."""
+    try:
+        model = transformer_adapter(getattr(pipeline, "transformer", None))
+    except TypeError:
+        return None
+    return FORAConfig() if isinstance(model, GenericTransformerAdapter) else ToCaConfig()
 
 
 def pipeline_loader(pretrained_model_name_or_path, kwargs: dict | None = None) -> type[DiffusionPipeline]:

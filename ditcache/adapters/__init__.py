@@ -1,8 +1,9 @@
 """Which transformers ditcache supports, and how to read their calls.
 
 A ``TransformerAdapter`` knows one transformer class: its model family (which preset applies), its
-blocks and their adapters, and where a call's latents and timestep are. Supporting a new model means
-adding an entry here and, for a new block family, one adapter module beside this file.
+blocks and their adapters, and where a call's latents and timestep are. The transformers with a block
+adapter (token-wise caching) are listed in ``ADAPTERS``; any other with a ``ModelSpec``
+(``ditcache.specs``) is cached by layer through its branch submodules (``generic.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class TransformerAdapter:
     family: str = ""
     block_adapter = BasicTransformerBlockAdapter
     timestep_scale = 1.0  # the model's timestep per scheduler timestep
+    timestep_rises = False  # the timestep grows during a run
     latents_argument = "hidden_states"  # the forward argument holding the latents
+    timestep_argument = "timestep"
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
@@ -52,6 +55,10 @@ class TransformerAdapter:
         blocks = self.blocks()
         depth = max(len(blocks) - 1, 1)
         return [self.block_adapter(block, name, i / depth, settings) for i, (name, block) in enumerate(blocks)]
+
+    def branch_adapters(self, settings: EngineSettings) -> list:
+        """Hooks on branch submodules (the generic path, ``generic.py``); none where block adapters cache."""
+        return []
 
     def prepare_run(self, run, arguments: dict) -> None:
         """Precompute per-step values for a run whose schedule is known, on every call of the run (a
@@ -69,9 +76,9 @@ class TransformerAdapter:
 
     def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
         bound = self.signature.bind(None, *args, **kwargs).arguments
-        latents, timestep = bound[self.latents_argument], bound.get("timestep")
+        latents, timestep = bound[self.latents_argument], bound.get(self.timestep_argument)
         if timestep is None:
-            raise ValueError(f"{type(self.transformer).__name__} was called without `timestep`; ditcache needs it.")
+            raise ValueError(f"{type(self.transformer).__name__} was called without `{self.timestep_argument}`; ditcache needs it.")
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         return CallInfo(latents, value, self.token_grid(latents, bound), bound)
 
@@ -197,9 +204,20 @@ ADAPTERS: dict[type, type[TransformerAdapter]] = {
 
 
 def transformer_adapter(transformer: nn.Module) -> TransformerAdapter:
-    """The adapter for ``transformer``; ``TypeError`` listing the supported models otherwise."""
+    """The adapter for ``transformer``: its block adapter's, else the generic one from its ``ModelSpec``;
+    ``TypeError`` listing the supported models otherwise."""
+    from ..specs import SPECS, spec_for
+    from .generic import GenericTransformerAdapter
+
     for cls, adapter in ADAPTERS.items():
         if isinstance(transformer, cls):
             return adapter(transformer)
-    supported = ", ".join(f"{cls.__name__} ({adapter.family})" for cls, adapter in ADAPTERS.items())
-    raise TypeError(f"ditcache does not support {type(transformer).__name__}; supported transformers: {supported}.")
+    spec = spec_for(transformer)
+    if spec is not None:
+        return GenericTransformerAdapter(transformer, spec)
+    token_wise = ", ".join(f"{cls.__name__} ({adapter.family})" for cls, adapter in ADAPTERS.items())
+    raise TypeError(
+        f"ditcache does not support {type(transformer).__name__}; supported transformers: {token_wise} (token-wise "
+        f"and layer caching), {', '.join(SPECS)} (layer caching, FORAConfig). Another model needs a "
+        "ditcache.specs.register(ModelSpec(...))."
+    )

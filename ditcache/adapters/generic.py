@@ -1,0 +1,134 @@
+"""The generic path: any transformer with a ``ModelSpec`` cached through its branch submodules.
+
+Each branch submodule of a block (an attention, a feed-forward) gets a hook. On a full step it runs and
+its output is kept (with its divided differences when forecasting); on a partial step it does not run
+and returns the kept value or its forecast. Everything else in the block, norms, modulation, gates and
+residual adds, runs at every step as diffusers wrote it, so a reused branch still enters the residual
+through the current step's gate. This is FORA (and its forecasts) without a copy of any block's math.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import EngineSettings
+from ..flops import count_flops
+from ..specs import ModelSpec
+from ..state import BlockCache, RunState
+from . import TransformerAdapter
+
+
+class BranchAdapter:
+    """One branch submodule: computes and keeps its output on full steps, reuses it on partial steps.
+
+    Outputs may be a tensor or a tuple of tensors and ``None`` (a joint attention's image and text
+    parts). A kept tensor that the block then changes in place would make every later reuse wrong: its
+    version counter is checked at each reuse and a change raises ``RuntimeError``.
+    """
+
+    def __init__(self, module: nn.Module, block_name: str, branch: str, settings: EngineSettings):
+        self.module = module
+        self.block_name = block_name
+        self.branch = branch
+        self.settings = settings
+        self._flops: dict[tuple, int] = {}  # FLOPs of one call, per input shapes
+
+    def forward(self, run: RunState, cache: BlockCache, compute, args: tuple, kwargs: dict):
+        if run.is_full or self.branch not in cache.layouts:
+            return self._compute(run, cache, compute, args, kwargs)
+        return self._reuse(run, cache)
+
+    def _compute(self, run: RunState, cache: BlockCache, compute, args: tuple, kwargs: dict):
+        shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
+        flops = self._flops.get(shapes)
+        if flops is None:  # measured once per input shape, with the counter diffusers' own numbers use
+            output, flops = count_flops(lambda: compute(*args, **kwargs))
+            self._flops[shapes] = flops
+        else:
+            output = compute(*args, **kwargs)
+        run.add_flops(flops, flops)
+        layout, tensors = _flatten(output, self.branch)
+        cache.layouts[self.branch] = (layout, flops)
+        order = self.settings.forecast_order
+        for index, tensor in enumerate(tensors):
+            key = f"{self.branch}.{index}"
+            cache.store(key, tensor, run.step, order)
+            cache.versions[key] = None if tensor.is_inference() else tensor._version
+        return output
+
+    def _reuse(self, run: RunState, cache: BlockCache):
+        layout, flops = cache.layouts[self.branch]
+        tensors, forecast_flops = [], 0
+        for index in range(_count(layout)):
+            key = f"{self.branch}.{index}"
+            stored, version = cache.branches[key], cache.versions[key]
+            if version is not None and stored._version != version:
+                raise RuntimeError(
+                    f"{self.block_name}.{self.branch}: the block changed this branch's output in place after it was "
+                    "kept, so reusing it would be wrong; this branch cannot be cached on the generic path."
+                )
+            value = cache.current(key, run.step)
+            forecast_flops += 2 * len(cache.differences.get(key, ())) * value.numel()
+            tensors.append(value)
+        run.add_flops(forecast_flops, flops)
+        return _unflatten(layout, tensors)
+
+
+def _flatten(output, branch: str) -> tuple[tuple | None, list[torch.Tensor]]:
+    if isinstance(output, torch.Tensor):
+        return None, [output]
+    if isinstance(output, (tuple, list)) and all(item is None or isinstance(item, torch.Tensor) for item in output):
+        return (type(output), tuple(item is None for item in output)), [item for item in output if item is not None]
+    raise TypeError(f"branch {branch!r} returned {type(output).__name__}; the generic path caches tensors or tuples of tensors.")
+
+
+def _count(layout: tuple | None) -> int:
+    return 1 if layout is None else layout[1].count(False)
+
+
+def _unflatten(layout: tuple | None, tensors: list[torch.Tensor]):
+    if layout is None:
+        return tensors[0]
+    kind, missing = layout
+    values = iter(tensors)
+    return kind(None if absent else next(values) for absent in missing)
+
+
+class GenericTransformerAdapter(TransformerAdapter):
+    """A transformer read and cached from its ``ModelSpec``: FORA and forecasts on its branch submodules."""
+
+    def __init__(self, transformer: nn.Module, spec: ModelSpec):
+        super().__init__(transformer)
+        self.spec = spec
+        self.family = spec.family
+        self.timestep_scale = spec.timestep_scale
+        self.timestep_rises = spec.timestep_rises
+        self.latents_argument = spec.latents_argument
+        self.timestep_argument = spec.timestep_argument
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"{name}.{i}", block) for name in self.spec.block_lists for i, block in enumerate(getattr(self.transformer, name))]
+
+    def block_adapters(self, settings: EngineSettings) -> list:
+        if settings.method != "fora" or settings.merging is not None:
+            raise ValueError(
+                f"{type(self.transformer).__name__} has no token-wise path yet: it is cached by layer (FORAConfig, "
+                "with or without forecast_order); ToCaConfig and ToMeConfig need a block adapter."
+            )
+        return []
+
+    def branch_adapters(self, settings: EngineSettings) -> list[BranchAdapter]:
+        adapters = []
+        for name, block in self.blocks():
+            for branch in self.spec.branches.get(type(block).__name__, ()):
+                module = getattr(block, branch, None)
+                if module is not None:
+                    adapters.append(BranchAdapter(module, name, branch, settings))
+        if not adapters:
+            raise TypeError(f"the spec of {type(self.transformer).__name__} names no branch its blocks have.")
+        return adapters
+
+    def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, ...]:
+        """The latents' shape past batch and channels (the run's signature; nothing is selected by it)."""
+        return tuple(latents.shape[2:]) or (latents.shape[1],)

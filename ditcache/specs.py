@@ -1,0 +1,109 @@
+"""Per-model facts as data: one ``ModelSpec`` per transformer class that ditcache caches through its
+branch submodules (attention, feed-forward) without a block adapter of its own.
+
+A spec says where a call's latents and timestep are and in which units and direction the timestep runs,
+which lists hold the blocks, and which submodules of each block class are its cached branches. Adding a
+model is one ``register`` call; ``ditcache.adapters.generic`` turns a spec into hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How ditcache reads and caches one transformer class.
+
+    Args:
+        family: the model family (names its preset; one without a preset of its own takes the generic one).
+        transformer: the transformer's class name (diffusers' or ditcache's).
+        block_lists: the attributes holding its blocks, in the order they run.
+        branches: per block class name, the submodules whose outputs a partial step reuses. Each must
+            enter the residual through the block's own gate and add, so that reuse keeps the current
+            step's modulation; absent submodules (e.g. a last block without a text MLP) are skipped.
+        latents_argument, timestep_argument: the forward arguments holding them.
+        timestep_scale: the model's timestep per scheduler timestep (FLUX.2 and Qwen-Image take ``t / 1000``).
+        timestep_rises: the timestep grows during a run (Mochi's scheduler runs ``1000 * (1 - sigma)``),
+            so that on a bare transformer a new run shows as a timestep that falls back.
+        pipelines: the diffusers pipelines that call this transformer the standard way.
+    """
+
+    family: str
+    transformer: str
+    block_lists: tuple[str, ...]
+    branches: Mapping[str, tuple[str, ...]]
+    latents_argument: str = "hidden_states"
+    timestep_argument: str = "timestep"
+    timestep_scale: float = 1.0
+    timestep_rises: bool = False
+    pipelines: tuple[str, ...] = field(default=())
+
+
+SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Make ``spec`` the one for its transformer class (replacing an earlier one)."""
+    SPECS[spec.transformer] = spec
+    return spec
+
+
+def spec_for(transformer) -> ModelSpec | None:
+    """The spec of ``transformer``'s class or of its nearest registered base class."""
+    for cls in type(transformer).__mro__:
+        if cls.__name__ in SPECS:
+            return SPECS[cls.__name__]
+    return None
+
+
+def _branches(**per_block: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType(per_block)
+
+
+register(ModelSpec(
+    family="sd3", transformer="SD3Transformer2DModel", block_lists=("transformer_blocks",),
+    branches=_branches(JointTransformerBlock=("attn", "attn2", "ff", "ff_context")),
+    pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+))
+register(ModelSpec(
+    family="wan", transformer="WanTransformer3DModel", block_lists=("blocks",),
+    branches=_branches(WanTransformerBlock=("attn1", "attn2", "ffn")),
+    pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
+))
+register(ModelSpec(
+    family="qwenimage", transformer="QwenImageTransformer2DModel", block_lists=("transformer_blocks",),
+    branches=_branches(QwenImageTransformerBlock=("attn", "img_mlp", "txt_mlp")), timestep_scale=1 / 1000,
+    pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+))
+register(ModelSpec(
+    family="hunyuanvideo", transformer="HunyuanVideoTransformer3DModel",
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    branches=_branches(
+        HunyuanVideoTransformerBlock=("attn", "ff", "ff_context"),
+        HunyuanVideoSingleTransformerBlock=("attn", "proj_mlp"),
+    ),
+    pipelines=("HunyuanVideoPipeline",),
+))
+register(ModelSpec(
+    family="flux2", transformer="Flux2Transformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
+    branches=_branches(Flux2TransformerBlock=("attn", "ff", "ff_context"), Flux2SingleTransformerBlock=("attn",)),
+    timestep_scale=1 / 1000, pipelines=("Flux2Pipeline",),
+))
+register(ModelSpec(
+    family="cogvideox", transformer="CogVideoXTransformer3DModel", block_lists=("transformer_blocks",),
+    branches=_branches(CogVideoXBlock=("attn1", "ff")),
+    pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
+))
+register(ModelSpec(
+    family="ltx", transformer="LTXVideoTransformer3DModel", block_lists=("transformer_blocks",),
+    branches=_branches(LTXVideoTransformerBlock=("attn1", "attn2", "ff")),
+    pipelines=("LTXPipeline", "LTXImageToVideoPipeline"),
+))
+register(ModelSpec(
+    family="mochi", transformer="MochiTransformer3DModel", block_lists=("transformer_blocks",),
+    branches=_branches(MochiTransformerBlock=("attn1", "ff", "ff_context")),
+    timestep_rises=True, pipelines=("MochiPipeline",),
+))

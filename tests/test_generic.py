@@ -1,0 +1,177 @@
+"""The generic path: layer caching (FORA) and forecasts on every transformer with a ``ModelSpec``, through
+hooks on its blocks' branch submodules, checked against diffusers' own forward on tiny models."""
+
+import pytest
+import torch
+from diffusers import (
+    CogVideoXTransformer3DModel,
+    Flux2Transformer2DModel,
+    HunyuanVideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
+    MochiTransformer3DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
+
+from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
+from ditcache.specs import SPECS
+
+BATCH, TEXT = 2, 5
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _ids(tokens: int, axes: int, offset: float = 0.0):
+    ids = torch.zeros(tokens, axes)
+    ids[:, -1] = torch.arange(tokens) + offset
+    return ids
+
+
+# Each family: a tiny transformer built from config, and the inputs of one call but the timestep.
+FAMILIES = {
+    "sd3": (
+        lambda: SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                      num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                      pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16, dual_attention_layers=(0,)),
+        lambda: {"hidden_states": _randn(BATCH, 4, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "pooled_projections": _randn(BATCH, 16, seed=2)},
+    ),
+    "wan": (
+        lambda: WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                      out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+        lambda: {"hidden_states": _randn(BATCH, 4, 2, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1)},
+    ),
+    "qwenimage": (
+        lambda: QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)),
+        lambda: {"hidden_states": _randn(BATCH, 16, 16), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "encoder_hidden_states_mask": torch.ones(BATCH, TEXT, dtype=torch.long), "img_shapes": [[(1, 4, 4)]] * BATCH},
+    ),
+    "hunyuanvideo": (
+        lambda: HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                               num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                               patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)),
+        lambda: {"hidden_states": _randn(BATCH, 4, 1, 4, 4), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "encoder_attention_mask": torch.ones(BATCH, TEXT), "pooled_projections": _randn(BATCH, 8, seed=2),
+                 "guidance": torch.full((BATCH,), 6000.0)},
+    ),
+    "flux2": (
+        lambda: Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                        num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=16,
+                                        axes_dims_rope=(4, 4, 4, 4)),
+        lambda: {"hidden_states": _randn(BATCH, 16, 16), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "img_ids": _ids(16, 4, TEXT).expand(BATCH, -1, -1), "txt_ids": _ids(TEXT, 4).expand(BATCH, -1, -1),
+                 "guidance": torch.full((BATCH,), 4.0)},
+    ),
+    "cogvideox": (
+        lambda: CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                            time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8,
+                                            sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT),
+        lambda: {"hidden_states": _randn(BATCH, 3, 4, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1)},
+    ),
+    "ltx": (
+        lambda: LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                                           attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=16),
+        lambda: {"hidden_states": _randn(BATCH, 2 * 4 * 4, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "encoder_attention_mask": torch.ones(BATCH, TEXT), "num_frames": 2, "height": 4, "width": 4},
+    ),
+    "mochi": (
+        lambda: MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                        pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4,
+                                        max_sequence_length=TEXT),
+        lambda: {"hidden_states": _randn(BATCH, 4, 2, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "encoder_attention_mask": torch.ones(BATCH, TEXT)},
+    ),
+}
+STEPS = 7
+
+
+def timesteps(family: str) -> list[torch.Tensor]:
+    """A run's timesteps in the family's units and direction (Mochi's rise, FLUX.2's and Qwen-Image's are t / 1000)."""
+    spec = SPECS[type(build(family)).__name__]
+    values = torch.linspace(999, 100, STEPS) * spec.timestep_scale
+    if spec.timestep_rises:
+        values = values.flip(0)
+    return [torch.full((BATCH,), float(v)) for v in values]
+
+
+def build(family: str):
+    torch.manual_seed(0)
+    return FAMILIES[family][0]().eval()
+
+
+def run(model, family: str) -> list[torch.Tensor]:
+    inputs = FAMILIES[family][1]()
+    with torch.no_grad():
+        return [model(**inputs, timestep=t, return_dict=False)[0] for t in timesteps(family)]
+
+
+def hooked_modules(model) -> list[str]:
+    return [name for name, module in model.named_modules() if hasattr(module, "_diffusers_hook")]
+
+
+def test_every_family_of_the_issue_has_a_spec():
+    families = {spec.family for spec in SPECS.values()}
+    assert {"sd3", "wan", "qwenimage", "hunyuanvideo", "flux2", "cogvideox", "ltx", "mochi"} <= families
+    assert set(FAMILIES) == families
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fora_and_forecasts_on_every_spec(family):
+    model = build(family)
+    plain = run(model, family)
+
+    apply_cache(model, FORAConfig(cache_interval=1))
+    for got, expected in zip(run(model, family), plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the hooked path computes what diffusers does
+
+    apply_cache(model, FORAConfig(cache_interval=3))
+    fora = run(model, family)
+    stats = cache_stats(model)
+    assert stats.full_step_indices == (0, 1, 4) and stats.partial_steps == 4  # the generic preset: 2 full, then every 3
+    assert stats.flops < 0.75 * stats.flops_full
+    for step in (0, 1, 4):
+        torch.testing.assert_close(fora[step], plain[step], rtol=0, atol=0)
+    assert all(torch.isfinite(out).all() for out in fora) and not torch.equal(fora[2], plain[2])
+
+    apply_cache(model, FORAConfig(cache_interval=3, forecast_order=1))
+    forecast = run(model, family)
+    assert all(torch.isfinite(out).all() for out in forecast)
+    assert not torch.equal(forecast[5], fora[5])  # steps 5 and 6 extrapolate from full steps 1 and 4
+
+    remove_cache(model)
+    assert hooked_modules(model) == []
+    for got, expected in zip(run(model, family), plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_generic_family_refuses_token_wise_configs():
+    model = build("wan")
+    for config in (ToCaConfig(), ToMeConfig(), [FORAConfig(), ToMeConfig()]):
+        with pytest.raises(ValueError, match="no token-wise path yet"):
+            apply_cache(model, config)
+    assert hooked_modules(model) == []
+    with pytest.raises(ValueError, match="no published setting"):
+        apply_cache(model, FORAConfig(schedule="reference"))
+
+
+def test_a_new_run_of_a_rising_timestep_model_is_seen_on_a_bare_transformer():
+    model = build("mochi")
+    apply_cache(model, FORAConfig(cache_interval=3))
+    first = run(model, "mochi")
+    second = run(model, "mochi")  # the timestep falls back: a new run, not step 8 of the first
+    assert cache_stats(model).steps == STEPS
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_branch_changed_in_place_by_its_block_is_refused():
+    model = build("wan")
+    apply_cache(model, FORAConfig(cache_interval=3))
+    block = model.blocks[0]
+    block.ffn.register_forward_hook(lambda _m, _i, output: output.mul_(1.0))  # a block that edits the output in place
+    with pytest.raises(RuntimeError, match="changed this branch's output in place"):
+        run(model, "wan")
