@@ -47,8 +47,9 @@ def _layer_call_flops(layer: nn.Module, output: torch.Tensor) -> int:
 
 
 @contextmanager
-def record_layer_flops(module: nn.Module, include: Callable[[], bool]) -> Iterator[list[int]]:
-    """Sum the FLOPs of every linear and convolution call under ``module`` while ``include()`` is true.
+def record_layer_flops(module: nn.Module, include: Callable[[], bool], exclude: tuple[nn.Module, ...] = ()) -> Iterator[list[int]]:
+    """Sum the FLOPs of every linear and convolution call under ``module`` while ``include()`` is true,
+    leaving out the layers inside ``exclude`` (counted elsewhere).
 
     Yields a one-element list holding the running total.
     """
@@ -59,7 +60,8 @@ def record_layer_flops(module: nn.Module, include: Callable[[], bool]) -> Iterat
             total[0] += _layer_call_flops(layer, output)
 
     layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    handles = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, layers)]
+    excluded = {id(layer) for part in exclude for layer in part.modules()}
+    handles = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, layers) and id(m) not in excluded]
     try:
         yield total
     finally:

@@ -50,12 +50,18 @@ class StepHook(ModelHook):
     _is_stateful = True
 
     def __init__(
-        self, run: RunState, model: TransformerAdapter, config: CacheConfig, pipeline: DiffusionPipeline | None
+        self,
+        run: RunState,
+        model: TransformerAdapter,
+        config: CacheConfig,
+        pipeline: DiffusionPipeline | None,
+        branches: tuple[nn.Module, ...] = (),
     ):
         super().__init__()
         self.run = run
         self.model = model
         self.config = config
+        self.branches = branches  # the generic path's branch modules: their FLOPs are counted by their hooks
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._entry = threading.Lock()
         self._taken_over: dict[int, object] = {}  # thread -> marker (or last timestep) of the run it lost
@@ -69,7 +75,7 @@ class StepHook(ModelHook):
         run.arguments = call.arguments
         try:
             if run.outside_flops is None:  # first call of a run: measure what runs outside the blocks
-                with record_layer_flops(module, lambda: not run.in_block) as outside:
+                with record_layer_flops(module, lambda: not run.in_block, exclude=self.branches) as outside:
                     output = self.fn_ref.original_forward(*args, **kwargs)
                 run.outside_flops = outside[0]
             else:
@@ -286,7 +292,7 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
     remove_cache(transformer)
 
     run = RunState(settings)
-    step_hook = StepHook(run, model, config, pipeline)
+    step_hook = StepHook(run, model, config, pipeline, tuple(adapter.module for adapter in branch_adapters))
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
     for adapter in adapters:
         HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(BlockHook(run, adapter), BLOCK_HOOK)

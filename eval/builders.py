@@ -213,6 +213,23 @@ def flux_pipeline(
     return _round_trip(pipe, path)
 
 
+def wan_pipeline(path: str | Path | None = None, num_layers: int = 2):
+    """A Wan 2.1 text-to-video pipeline (flow matching, guidance 5) with a tiny T5 and Wan VAE, for the
+    generic (layer caching) path; saved to and loaded from ``path`` when given. Frames: 4 k + 1; sides: 16 k."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+
+    tokenizer, text_encoder = tiny_t5()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                        out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=num_layers,
+                                        rope_max_seq_len=32).eval()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=transformer)
+    return _round_trip(pipe, path)
+
+
 def stdit3_transformer(width: str = "tiny", depth: int = 2, caption_channels: int = 32, text_tokens: int = 16, seed: int = 0):
     """OpenSora 1.2's STDiT3 at a width preset with ``depth`` spatial + temporal block pairs (the released
     model has 28); every parameter random, so that no zero-initialised layer hides a mistake."""

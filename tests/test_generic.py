@@ -15,6 +15,7 @@ from diffusers import (
 )
 
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
+from ditcache.flops import count_flops
 from ditcache.specs import SPECS
 
 BATCH, TEXT = 2, 5
@@ -129,8 +130,11 @@ def test_fora_and_forecasts_on_every_spec(family):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the hooked path computes what diffusers does
 
     apply_cache(model, FORAConfig(cache_interval=3))
-    fora = run(model, family)
+    fora, counted = count_flops(lambda: run(model, family), model)
     stats = cache_stats(model)
+    # The engine's count against FlopCounterMode's: branches are measured by it, the rest by its linear and
+    # convolution layers (attention outside the blocks, HunyuanVideo's token refiner, is not seen).
+    assert stats.flops == pytest.approx(counted, rel=0.01)
     assert stats.full_step_indices == (0, 1, 4) and stats.partial_steps == 4  # the generic preset: 2 full, then every 3
     assert stats.flops < 0.75 * stats.flops_full
     for step in (0, 1, 4):
@@ -175,3 +179,28 @@ def test_a_branch_changed_in_place_by_its_block_is_refused():
     block.ffn.register_forward_hook(lambda _m, _i, output: output.mul_(1.0))  # a block that edits the output in place
     with pytest.raises(RuntimeError, match="changed this branch's output in place"):
         run(model, "wan")
+
+
+def test_a_generic_pipeline_loads_cached_with_fora_and_round_trips(tmp_path):
+    from ditcache import ToCaPipeline
+    from ditcache.eval.builders import wan_pipeline
+
+    wan_pipeline(tmp_path / "wan")
+    plain_pipe = ToCaPipeline.from_pretrained(tmp_path / "wan")
+    assert isinstance(plain_pipe.cache_config, FORAConfig)  # no token-wise path: layer caching by default
+    call = {"prompt": "a red fox in snow", "height": 16, "width": 16, "num_frames": 5, "num_inference_steps": 7,
+            "output_type": "pt", "max_sequence_length": 8}
+    frames = lambda pipe, **extra: pipe(**call, generator=torch.Generator().manual_seed(0), **extra).frames  # noqa: E731
+    uncached = frames(plain_pipe, cache=False)
+    torch.testing.assert_close(frames(plain_pipe, cache_interval=1), uncached, rtol=0, atol=0)
+    cached = frames(plain_pipe)
+    stats = plain_pipe.cache_stats
+    assert stats.steps == 7 and stats.full_step_indices == (0, 1, 4) and stats.flops < stats.flops_full
+    assert not torch.equal(cached, uncached) and torch.isfinite(cached).all()
+    torch.testing.assert_close(frames(plain_pipe), cached, rtol=0, atol=0)  # each call is its own run
+    plain_pipe.save_pretrained(tmp_path / "saved")
+    reloaded = ToCaPipeline.from_pretrained(tmp_path / "saved")
+    assert reloaded.cache_config == plain_pipe.cache_config
+    torch.testing.assert_close(frames(reloaded), cached, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cache_ratio"):
+        ToCaPipeline.from_pretrained(tmp_path / "wan", cache_ratio=0.9)
