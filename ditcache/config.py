@@ -1,7 +1,9 @@
 """User-facing cache configurations.
 
 Each config validates itself on creation and resolves, for a detected model family, into the
-``EngineSettings`` the engine runs with. Fields left as ``None`` take the family's reference preset.
+``EngineSettings`` the engine runs with. Fields left as ``None`` take the family's default preset
+(``ditcache.schedule.PRESETS``; the generic one for a family without its own), or its published setting
+with ``schedule="reference"``. ``preset(name)`` gives the named settings (``NAMED_PRESETS``).
 """
 
 from __future__ import annotations

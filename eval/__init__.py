@@ -1,1 +1,1 @@
-"""Measurement tools of ditcache: speed and FLOPs benchmarks (quality metrics come later)."""
+"""Measurement tools of ditcache: speed and FLOPs benchmarks, quality metrics, sweeps, the reference models."""

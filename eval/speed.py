@@ -186,7 +186,8 @@ def _compile_counts() -> tuple[int, int]:
 
 
 def benchmark(args) -> list[Row]:
-    pipe, call = build(args)
+    with torch.device(args.device):  # random weights made where they run (FLUX.1-dev's 12B on the CPU take minutes)
+        pipe, call = build(args)
     methods = {spec: parse_method(spec) for spec in args.methods}
     rows = {spec: Row(spec) for spec in methods}
     if args.compile:
