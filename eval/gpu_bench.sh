@@ -20,7 +20,7 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
 else
     device=cuda dtype=bfloat16
     flux=(--model flux --width flux --layers 19 --single-layers 38 --size 128 --text-tokens 512)
-    video=(--model opensora --width xl --layers 28 --size 30x53 --frames 51 --text-tokens 300)
+    video=(--model opensora --width xl --layers 28 --size 60x106 --frames 51 --text-tokens 300)
     long=50 short=28 video_steps=30
 fi
 common=(--device "$device" --dtype "$dtype" --repeats 1 --warmup 1 --quiet)
