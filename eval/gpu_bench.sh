@@ -3,7 +3,7 @@
 # 512 text tokens) with random weights in bf16, and OpenSora 1.2 (STDiT3-XL, 51 frames), uncached against
 # FORA, ToCa (the preset), a forecast and diffusers' caches; eager and compiled; the Triton kernels off
 # and on. Every table is appended to $OUT/gpu_bench.md (default: runs/) with the device named; copy the
-# tables into eval/BENCHMARKS.md. Sized for about 6 minutes on an H200.
+# tables into eval/BENCHMARKS.md. Meant to fit one 8-minute call on an H200 (an estimate: not run on a GPU yet).
 #
 #   bash eval/gpu_bench.sh                  # the real sizes (needs CUDA)
 #   DRY_RUN=1 bash eval/gpu_bench.sh        # the same runs at tiny width on the CPU (what the test runs)
