@@ -57,3 +57,10 @@ def stand_in_vbench(tmp_path, monkeypatch):
         monkeypatch.setenv("PYTHONPATH", str(package.parent))
 
     return install
+
+
+def pytest_collection_modifyitems(items):
+    """The notebooks (run by nbmake) are long tests too: ``pytest -m "not slow"`` leaves them out."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)

@@ -36,6 +36,7 @@ def wheel(tmp_path_factory) -> Path:
     return next(dist.glob("ditcache-*.whl"))
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_committed_reference_file_and_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     committed = tracked_files("eval/reference_models") + tracked_files("eval/configs")
@@ -45,6 +46,7 @@ def test_the_wheel_holds_every_committed_reference_file_and_config(wheel):
     assert any(name.endswith("digits-flux/transformer/diffusion_pytorch_model.safetensors") for name in names)
 
 
+@pytest.mark.slow
 def test_generate_runs_from_the_unpacked_wheel(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -37,6 +37,7 @@ def flux_run(transformer):
         (flux_transformer, flux_run, ToCaConfig(cache_interval=3, cache_ratio=0.75, schedule="constant")),
     ],
 )
+@pytest.mark.slow
 def test_compiled_blocks_match_eager_and_stop_recompiling(make, run, config):
     torch._dynamo.reset()
     transformer = make()

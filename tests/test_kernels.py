@@ -90,6 +90,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_cached_model_with_kernels_matches_the_torch_path():
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", END_TO_END], env=env, capture_output=True, text=True, timeout=600)

@@ -349,6 +349,7 @@ def test_spatial_bonus_is_given_per_frame():
         assert (boosted == 6).all()  # one token per cell in every frame, none spanning two frames
 
 
+@pytest.mark.slow
 def test_generate_command_writes_a_video(opensora_folder, tmp_path):
     import subprocess
     import sys

@@ -194,6 +194,7 @@ def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "ditcache", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_runs_offline_without_a_model(tmp_path):
     result = run_cli("generate", "--out", "digits.png", "--compare", "--repeats", "1", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -211,6 +212,7 @@ def test_generate_runs_offline_without_a_model(tmp_path):
         assert digits.accuracy(classifier, row, torch.arange(10)) >= 0.8
 
 
+@pytest.mark.slow
 def test_generate_with_a_local_model(saved_pipelines, tmp_path):
     result = run_cli("generate", "--model", str(saved_pipelines / "dit"), "--prompt", "one", "--steps", "4",
                      "--cache-interval", "2", "--out", "one.png", "--quiet", cwd=tmp_path)

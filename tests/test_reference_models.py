@@ -72,6 +72,7 @@ QUALITY_BARS = {  # bars 3 dB and ~0.15x under the measurements in eval/BENCHMAR
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", QUALITY_BARS)
 def test_reference_models_draw_the_asked_digit_and_cache_with_quality(name, classifier):
     from diffusers import DiffusionPipeline
@@ -97,6 +98,7 @@ def test_reference_models_draw_the_asked_digit_and_cache_with_quality(name, clas
         assert digits.accuracy(classifier, images, labels) >= accuracy - 0.03, config  # within 3 points
 
 
+@pytest.mark.slow
 def test_digits_quality_sweep_on_the_reference_dit(tmp_path):
     config = {
         "pipeline": str(digits.reference_pipeline_path("digits-dit")),

@@ -141,6 +141,7 @@ def test_sweep_writes_images_results_plots(finished):
     assert not list(output.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_results(finished, tmp_path):
     config, reference = finished
     output = tmp_path / "out"
