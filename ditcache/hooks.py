@@ -139,6 +139,7 @@ class StepHook(ModelHook):
             run.begin_step(timestep)
         if run.schedule is not None and run.settings.schedule.cache_interval > 1:
             self.model.prepare_run(run, call.arguments)
+        run.call_serial += 1
         run.in_call = True
 
     def _went_back(self, timestep: float) -> bool:

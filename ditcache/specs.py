@@ -107,3 +107,30 @@ register(ModelSpec(
     branches=_branches(MochiTransformerBlock=("attn1", "ff", "ff_context")),
     timestep_rises=True, pipelines=("MochiPipeline",),
 ))
+register(ModelSpec(
+    family="cogview4", transformer="CogView4Transformer2DModel", block_lists=("transformer_blocks",),
+    branches=_branches(CogView4TransformerBlock=("attn1", "ff")), pipelines=("CogView4Pipeline", "CogView4ControlPipeline"),
+))
+register(ModelSpec(
+    family="bria", transformer="BriaTransformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
+    branches=_branches(BriaTransformerBlock=("attn", "ff", "ff_context"), BriaSingleTransformerBlock=("attn", "proj_mlp")),
+    pipelines=("BriaPipeline",),
+))
+register(ModelSpec(
+    family="hunyuanimage", transformer="HunyuanImageTransformer2DModel",
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    branches=_branches(
+        HunyuanImageTransformerBlock=("attn", "ff", "ff_context"),
+        HunyuanImageSingleTransformerBlock=("attn", "proj_mlp"),
+    ),
+    pipelines=("HunyuanImagePipeline",),
+))
+register(ModelSpec(
+    family="motifvideo", transformer="MotifVideoTransformer3DModel",
+    block_lists=("transformer_blocks", "single_transformer_blocks"),
+    branches=_branches(
+        MotifVideoTransformerBlock=("attn", "ff", "ff_context"),
+        MotifVideoSingleTransformerBlock=("attn", "proj_mlp"),
+    ),
+    pipelines=("MotifVideoPipeline", "MotifVideoImage2VideoPipeline"),
+))

@@ -163,6 +163,7 @@ class RunState:
         self.settings = settings
         self.completed_stats: CacheStats | None = None
         self.recorder: list[SelectionEvent] | None = None  # set by ditcache.record_selections
+        self.call_serial = 0  # counts every transformer call, across runs: tells one call from the next
         self.reset()
 
     def reset(self) -> None:

@@ -4,11 +4,15 @@ hooks on its blocks' branch submodules, checked against diffusers' own forward o
 import pytest
 import torch
 from diffusers import (
+    BriaTransformer2DModel,
     CogVideoXTransformer3DModel,
+    CogView4Transformer2DModel,
     Flux2Transformer2DModel,
+    HunyuanImageTransformer2DModel,
     HunyuanVideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
+    MotifVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
@@ -84,6 +88,34 @@ FAMILIES = {
                                         pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4,
                                         max_sequence_length=TEXT),
         lambda: {"hidden_states": _randn(BATCH, 4, 2, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "encoder_attention_mask": torch.ones(BATCH, TEXT)},
+    ),
+    "cogview4": (
+        lambda: CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                                           num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=4,
+                                           pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4)),
+        lambda: {"hidden_states": _randn(BATCH, 4, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "original_size": torch.tensor([[64.0, 64.0]] * BATCH), "target_size": torch.tensor([[64.0, 64.0]] * BATCH),
+                 "crop_coords": torch.zeros(BATCH, 2)},
+    ),
+    "bria": (
+        lambda: BriaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[4, 6, 6]),
+        lambda: {"hidden_states": _randn(BATCH, 16, 16), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "img_ids": _ids(16, 3, TEXT), "txt_ids": _ids(TEXT, 3)},
+    ),
+    "hunyuanimage": (
+        lambda: HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                               num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1),
+                                               text_embed_dim=16, rope_axes_dim=(4, 4)),
+        lambda: {"hidden_states": _randn(BATCH, 4, 4, 4), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "encoder_attention_mask": torch.ones(BATCH, TEXT)},
+    ),
+    "motifvideo": (
+        lambda: MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                             num_layers=1, num_single_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+                                             rope_axes_dim=(2, 2, 4)),
+        lambda: {"hidden_states": _randn(BATCH, 4, 1, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
                  "encoder_attention_mask": torch.ones(BATCH, TEXT)},
     ),
 }

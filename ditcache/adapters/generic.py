@@ -23,7 +23,8 @@ class BranchAdapter:
     """One branch submodule: computes and keeps its output on full steps, reuses it on partial steps.
 
     Outputs may be a tensor or a tuple of tensors and ``None`` (a joint attention's image and text
-    parts). A kept tensor that the block then changes in place would make every later reuse wrong: its
+    parts). A submodule called more than once per block call (CogView4 runs one feed-forward on the image,
+    then on the text) keeps one value per call, in call order. A kept tensor that the block then changes in place would make every later reuse wrong: its
     version counter is checked at each reuse and a change raises ``RuntimeError``.
     """
 
@@ -33,13 +34,18 @@ class BranchAdapter:
         self.branch = branch
         self.settings = settings
         self._flops: dict[tuple, int] = {}  # FLOPs of one call, per input shapes
+        self._calls: tuple[int, int] = (-1, -1)  # (transformer call, times this branch ran in it)
 
     def forward(self, run: RunState, cache: BlockCache, compute, args: tuple, kwargs: dict):
-        if run.is_full or self.branch not in cache.layouts:
-            return self._compute(run, cache, compute, args, kwargs)
-        return self._reuse(run, cache)
+        serial, calls = self._calls
+        calls = calls + 1 if serial == run.call_serial else 0
+        self._calls = (run.call_serial, calls)
+        key = f"{self.branch}.{calls}"
+        if run.is_full or key not in cache.layouts:
+            return self._compute(run, cache, key, compute, args, kwargs)
+        return self._reuse(run, cache, key)
 
-    def _compute(self, run: RunState, cache: BlockCache, compute, args: tuple, kwargs: dict):
+    def _compute(self, run: RunState, cache: BlockCache, branch: str, compute, args: tuple, kwargs: dict):
         shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
         flops = self._flops.get(shapes)
         if flops is None:  # measured once per input shape, with the counter diffusers' own numbers use
@@ -49,19 +55,19 @@ class BranchAdapter:
             output = compute(*args, **kwargs)
         run.add_flops(flops, flops)
         layout, tensors = _flatten(output, self.branch)
-        cache.layouts[self.branch] = (layout, flops)
+        cache.layouts[branch] = (layout, flops)
         order = self.settings.forecast_order
         for index, tensor in enumerate(tensors):
-            key = f"{self.branch}.{index}"
+            key = f"{branch}.{index}"
             cache.store(key, tensor, run.step, order)
             cache.versions[key] = None if tensor.is_inference() else tensor._version
         return output
 
-    def _reuse(self, run: RunState, cache: BlockCache):
-        layout, flops = cache.layouts[self.branch]
+    def _reuse(self, run: RunState, cache: BlockCache, branch: str):
+        layout, flops = cache.layouts[branch]
         tensors, forecast_flops = [], 0
         for index in range(_count(layout)):
-            key = f"{self.branch}.{index}"
+            key = f"{branch}.{index}"
             stored, version = cache.branches[key], cache.versions[key]
             if version is not None and stored._version != version:
                 raise RuntimeError(
