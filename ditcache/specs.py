@@ -84,8 +84,11 @@ register(ModelSpec(
     branches=_branches(
         HunyuanVideoTransformerBlock=("attn", "ff", "ff_context"),
         HunyuanVideoSingleTransformerBlock=("attn", "proj_mlp"),
+        # Image-to-video with image_condition_type="token_replace": the first frame's tokens take their own modulation.
+        HunyuanVideoTokenReplaceTransformerBlock=("attn", "ff", "ff_context"),
+        HunyuanVideoTokenReplaceSingleTransformerBlock=("attn", "proj_mlp"),
     ),
-    pipelines=("HunyuanVideoPipeline",),
+    pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
 ))
 register(ModelSpec(
     family="flux2", transformer="Flux2Transformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),

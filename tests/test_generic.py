@@ -63,6 +63,15 @@ FAMILIES = {
                  "encoder_attention_mask": torch.ones(BATCH, TEXT), "pooled_projections": _randn(BATCH, 8, seed=2),
                  "guidance": torch.full((BATCH,), 6000.0)},
     ),
+    "hunyuanvideo-i2v": (  # image_condition_type="token_replace": the token-replace block classes
+        lambda: HunyuanVideoTransformer3DModel(in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                               num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                               patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+                                               rope_axes_dim=(2, 2, 4), image_condition_type="token_replace"),
+        lambda: {"hidden_states": _randn(BATCH, 8, 2, 4, 4), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "encoder_attention_mask": torch.ones(BATCH, TEXT), "pooled_projections": _randn(BATCH, 8, seed=2),
+                 "guidance": torch.full((BATCH,), 6000.0)},
+    ),
     "flux2": (
         lambda: Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                         num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=16,
@@ -149,7 +158,7 @@ def hooked_modules(model) -> list[str]:
 def test_every_family_of_the_issue_has_a_spec():
     families = {spec.family for spec in SPECS.values()}
     assert {"sd3", "wan", "qwenimage", "hunyuanvideo", "flux2", "cogvideox", "ltx", "mochi"} <= families
-    assert set(FAMILIES) == families
+    assert set(FAMILIES) - {"hunyuanvideo-i2v"} == families
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
