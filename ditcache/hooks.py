@@ -158,7 +158,7 @@ class StepHook(ModelHook):
         if timesteps is None or not len(timesteps):
             return None
         values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
-        return tuple(float(t) * self.model.timestep_scale for t in values)
+        return tuple(float(t) * self.model.timestep_scale + self.model.timestep_offset for t in values)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.run.reset()

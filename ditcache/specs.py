@@ -25,7 +25,8 @@ class ModelSpec:
             enter the residual through the block's own gate and add, so that reuse keeps the current
             step's modulation; absent submodules (e.g. a last block without a text MLP) are skipped.
         latents_argument, timestep_argument: the forward arguments holding them.
-        timestep_scale: the model's timestep per scheduler timestep (FLUX.2 and Qwen-Image take ``t / 1000``).
+        timestep_scale, timestep_offset: the model's timestep is ``scale * t + offset`` for the scheduler's
+            ``t`` (FLUX.2 and Qwen-Image take ``t / 1000``, Z-Image ``(1000 - t) / 1000``).
         timestep_rises: the timestep grows during a run (Mochi's scheduler runs ``1000 * (1 - sigma)``),
             so that on a bare transformer a new run shows as a timestep that falls back.
         pipelines: the diffusers pipelines that call this transformer the standard way.
@@ -38,6 +39,7 @@ class ModelSpec:
     latents_argument: str = "hidden_states"
     timestep_argument: str = "timestep"
     timestep_scale: float = 1.0
+    timestep_offset: float = 0.0
     timestep_rises: bool = False
     pipelines: tuple[str, ...] = field(default=())
 
@@ -136,4 +138,9 @@ register(ModelSpec(
         MotifVideoSingleTransformerBlock=("attn", "proj_mlp"),
     ),
     pipelines=("MotifVideoPipeline", "MotifVideoImage2VideoPipeline"),
+))
+register(ModelSpec(
+    family="zimage", transformer="ZImageTransformer2DModel", block_lists=("noise_refiner", "context_refiner", "layers"),
+    branches=_branches(ZImageTransformerBlock=("attention", "feed_forward")), latents_argument="x", timestep_argument="t",
+    timestep_scale=-1 / 1000, timestep_offset=1.0, timestep_rises=True, pipelines=("ZImagePipeline",),
 ))

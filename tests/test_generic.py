@@ -16,6 +16,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
+    ZImageTransformer2DModel,
 )
 
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
@@ -127,6 +128,12 @@ FAMILIES = {
         lambda: {"hidden_states": _randn(BATCH, 4, 1, 8, 8), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
                  "encoder_attention_mask": torch.ones(BATCH, TEXT)},
     ),
+    "zimage": (  # latents and captions as lists of per-sample tensors; the timestep (1000 - t) / 1000 rises
+        lambda: ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                                         n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                         axes_lens=[64, 32, 32]),
+        lambda: {"x": [_randn(4, 1, 8, 8, seed=i) for i in range(BATCH)], "cap_feats": [_randn(TEXT, 16, seed=9 + i) for i in range(BATCH)]},
+    ),
 }
 STEPS = 7
 
@@ -134,8 +141,8 @@ STEPS = 7
 def timesteps(family: str) -> list[torch.Tensor]:
     """A run's timesteps in the family's units and direction (Mochi's rise, FLUX.2's and Qwen-Image's are t / 1000)."""
     spec = SPECS[type(build(family)).__name__]
-    values = torch.linspace(999, 100, STEPS) * spec.timestep_scale
-    if spec.timestep_rises:
+    values = torch.linspace(999, 100, STEPS) * spec.timestep_scale + spec.timestep_offset
+    if spec.timestep_rises and spec.timestep_scale > 0:  # Mochi's scheduler itself runs upwards
         values = values.flip(0)
     return [torch.full((BATCH,), float(v)) for v in values]
 
@@ -146,9 +153,10 @@ def build(family: str):
 
 
 def run(model, family: str) -> list[torch.Tensor]:
-    inputs = FAMILIES[family][1]()
+    inputs, argument = FAMILIES[family][1](), SPECS[type(model).__name__].timestep_argument
     with torch.no_grad():
-        return [model(**inputs, timestep=t, return_dict=False)[0] for t in timesteps(family)]
+        outputs = [model(**inputs, **{argument: t}, return_dict=False)[0] for t in timesteps(family)]
+    return [torch.stack(out) if isinstance(out, list) else out for out in outputs]  # Z-Image: one tensor per sample
 
 
 def hooked_modules(model) -> list[str]:

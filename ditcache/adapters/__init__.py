@@ -39,7 +39,8 @@ class TransformerAdapter:
 
     family: str = ""
     block_adapter = BasicTransformerBlockAdapter
-    timestep_scale = 1.0  # the model's timestep per scheduler timestep
+    timestep_scale = 1.0  # the model's timestep is scale * t + offset for the scheduler's t
+    timestep_offset = 0.0
     timestep_rises = False  # the timestep grows during a run
     latents_argument = "hidden_states"  # the forward argument holding the latents
     timestep_argument = "timestep"

@@ -9,6 +9,8 @@ through the current step's gate. This is FORA (and its forecasts) without a copy
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -109,6 +111,7 @@ class GenericTransformerAdapter(TransformerAdapter):
         self.spec = spec
         self.family = spec.family
         self.timestep_scale = spec.timestep_scale
+        self.timestep_offset = spec.timestep_offset
         self.timestep_rises = spec.timestep_rises
         self.latents_argument = spec.latents_argument
         self.timestep_argument = spec.timestep_argument
@@ -135,6 +138,16 @@ class GenericTransformerAdapter(TransformerAdapter):
             raise TypeError(f"the spec of {type(self.transformer).__name__} names no branch its blocks have.")
         return adapters
 
+    def read_call(self, args: tuple, kwargs: dict):
+        """As for every model; latents given as a list of per-sample tensors (Z-Image) are read as a batch
+        of that many (a broadcast view of the first, for the run's signature only: nothing here reads them)."""
+        call = super().read_call(args, kwargs)
+        latents = call.latents
+        if isinstance(latents, (list, tuple)):
+            call = replace(call, latents=latents[0].unsqueeze(0).expand(len(latents), *latents[0].shape))
+        return call
+
     def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, ...]:
         """The latents' shape past batch and channels (the run's signature; nothing is selected by it)."""
-        return tuple(latents.shape[2:]) or (latents.shape[1],)
+        shape = latents[0].shape[1:] if isinstance(latents, (list, tuple)) else latents.shape[2:]
+        return tuple(shape) or (latents.shape[1],)
