@@ -144,3 +144,12 @@ register(ModelSpec(
     branches=_branches(ZImageTransformerBlock=("attention", "feed_forward")), latents_argument="x", timestep_argument="t",
     timestep_scale=-1 / 1000, timestep_offset=1.0, timestep_rises=True, pipelines=("ZImagePipeline",),
 ))
+register(ModelSpec(
+    family="kandinsky5", transformer="Kandinsky5Transformer3DModel",
+    block_lists=("text_transformer_blocks", "visual_transformer_blocks"),
+    branches=_branches(
+        Kandinsky5TransformerEncoderBlock=("self_attention", "feed_forward"),
+        Kandinsky5TransformerDecoderBlock=("self_attention", "cross_attention", "feed_forward"),
+    ),
+    pipelines=("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"),
+))

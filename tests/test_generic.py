@@ -10,6 +10,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     HunyuanImageTransformer2DModel,
     HunyuanVideoTransformer3DModel,
+    Kandinsky5Transformer3DModel,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
     MotifVideoTransformer3DModel,
@@ -34,6 +35,16 @@ def _ids(tokens: int, axes: int, offset: float = 0.0):
     ids = torch.zeros(tokens, axes)
     ids[:, -1] = torch.arange(tokens) + offset
     return ids
+
+
+def _without_zero_weights(model):
+    """Random values in the weights a model initialises to zero (its gates), so that every branch counts."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
 
 
 # Each family: a tiny transformer built from config, and the inputs of one call but the timestep.
@@ -133,6 +144,14 @@ FAMILIES = {
                                          n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
                                          axes_lens=[64, 32, 32]),
         lambda: {"x": [_randn(4, 1, 8, 8, seed=i) for i in range(BATCH)], "cap_feats": [_randn(TEXT, 16, seed=9 + i) for i in range(BATCH)]},
+    ),
+    "kandinsky5": (  # latents (batch, frames, height, width, channels); rotary positions given by the pipeline
+        lambda: _without_zero_weights(Kandinsky5Transformer3DModel(
+            in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+            model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6))),
+        lambda: {"hidden_states": _randn(BATCH, 2, 8, 8, 4), "encoder_hidden_states": _randn(BATCH, TEXT, 16, seed=1),
+                 "pooled_projections": _randn(BATCH, 8, seed=2), "text_rope_pos": torch.arange(TEXT),
+                 "visual_rope_pos": [torch.arange(2), torch.arange(4), torch.arange(4)]},
     ),
 }
 STEPS = 7
