@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import create_repo, upload_folder
 
 from ditcache import CacheStats, FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_config, cache_stats, remove_cache
 from ditcache.adapters import transformer_adapter
@@ -154,16 +156,21 @@ class ToCaPipeline(DiffusionPipeline):
         """Statistics of the last call (None after an uncached call)."""
         return self._ditcache_stats
 
-    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | Path, *args, push_to_hub: bool = False, **kwargs) -> None:
         """Save as the original pipeline (plain diffusers loads the folder), plus the cache settings
         in ``ditcache_config.json`` for ``ToCaPipeline.from_pretrained``. The settings are serialised
         before any weight is written, a stale copy is removed, and they are written last and atomically:
-        a failed save leaves no folder that claims them."""
+        a failed save leaves no folder that claims them. With ``push_to_hub=True`` (and diffusers' hub
+        keywords: ``repo_id``, ``commit_message``, ``private``, ``create_pr``, ``token``) the folder is
+        uploaded once it is complete, settings included (diffusers' own push would upload before them)."""
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr", "token") if key in kwargs}
         text = json.dumps(config_to_dict(self._ditcache_config), indent=2)
         path = Path(save_directory) / CONFIG_FILE
         path.unlink(missing_ok=True)
         super().save_pretrained(save_directory, *args, **kwargs)
         _write_atomically(path, text)
+        if push_to_hub:
+            _upload(Path(save_directory), **hub)
 
     def _cached_call(self, original_call, args, kwargs, cache_interval, cache_ratio, cache):
         """Run with this pipeline's config (and the call's changes) on the transformer, then leave the
@@ -208,6 +215,17 @@ def _write_atomically(path: Path, text: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _upload(folder: Path, repo_id: str | None = None, commit_message: str | None = None, private: bool | None = None,
+            create_pr: bool = False, token: str | None = None) -> None:
+    """Upload a saved pipeline folder as diffusers' ``push_to_hub`` does: the repository (by default the
+    folder's name) made if needed, a model card, then the whole folder."""
+    repo_id = create_repo(repo_id or folder.name, exist_ok=True, private=private, token=token).repo_id
+    card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+    card.save(folder / "README.md")
+    upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload pipeline with ditcache settings",
+                  token=token, create_pr=create_pr)
 
 
 def default_config(pipeline: DiffusionPipeline) -> CacheConfig | None:

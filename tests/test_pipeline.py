@@ -94,6 +94,29 @@ def test_save_pretrained_writes_a_plain_diffusers_folder(saved_pipelines, tmp_pa
     np.testing.assert_array_equal(generate(reloaded, "flux"), expected)
 
 
+def test_push_to_hub_uploads_the_folder_with_its_ditcache_config(saved_pipelines, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import ModelCard
+
+    from ditcache.pipelines import toca_pipeline
+
+    uploaded = {}
+
+    def upload_folder(repo_id, folder_path, **kwargs):  # what the hub would receive, at the moment of the upload
+        uploaded.update(repo_id=repo_id, files=sorted(p.name for p in folder_path.iterdir()), kwargs=kwargs)
+        uploaded["config"] = json.loads((folder_path / "ditcache_config.json").read_text())
+
+    monkeypatch.setattr(toca_pipeline, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=f"me/{repo_id}"))
+    monkeypatch.setattr(toca_pipeline, "load_or_create_model_card", lambda *args, **kwargs: ModelCard("---\n---\n# a card"))
+    monkeypatch.setattr(toca_pipeline, "upload_folder", upload_folder)
+    pipe = ToCaPipeline.from_pretrained(saved_pipelines / "flux", cache_config=FORAConfig(cache_interval=2))
+    pipe.save_pretrained(tmp_path / "fox", push_to_hub=True, commit_message="fox", token="t")
+    assert uploaded["repo_id"] == "me/fox" and uploaded["kwargs"]["commit_message"] == "fox" and uploaded["kwargs"]["token"] == "t"
+    assert {"ditcache_config.json", "model_index.json", "transformer", "README.md"} <= set(uploaded["files"])
+    assert uploaded["config"]["method"] == "fora" and uploaded["config"]["cache_interval"] == 2
+
+
 def test_save_pretrained_takes_numpy_values_and_writes_the_config_atomically(saved_pipelines, tmp_path):
     config = ToCaConfig(cache_interval=np.int64(3), cache_ratio=np.float32(0.5), seed=np.uint64(7))
     pipe = ToCaPipeline.from_pretrained(saved_pipelines / "dit", cache_config=config)
