@@ -172,8 +172,9 @@ class RunConstantHook(ModelHook):
 
     ``sources(run, args, kwargs)`` gives those tensors. They are reused only while they are the same
     objects, unmodified (same ``_version``), and are held meanwhile, so that no other tensor can take
-    their identity; anything else computes anew, and so does a run under ``torch.inference_mode``, whose
-    tensors keep no version. A reused call takes its layers' FLOPs off the run.
+    their identity, and only while the kept output was not changed in place; anything else computes anew,
+    and so does a run under ``torch.inference_mode``, whose tensors keep no version. A reused call takes its
+    layers' FLOPs off the run.
     """
 
     def __init__(self, run: RunState, name: str, sources):
@@ -192,13 +193,24 @@ class RunConstantHook(ModelHook):
         versions = [source._version for source in sources]
         key = f"{self.name}.{run.stream}"
         held = run.tables.get(key)
-        if held is not None and held[1] == versions and all(a is b for a, b in zip(held[0], sources, strict=True)):
+        if (
+            held is not None
+            and held[1] == versions
+            and all(a is b for a, b in zip(held[0], sources, strict=True))
+            and held[4] == _versions(held[2])  # nothing changed the kept output in place either
+        ):
             run.add_flops(-held[3], 0)
             return held[2]
         with record_layer_flops(module, lambda: True) as flops:
             output = self.fn_ref.original_forward(*args, **kwargs)
-        run.tables[key] = (sources, versions, output, flops[0])
+        run.tables[key] = (sources, versions, output, flops[0], _versions(output))
         return output
+
+
+def _versions(output) -> list[int]:
+    """Version counters of a tensor or of the tensors of a tuple (a rotary embedding's cos and sin)."""
+    tensors = output if isinstance(output, (tuple, list)) else (output,)
+    return [tensor._version for tensor in tensors if isinstance(tensor, torch.Tensor)]
 
 
 class StepTableHook(ModelHook):

@@ -44,7 +44,7 @@ from ditcache import cli
 from ditcache.flops import count_flops
 
 from . import builders
-from .speed import Method, parse_method
+from .speed import parse_method
 
 TINY_PIPELINES = {
     "tiny-dit": builders.dit_pipeline, "tiny-pixart": builders.pixart_pipeline, "tiny-flux": builders.flux_pipeline,

@@ -265,3 +265,23 @@ def test_run_constants_under_inference_mode_are_computed_every_call(flux_pipe):
     expected = run_flux(flux_pipe)
     with torch.inference_mode():
         assert (run_flux(flux_pipe) == expected).all()
+
+
+def test_a_kept_text_projection_changed_in_place_is_computed_anew():
+    """Reuse also needs the kept output unchanged: something that edits it in place forces a new one."""
+    transformer = flux_transformer(guidance_embeds=False)
+    ids = torch.zeros(4 + 16, 3)
+    ids[4:, 1], ids[4:, 2] = torch.arange(4).repeat_interleave(4).float(), torch.arange(4).repeat(4).float()
+    inputs = {"hidden_states": torch.randn(1, 16, 16), "encoder_hidden_states": torch.randn(1, 4, 32),
+              "pooled_projections": torch.randn(1, 32), "img_ids": ids[4:], "txt_ids": ids[:4]}
+    with torch.no_grad():
+        expected = [transformer(timestep=torch.tensor([t]), **inputs).sample for t in (1.0, 0.75)]
+        apply_cache(transformer, FORAConfig(cache_interval=1))
+        edit = transformer.context_embedder.register_forward_hook(lambda _m, _i, output: output.mul_(1.0))
+        first = transformer(timestep=torch.tensor([1.0]), **inputs).sample  # the kept output's version moves
+        edit.remove()
+        second = transformer(timestep=torch.tensor([0.75]), **inputs).sample
+    torch.testing.assert_close(first, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(second, expected[1], rtol=0, atol=0)
+    run = transformer._diffusers_hook.get_hook(STEP_HOOK).run
+    assert run.tables["context_embedder.0"][4] == [0]  # the second call computed and kept a fresh one
