@@ -24,6 +24,9 @@ class ModelSpec:
         branches: per block class name, the submodules whose outputs a partial step reuses. Each must
             enter the residual through the block's own gate and add, so that reuse keeps the current
             step's modulation; absent submodules (e.g. a last block without a text MLP) are skipped.
+        partial_branches: per block class, the branches that map each token of their first input on its
+            own (feed-forwards, cross-attention queries): ``ToCaConfig`` recomputes chosen tokens of these on
+            partial steps and reuses the rest; every other branch is reused whole.
         latents_argument, timestep_argument: the forward arguments holding them.
         timestep_scale, timestep_offset: the model's timestep is ``scale * t + offset`` for the scheduler's
             ``t`` (FLUX.2 and Qwen-Image take ``t / 1000``, Z-Image ``(1000 - t) / 1000``).
@@ -36,6 +39,7 @@ class ModelSpec:
     transformer: str
     block_lists: tuple[str, ...]
     branches: Mapping[str, tuple[str, ...]]
+    partial_branches: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     latents_argument: str = "hidden_states"
     timestep_argument: str = "timestep"
     timestep_scale: float = 1.0
@@ -68,16 +72,19 @@ def _branches(**per_block: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
 register(ModelSpec(
     family="sd3", transformer="SD3Transformer2DModel", block_lists=("transformer_blocks",),
     branches=_branches(JointTransformerBlock=("attn", "attn2", "ff", "ff_context")),
+    partial_branches=_branches(JointTransformerBlock=("ff", "ff_context")),
     pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
 ))
 register(ModelSpec(
     family="wan", transformer="WanTransformer3DModel", block_lists=("blocks",),
     branches=_branches(WanTransformerBlock=("attn1", "attn2", "ffn")),
+    partial_branches=_branches(WanTransformerBlock=("attn2", "ffn")),
     pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
 ))
 register(ModelSpec(
     family="qwenimage", transformer="QwenImageTransformer2DModel", block_lists=("transformer_blocks",),
     branches=_branches(QwenImageTransformerBlock=("attn", "img_mlp", "txt_mlp")), timestep_scale=1 / 1000,
+    partial_branches=_branches(QwenImageTransformerBlock=("img_mlp", "txt_mlp")),
     pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
 ))
 register(ModelSpec(
@@ -90,35 +97,45 @@ register(ModelSpec(
         HunyuanVideoTokenReplaceTransformerBlock=("attn", "ff", "ff_context"),
         HunyuanVideoTokenReplaceSingleTransformerBlock=("attn", "proj_mlp"),
     ),
+    partial_branches=_branches(
+        HunyuanVideoTransformerBlock=("ff", "ff_context"), HunyuanVideoSingleTransformerBlock=("proj_mlp",),
+        HunyuanVideoTokenReplaceTransformerBlock=("ff", "ff_context"), HunyuanVideoTokenReplaceSingleTransformerBlock=("proj_mlp",),
+    ),
     pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
 ))
 register(ModelSpec(
     family="flux2", transformer="Flux2Transformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
     branches=_branches(Flux2TransformerBlock=("attn", "ff", "ff_context"), Flux2SingleTransformerBlock=("attn",)),
+    partial_branches=_branches(Flux2TransformerBlock=("ff", "ff_context")),
     timestep_scale=1 / 1000, pipelines=("Flux2Pipeline",),
 ))
 register(ModelSpec(
     family="cogvideox", transformer="CogVideoXTransformer3DModel", block_lists=("transformer_blocks",),
     branches=_branches(CogVideoXBlock=("attn1", "ff")),
+    partial_branches=_branches(CogVideoXBlock=("ff",)),
     pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
 ))
 register(ModelSpec(
     family="ltx", transformer="LTXVideoTransformer3DModel", block_lists=("transformer_blocks",),
     branches=_branches(LTXVideoTransformerBlock=("attn1", "attn2", "ff")),
+    partial_branches=_branches(LTXVideoTransformerBlock=("attn2", "ff")),
     pipelines=("LTXPipeline", "LTXImageToVideoPipeline"),
 ))
 register(ModelSpec(
     family="mochi", transformer="MochiTransformer3DModel", block_lists=("transformer_blocks",),
     branches=_branches(MochiTransformerBlock=("attn1", "ff", "ff_context")),
+    partial_branches=_branches(MochiTransformerBlock=("ff", "ff_context")),
     timestep_rises=True, pipelines=("MochiPipeline",),
 ))
 register(ModelSpec(
     family="cogview4", transformer="CogView4Transformer2DModel", block_lists=("transformer_blocks",),
-    branches=_branches(CogView4TransformerBlock=("attn1", "ff")), pipelines=("CogView4Pipeline", "CogView4ControlPipeline"),
+    branches=_branches(CogView4TransformerBlock=("attn1", "ff")), partial_branches=_branches(CogView4TransformerBlock=("ff",)),
+    pipelines=("CogView4Pipeline", "CogView4ControlPipeline"),
 ))
 register(ModelSpec(
     family="bria", transformer="BriaTransformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
     branches=_branches(BriaTransformerBlock=("attn", "ff", "ff_context"), BriaSingleTransformerBlock=("attn", "proj_mlp")),
+    partial_branches=_branches(BriaTransformerBlock=("ff", "ff_context"), BriaSingleTransformerBlock=("proj_mlp",)),
     pipelines=("BriaPipeline",),
 ))
 register(ModelSpec(
@@ -128,6 +145,7 @@ register(ModelSpec(
         HunyuanImageTransformerBlock=("attn", "ff", "ff_context"),
         HunyuanImageSingleTransformerBlock=("attn", "proj_mlp"),
     ),
+    partial_branches=_branches(HunyuanImageTransformerBlock=("ff", "ff_context"), HunyuanImageSingleTransformerBlock=("proj_mlp",)),
     pipelines=("HunyuanImagePipeline",),
 ))
 register(ModelSpec(
@@ -137,11 +155,13 @@ register(ModelSpec(
         MotifVideoTransformerBlock=("attn", "ff", "ff_context"),
         MotifVideoSingleTransformerBlock=("attn", "proj_mlp"),
     ),
+    partial_branches=_branches(MotifVideoTransformerBlock=("ff", "ff_context"), MotifVideoSingleTransformerBlock=("proj_mlp",)),
     pipelines=("MotifVideoPipeline", "MotifVideoImage2VideoPipeline"),
 ))
 register(ModelSpec(
     family="zimage", transformer="ZImageTransformer2DModel", block_lists=("noise_refiner", "context_refiner", "layers"),
     branches=_branches(ZImageTransformerBlock=("attention", "feed_forward")), latents_argument="x", timestep_argument="t",
+    partial_branches=_branches(ZImageTransformerBlock=("feed_forward",)),
     timestep_scale=-1 / 1000, timestep_offset=1.0, timestep_rises=True, pipelines=("ZImagePipeline",),
 ))
 register(ModelSpec(
@@ -151,5 +171,6 @@ register(ModelSpec(
         Kandinsky5TransformerEncoderBlock=("self_attention", "feed_forward"),
         Kandinsky5TransformerDecoderBlock=("self_attention", "cross_attention", "feed_forward"),
     ),
+    partial_branches=_branches(Kandinsky5TransformerEncoderBlock=("feed_forward",), Kandinsky5TransformerDecoderBlock=("feed_forward",)),
     pipelines=("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"),
 ))

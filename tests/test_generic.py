@@ -220,10 +220,10 @@ def test_fora_and_forecasts_on_every_spec(family):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_generic_family_refuses_token_wise_configs():
+def test_generic_family_refuses_token_merging():
     model = build("wan")
-    for config in (ToCaConfig(), ToMeConfig(), [FORAConfig(), ToMeConfig()]):
-        with pytest.raises(ValueError, match="no token-wise path yet"):
+    for config in (ToMeConfig(), [FORAConfig(), ToMeConfig()], [ToCaConfig(), ToMeConfig()]):
+        with pytest.raises(ValueError, match="no token merging yet"):
             apply_cache(model, config)
     assert hooked_modules(model) == []
     with pytest.raises(ValueError, match="no published setting"):
@@ -272,3 +272,44 @@ def test_a_generic_pipeline_loads_cached_with_fora_and_round_trips(tmp_path):
     torch.testing.assert_close(frames(reloaded), cached, rtol=0, atol=0)
     with pytest.raises(ValueError, match="cache_ratio"):
         ToCaPipeline.from_pretrained(tmp_path / "wan", cache_ratio=0.9)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_toca_recomputes_tokens_of_per_token_branches(family):
+    model = build(family)
+    plain = run(model, family)
+    apply_cache(model, FORAConfig(cache_interval=3))
+    fora, fora_flops = run(model, family), cache_stats(model).flops
+
+    # Every token recomputed: each per-token branch gives exactly what it gives on its whole input.
+    spec = SPECS[type(model).__name__]
+    checked = []
+
+    def check(module, args, kwargs, output):
+        expected = type(module).forward(module, *args, **kwargs)
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+        checked.append(module)
+
+    apply_cache(model, ToCaConfig(cache_interval=3, cache_ratio=0.0))
+    handles = [getattr(block, branch).register_forward_hook(check, with_kwargs=True)
+               for list_name in spec.block_lists for block in getattr(model, list_name)
+               for branch in spec.partial_branches.get(type(block).__name__, ()) if getattr(block, branch, None) is not None]
+    run(model, family)
+    for handle in handles:
+        handle.remove()
+    assert checked and cache_stats(model).recompute_fraction == 1.0
+
+    apply_cache(model, ToCaConfig(cache_interval=3, cache_ratio=0.5))
+    toca, counted = count_flops(lambda: run(model, family), model)
+    stats = cache_stats(model)
+    assert stats.full_step_indices == (0, 1, 4) and 0.4 <= stats.recompute_fraction <= 0.6
+    assert stats.flops == pytest.approx(counted, rel=0.01) and fora_flops < stats.flops < stats.flops_full
+    for step in (0, 1, 4):
+        torch.testing.assert_close(toca[step], plain[step], rtol=0, atol=0)
+    assert all(torch.isfinite(out).all() for out in toca) and not torch.equal(toca[2], fora[2])
+    assert run(model, family)[5].equal(toca[5])  # seeded: the same tokens on the next run
+
+
+def test_toca_on_the_generic_path_takes_random_scores_only():
+    with pytest.raises(ValueError, match="score='random'"):
+        apply_cache(build("wan"), ToCaConfig(score="k_norm"))

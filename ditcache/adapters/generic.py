@@ -5,6 +5,12 @@ its output is kept (with its divided differences when forecasting); on a partial
 and returns the kept value or its forecast. Everything else in the block, norms, modulation, gates and
 residual adds, runs at every step as diffusers wrote it, so a reused branch still enters the residual
 through the current step's gate. This is FORA (and its forecasts) without a copy of any block's math.
+
+With ``ToCaConfig``, the branches a spec marks as per-token (feed-forwards, cross-attention queries)
+also recompute a share of their tokens on partial steps: the chosen rows of the branch's input go
+through the branch and overwrite those rows of the kept value (of this step's forecast when forecasting).
+The tokens are chosen as ToCa chooses them, by a seeded random score plus the steps since each token was
+last computed; the guidance halves of a batch recompute the same tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .. import scores as S
 from ..config import EngineSettings
 from ..flops import count_flops
 from ..specs import ModelSpec
@@ -30,11 +37,14 @@ class BranchAdapter:
     version counter is checked at each reuse and a change raises ``RuntimeError``.
     """
 
-    def __init__(self, module: nn.Module, block_name: str, branch: str, settings: EngineSettings):
+    def __init__(self, module: nn.Module, block_name: str, branch: str, settings: EngineSettings,
+                 layer_position: float = 0.0, per_token: bool = False):
         self.module = module
         self.block_name = block_name
         self.branch = branch
         self.settings = settings
+        self.layer_position = layer_position
+        self.recomputes = per_token and settings.recomputes_tokens
         self._flops: dict[tuple, int] = {}  # FLOPs of one call, per input shapes
         self._calls: tuple[int, int] = (-1, -1)  # (transformer call, times this branch ran in it)
 
@@ -44,7 +54,12 @@ class BranchAdapter:
         self._calls = (run.call_serial, calls)
         key = f"{self.branch}.{calls}"
         if run.is_full or key not in cache.layouts:
-            return self._compute(run, cache, key, compute, args, kwargs)
+            output = self._compute(run, cache, key, compute, args, kwargs)
+            if self.recomputes and isinstance(output, torch.Tensor):
+                self._store_score(run, cache, key, output.shape[:2])
+            return output
+        if self.recomputes and cache.layouts[key][0] is None and key in cache.since_recompute:
+            return self._recompute_rows(run, cache, key, compute, args, kwargs)
         return self._reuse(run, cache, key)
 
     def _compute(self, run: RunState, cache: BlockCache, branch: str, compute, args: tuple, kwargs: dict):
@@ -81,6 +96,49 @@ class BranchAdapter:
             tensors.append(value)
         run.add_flops(forecast_flops, flops)
         return _unflatten(layout, tensors)
+
+
+    def _store_score(self, run: RunState, cache: BlockCache, key: str, shape: torch.Size) -> None:
+        """A full step's token scores (seeded random; one row per guidance pair) and zeroed counters."""
+        batch, tokens = shape
+        rows = batch // 2 if run.guidance_batch else batch
+        cache.normalized_scores[key] = S.l2_normalize(S.random_scores(rows, tokens, run.generator))
+        cache.since_recompute[key] = torch.zeros(rows, tokens, dtype=torch.int32, device=run.generator.device)
+
+    def _recompute_rows(self, run: RunState, cache: BlockCache, key: str, compute, args: tuple, kwargs: dict):
+        """The kept value (or its forecast) with this step's chosen tokens computed anew."""
+        value = self._reuse(run, cache, key)
+        name = None if args else "hidden_states"
+        if not args and name not in kwargs:  # the token input is not recognisable: reuse the branch whole
+            return value
+        inputs = args[0] if args else kwargs[name]
+        tokens = inputs.shape[1]
+        count = round(self.settings.schedule.recompute_fraction(run.progress, self.layer_position, self.branch) * tokens)
+        run.add_recompute(count / tokens)
+        if count == 0:
+            return value
+        since, base = cache.since_recompute[key], cache.normalized_scores[key]
+        score = base + self.settings.frequency_weight * since.to(base.dtype) / self.settings.schedule.cache_interval
+        index = S.top_tokens(score, count)
+        since.add_(1).scatter_(1, index, 0)
+        if run.guidance_batch:
+            index = torch.cat([index, index])
+        index = index.to(inputs.device)
+        rows = inputs.gather(1, index[..., None].expand(-1, -1, inputs.shape[-1]))
+        row_args, row_kwargs = ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, name: rows})
+        shapes = ("rows", tuple(rows.shape))
+        flops = self._flops.get(shapes)
+        if flops is None:
+            fresh, flops = count_flops(lambda: compute(*row_args, **row_kwargs))
+            self._flops[shapes] = flops
+        else:
+            fresh = compute(*row_args, **row_kwargs)
+        run.add_flops(flops, 0)
+        value.scatter_(1, index[..., None].expand(-1, -1, value.shape[-1]), fresh.to(value.dtype))
+        stored = cache.branches[f"{key}.0"]
+        if cache.versions[f"{key}.0"] is not None:
+            cache.versions[f"{key}.0"] = stored._version  # this write into the kept value is ours
+        return value
 
 
 def _flatten(output, branch: str) -> tuple[tuple | None, list[torch.Tensor]]:
@@ -120,31 +178,38 @@ class GenericTransformerAdapter(TransformerAdapter):
         return [(f"{name}.{i}", block) for name in self.spec.block_lists for i, block in enumerate(getattr(self.transformer, name))]
 
     def block_adapters(self, settings: EngineSettings) -> list:
-        if settings.method != "fora" or settings.merging is not None:
+        name = type(self.transformer).__name__
+        if settings.merging is not None or settings.method == "tome":
+            raise ValueError(f"{name} has no token merging yet (ToMeConfig needs a block adapter); use FORAConfig or ToCaConfig.")
+        if settings.method == "toca" and not self.spec.partial_branches:
+            raise ValueError(f"{name} has no token-wise path yet: it is cached by layer (FORAConfig, with or without forecast_order).")
+        if settings.method == "toca" and settings.score != "random":
             raise ValueError(
-                f"{type(self.transformer).__name__} has no token-wise path yet: it is cached by layer (FORAConfig, "
-                "with or without forecast_order); ToCaConfig and ToMeConfig need a block adapter."
+                f"score={settings.score!r}: on {name} (the generic path) tokens are chosen by score='random' (the "
+                "default here); the other scores read attention projections that only a block adapter taps."
             )
         return []
 
     def branch_adapters(self, settings: EngineSettings) -> list[BranchAdapter]:
-        adapters = []
-        for name, block in self.blocks():
-            for branch in self.spec.branches.get(type(block).__name__, ()):
+        adapters, blocks = [], self.blocks()
+        depth = max(len(blocks) - 1, 1)
+        for position, (name, block) in enumerate(blocks):
+            kind = type(block).__name__
+            for branch in self.spec.branches.get(kind, ()):
                 module = getattr(block, branch, None)
                 if module is not None:
-                    adapters.append(BranchAdapter(module, name, branch, settings))
+                    per_token = branch in self.spec.partial_branches.get(kind, ())
+                    adapters.append(BranchAdapter(module, name, branch, settings, position / depth, per_token))
         if not adapters:
             raise TypeError(f"the spec of {type(self.transformer).__name__} names no branch its blocks have.")
         return adapters
 
     def read_call(self, args: tuple, kwargs: dict):
-        """As for every model; latents given as a list of per-sample tensors (Z-Image) are read as a batch
-        of that many (a broadcast view of the first, for the run's signature only: nothing here reads them)."""
+        """As for every model; latents given as a list of per-sample tensors (Z-Image) are read as their stack."""
         call = super().read_call(args, kwargs)
         latents = call.latents
         if isinstance(latents, (list, tuple)):
-            call = replace(call, latents=latents[0].unsqueeze(0).expand(len(latents), *latents[0].shape))
+            call = replace(call, latents=torch.stack(list(latents)))
         return call
 
     def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, ...]:
