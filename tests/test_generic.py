@@ -313,3 +313,32 @@ def test_toca_recomputes_tokens_of_per_token_branches(family):
 def test_toca_on_the_generic_path_takes_random_scores_only():
     with pytest.raises(ValueError, match="score='random'"):
         apply_cache(build("wan"), ToCaConfig(score="k_norm"))
+
+
+def test_generate_and_sweep_take_a_generic_pipeline_folder(tmp_path, capsys, monkeypatch):
+    """`ditcache generate` and `ditcache sweep` accept such a pipeline by its folder (a tiny Wan here)."""
+    import json
+
+    import yaml
+    from PIL import Image
+
+    from ditcache import cli
+    from ditcache.eval.builders import wan_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    wan_pipeline(tmp_path / "wan")
+    argv = ["generate", "--model", str(tmp_path / "wan"), "--prompt", "a red fox in snow", "--frames", "5", "--height", "16",
+            "--width", "16", "--steps", "7", "--compare", "--repeats", "1", "--quiet", "--out", "fox.gif"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 full + 4 partial steps" in out and "in transformer FLOPs" in out
+    assert Image.open(tmp_path / "fox.gif").n_frames == 5
+
+    config = {"pipeline": str(tmp_path / "wan"), "steps": 7, "height": 16, "width": 16, "seeds": [0], "prompts": ["a red fox in snow"],
+              "call": {"num_frames": 5, "max_sequence_length": 8}, "methods": ["fora:3", "toca:3:0.5"], "metrics": ["psnr"]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["sweep", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "runs"), "--quiet"]) == 0
+    rows = {row["method"]: row for row in json.loads((tmp_path / "runs" / "results.json").read_text())}
+    assert set(rows) == {"uncached", "fora:3", "toca:3:0.5"}
+    assert rows["fora:3"]["flops_speedup"] > rows["toca:3:0.5"]["flops_speedup"] > 1.0
+    assert 10 < rows["fora:3"]["psnr"] < 100 and 10 < rows["toca:3:0.5"]["psnr"] < 100
