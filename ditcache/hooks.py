@@ -84,6 +84,7 @@ class StepHook(ModelHook):
             run.reset()  # a failed call must not poison the next run
             raise
         run.in_call = False
+        run.arguments = {}  # hold none of the call's tensors between calls
         run.end_call()
         return output
 
