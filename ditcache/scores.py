@@ -54,6 +54,12 @@ def l2_normalize(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def frequency_term(since_recompute: torch.Tensor, weight: float, interval: int) -> torch.Tensor:
+    """ToCa's cache-frequency score: steps since each token was last computed, over the base interval N
+    (as published, not the interval in force), times its weight."""
+    return weight * since_recompute.float() / interval
+
+
 def merge_guidance_halves(scores: torch.Tensor) -> torch.Tensor:
     """Average the two halves of a classifier-free-guidance batch so both select the same tokens."""
     first, second = scores.chunk(2, dim=0)

@@ -140,7 +140,8 @@ class _Clock:
     the cache cuts; text encoders and the VAE cost the same either way)."""
 
     def __init__(self, pipe, device: str):
-        self.pipe, self.cuda = pipe, device.startswith("cuda")
+        self.pipe, self.device = pipe, device
+        self.cuda = device.startswith("cuda")
         self.call = self.transformer = 0.0
 
     def _now(self) -> float:
@@ -148,7 +149,7 @@ class _Clock:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def run(self, call: dict, seed: int, device: str, **cache) -> list:
+    def run(self, call: dict, seed: int, **cache) -> list:
         entered = []
         transformer = self.pipe.transformer
         handles = [
@@ -157,7 +158,7 @@ class _Clock:
         ]
         self.transformer, start = 0.0, self._now()
         try:
-            output = self.pipe(generator=torch.Generator(device).manual_seed(seed), **call, **cache)
+            output = self.pipe(generator=torch.Generator(self.device).manual_seed(seed), **call, **cache)
         finally:
             for handle in handles:
                 handle.remove()
@@ -194,7 +195,7 @@ def generate(args: argparse.Namespace) -> None:
     call = _call_arguments(pipe, args, defaults)
 
     clock = _Clock(pipe, device)
-    run = lambda **cache: clock.run(call, args.seed, device, **cache)  # noqa: E731
+    run = lambda **cache: clock.run(call, args.seed, **cache)  # noqa: E731
     references, times = None, {"uncached": [], "cached": [], "uncached transformer": [], "cached transformer": []}
     if args.compare:
         # Both warm up first (the first call of each pays one-off costs), then they alternate and the

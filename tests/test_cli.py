@@ -150,9 +150,9 @@ def test_compare_warms_up_alternates_and_labels_the_grid(tmp_path, capsys, monke
     calls = []
     original = generate_module._Clock.run
 
-    def recording(clock, call, seed, device, **cache):
+    def recording(clock, call, seed, **cache):
         calls.append(cache.get("cache", True))
-        return original(clock, call, seed, device, **cache)
+        return original(clock, call, seed, **cache)
 
     monkeypatch.setattr(generate_module._Clock, "run", recording)
     argv = ["generate", "--prompt", "a handwritten digit one", "a handwritten digit two", "--steps", "4", "--compare",

@@ -234,8 +234,7 @@ class BlockAdapter:
             return None
         since = cache.since_recompute[branch]
         base = cache.normalized_scores[self.branch_groups[branch]]
-        # steps since recomputed over the base interval N, as published (not the interval in force)
-        frequency = settings.frequency_weight * since.float() / settings.schedule.cache_interval
+        frequency = S.frequency_term(since, settings.frequency_weight, settings.schedule.cache_interval)
         score = base + frequency
         frames, grid = self.bonus_frames(run)
         if frames * grid[0] * grid[1] == tokens:  # the bonus needs the group to be the image token grid

@@ -118,7 +118,7 @@ class BranchAdapter:
         if count == 0:
             return value
         since, base = cache.since_recompute[key], cache.normalized_scores[key]
-        score = base + self.settings.frequency_weight * since.to(base.dtype) / self.settings.schedule.cache_interval
+        score = base + S.frequency_term(since, self.settings.frequency_weight, self.settings.schedule.cache_interval)
         index = S.top_tokens(score, count)
         since.add_(1).scatter_(1, index, 0)
         if run.guidance_batch:
