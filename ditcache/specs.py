@@ -25,8 +25,15 @@ class ModelSpec:
             enter the residual through the block's own gate and add, so that reuse keeps the current
             step's modulation; absent submodules (e.g. a last block without a text MLP) are skipped.
         partial_branches: per block class, the branches that map each token of their first input on its
-            own (feed-forwards, cross-attention queries): ``ToCaConfig`` recomputes chosen tokens of these on
-            partial steps and reuses the rest; every other branch is reused whole.
+            own (feed-forwards, cross-attention queries, an output projection), each with its token group
+            (``"image"``, ``"text"``, or ``"all"`` for a joint sequence): ``ToCaConfig`` recomputes chosen
+            tokens of these on partial steps and reuses the rest; every other branch is reused whole. The
+            branches of one group recompute the same tokens in a block call (a single-stream block's MLP
+            and output projection must).
+        attention_sequences: per block class, the branch whose attention call is scored (``score=
+            "attention"`` or ``"v_norm"``, read from its ``scaled_dot_product_attention``) and the token
+            groups of that call's sequence in order (one, or two: the first and the last). A block class
+            without one chooses tokens by ``score="random"`` only.
         latents_argument, timestep_argument: the forward arguments holding them.
         timestep_scale, timestep_offset: the model's timestep is ``scale * t + offset`` for the scheduler's
             ``t`` (FLUX.2 and Qwen-Image take ``t / 1000``, Z-Image ``(1000 - t) / 1000``).
@@ -39,7 +46,8 @@ class ModelSpec:
     transformer: str
     block_lists: tuple[str, ...]
     branches: Mapping[str, tuple[str, ...]]
-    partial_branches: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    partial_branches: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
+    attention_sequences: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     latents_argument: str = "hidden_states"
     timestep_argument: str = "timestep"
     timestep_scale: float = 1.0
@@ -65,26 +73,40 @@ def spec_for(transformer) -> ModelSpec | None:
     return None
 
 
-def _branches(**per_block: tuple[str, ...]) -> Mapping[str, tuple[str, ...]]:
+def _branches(**per_block) -> Mapping:
     return MappingProxyType(per_block)
+
+
+def _groups(**group_of_branch: str) -> Mapping[str, str]:
+    return MappingProxyType(group_of_branch)
+
+
+# The two block shapes of FLUX-like models: a double-stream block with an MLP per stream, and a single-stream
+# block on cat(image, text) or cat(text, image) whose output projection runs over cat(attention, MLP), so that
+# its MLP and its projection recompute the same tokens.
+_DOUBLE = _groups(ff="image", ff_context="text")
+_SINGLE = _groups(proj_mlp="all", proj_out="all")
 
 
 register(ModelSpec(
     family="sd3", transformer="SD3Transformer2DModel", block_lists=("transformer_blocks",),
     branches=_branches(JointTransformerBlock=("attn", "attn2", "ff", "ff_context")),
-    partial_branches=_branches(JointTransformerBlock=("ff", "ff_context")),
+    partial_branches=_branches(JointTransformerBlock=_DOUBLE),
+    attention_sequences=_branches(JointTransformerBlock=("attn", "image", "text")),
     pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
 ))
 register(ModelSpec(
     family="wan", transformer="WanTransformer3DModel", block_lists=("blocks",),
     branches=_branches(WanTransformerBlock=("attn1", "attn2", "ffn")),
-    partial_branches=_branches(WanTransformerBlock=("attn2", "ffn")),
+    partial_branches=_branches(WanTransformerBlock=_groups(attn2="image", ffn="image")),
+    attention_sequences=_branches(WanTransformerBlock=("attn1", "image")),
     pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
 ))
 register(ModelSpec(
     family="qwenimage", transformer="QwenImageTransformer2DModel", block_lists=("transformer_blocks",),
     branches=_branches(QwenImageTransformerBlock=("attn", "img_mlp", "txt_mlp")), timestep_scale=1 / 1000,
-    partial_branches=_branches(QwenImageTransformerBlock=("img_mlp", "txt_mlp")),
+    partial_branches=_branches(QwenImageTransformerBlock=_groups(img_mlp="image", txt_mlp="text")),
+    attention_sequences=_branches(QwenImageTransformerBlock=("attn", "text", "image")),
     pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
 ))
 register(ModelSpec(
@@ -92,50 +114,58 @@ register(ModelSpec(
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     branches=_branches(
         HunyuanVideoTransformerBlock=("attn", "ff", "ff_context"),
-        HunyuanVideoSingleTransformerBlock=("attn", "proj_mlp"),
+        HunyuanVideoSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
         # Image-to-video with image_condition_type="token_replace": the first frame's tokens take their own modulation.
         HunyuanVideoTokenReplaceTransformerBlock=("attn", "ff", "ff_context"),
-        HunyuanVideoTokenReplaceSingleTransformerBlock=("attn", "proj_mlp"),
+        HunyuanVideoTokenReplaceSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
     ),
     partial_branches=_branches(
-        HunyuanVideoTransformerBlock=("ff", "ff_context"), HunyuanVideoSingleTransformerBlock=("proj_mlp",),
-        HunyuanVideoTokenReplaceTransformerBlock=("ff", "ff_context"), HunyuanVideoTokenReplaceSingleTransformerBlock=("proj_mlp",),
+        HunyuanVideoTransformerBlock=_DOUBLE, HunyuanVideoSingleTransformerBlock=_SINGLE,
+        HunyuanVideoTokenReplaceTransformerBlock=_DOUBLE, HunyuanVideoTokenReplaceSingleTransformerBlock=_SINGLE,
+    ),
+    attention_sequences=_branches(
+        HunyuanVideoTransformerBlock=("attn", "image", "text"), HunyuanVideoSingleTransformerBlock=("attn", "all"),
+        HunyuanVideoTokenReplaceTransformerBlock=("attn", "image", "text"), HunyuanVideoTokenReplaceSingleTransformerBlock=("attn", "all"),
     ),
     pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
 ))
 register(ModelSpec(
     family="flux2", transformer="Flux2Transformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
     branches=_branches(Flux2TransformerBlock=("attn", "ff", "ff_context"), Flux2SingleTransformerBlock=("attn",)),
-    partial_branches=_branches(Flux2TransformerBlock=("ff", "ff_context")),
+    partial_branches=_branches(Flux2TransformerBlock=_DOUBLE),
+    attention_sequences=_branches(Flux2TransformerBlock=("attn", "text", "image")),
     timestep_scale=1 / 1000, pipelines=("Flux2Pipeline",),
 ))
 register(ModelSpec(
     family="cogvideox", transformer="CogVideoXTransformer3DModel", block_lists=("transformer_blocks",),
     branches=_branches(CogVideoXBlock=("attn1", "ff")),
-    partial_branches=_branches(CogVideoXBlock=("ff",)),
+    partial_branches=_branches(CogVideoXBlock=_groups(ff="all")),  # its feed-forward runs on cat(text, image)
+    attention_sequences=_branches(CogVideoXBlock=("attn1", "all")),
     pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
 ))
 register(ModelSpec(
     family="ltx", transformer="LTXVideoTransformer3DModel", block_lists=("transformer_blocks",),
     branches=_branches(LTXVideoTransformerBlock=("attn1", "attn2", "ff")),
-    partial_branches=_branches(LTXVideoTransformerBlock=("attn2", "ff")),
+    partial_branches=_branches(LTXVideoTransformerBlock=_groups(attn2="image", ff="image")),
+    attention_sequences=_branches(LTXVideoTransformerBlock=("attn1", "image")),
     pipelines=("LTXPipeline", "LTXImageToVideoPipeline"),
 ))
 register(ModelSpec(
     family="mochi", transformer="MochiTransformer3DModel", block_lists=("transformer_blocks",),
     branches=_branches(MochiTransformerBlock=("attn1", "ff", "ff_context")),
-    partial_branches=_branches(MochiTransformerBlock=("ff", "ff_context")),
+    partial_branches=_branches(MochiTransformerBlock=_DOUBLE),
     timestep_rises=True, pipelines=("MochiPipeline",),
 ))
 register(ModelSpec(
     family="cogview4", transformer="CogView4Transformer2DModel", block_lists=("transformer_blocks",),
-    branches=_branches(CogView4TransformerBlock=("attn1", "ff")), partial_branches=_branches(CogView4TransformerBlock=("ff",)),
+    branches=_branches(CogView4TransformerBlock=("attn1", "ff")), partial_branches=_branches(CogView4TransformerBlock=_groups(ff="tokens")),
     pipelines=("CogView4Pipeline", "CogView4ControlPipeline"),
 ))
 register(ModelSpec(
     family="bria", transformer="BriaTransformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
-    branches=_branches(BriaTransformerBlock=("attn", "ff", "ff_context"), BriaSingleTransformerBlock=("attn", "proj_mlp")),
-    partial_branches=_branches(BriaTransformerBlock=("ff", "ff_context"), BriaSingleTransformerBlock=("proj_mlp",)),
+    branches=_branches(BriaTransformerBlock=("attn", "ff", "ff_context"), BriaSingleTransformerBlock=("attn", "proj_mlp", "proj_out")),
+    partial_branches=_branches(BriaTransformerBlock=_DOUBLE, BriaSingleTransformerBlock=_SINGLE),
+    attention_sequences=_branches(BriaTransformerBlock=("attn", "text", "image"), BriaSingleTransformerBlock=("attn", "all")),
     pipelines=("BriaPipeline",),
 ))
 register(ModelSpec(
@@ -143,9 +173,10 @@ register(ModelSpec(
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     branches=_branches(
         HunyuanImageTransformerBlock=("attn", "ff", "ff_context"),
-        HunyuanImageSingleTransformerBlock=("attn", "proj_mlp"),
+        HunyuanImageSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
     ),
-    partial_branches=_branches(HunyuanImageTransformerBlock=("ff", "ff_context"), HunyuanImageSingleTransformerBlock=("proj_mlp",)),
+    partial_branches=_branches(HunyuanImageTransformerBlock=_DOUBLE, HunyuanImageSingleTransformerBlock=_SINGLE),
+    attention_sequences=_branches(HunyuanImageTransformerBlock=("attn", "image", "text"), HunyuanImageSingleTransformerBlock=("attn", "all")),
     pipelines=("HunyuanImagePipeline",),
 ))
 register(ModelSpec(
@@ -153,15 +184,16 @@ register(ModelSpec(
     block_lists=("transformer_blocks", "single_transformer_blocks"),
     branches=_branches(
         MotifVideoTransformerBlock=("attn", "ff", "ff_context"),
-        MotifVideoSingleTransformerBlock=("attn", "proj_mlp"),
+        MotifVideoSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
     ),
-    partial_branches=_branches(MotifVideoTransformerBlock=("ff", "ff_context"), MotifVideoSingleTransformerBlock=("proj_mlp",)),
+    partial_branches=_branches(MotifVideoTransformerBlock=_DOUBLE, MotifVideoSingleTransformerBlock=_SINGLE),
+    attention_sequences=_branches(MotifVideoTransformerBlock=("attn", "image", "text"), MotifVideoSingleTransformerBlock=("attn", "all")),
     pipelines=("MotifVideoPipeline", "MotifVideoImage2VideoPipeline"),
 ))
 register(ModelSpec(
     family="zimage", transformer="ZImageTransformer2DModel", block_lists=("noise_refiner", "context_refiner", "layers"),
     branches=_branches(ZImageTransformerBlock=("attention", "feed_forward")), latents_argument="x", timestep_argument="t",
-    partial_branches=_branches(ZImageTransformerBlock=("feed_forward",)),
+    partial_branches=_branches(ZImageTransformerBlock=_groups(feed_forward="all")),
     timestep_scale=-1 / 1000, timestep_offset=1.0, timestep_rises=True, pipelines=("ZImagePipeline",),
 ))
 register(ModelSpec(
@@ -171,6 +203,8 @@ register(ModelSpec(
         Kandinsky5TransformerEncoderBlock=("self_attention", "feed_forward"),
         Kandinsky5TransformerDecoderBlock=("self_attention", "cross_attention", "feed_forward"),
     ),
-    partial_branches=_branches(Kandinsky5TransformerEncoderBlock=("feed_forward",), Kandinsky5TransformerDecoderBlock=("feed_forward",)),
+    partial_branches=_branches(
+        Kandinsky5TransformerEncoderBlock=_groups(feed_forward="text"), Kandinsky5TransformerDecoderBlock=_groups(feed_forward="image"),
+    ),
     pipelines=("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline", "Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"),
 ))

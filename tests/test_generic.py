@@ -310,9 +310,87 @@ def test_toca_recomputes_tokens_of_per_token_branches(family):
     assert run(model, family)[5].equal(toca[5])  # seeded: the same tokens on the next run
 
 
-def test_toca_on_the_generic_path_takes_random_scores_only():
-    with pytest.raises(ValueError, match="score='random'"):
+SCORED = sorted(family for family in FAMILIES if SPECS[type(build(family)).__name__].attention_sequences)
+
+
+def test_the_four_new_families_score_tokens_by_attention():
+    assert {"sd3", "wan", "qwenimage", "hunyuanvideo", "hunyuanvideo-i2v"} <= set(SCORED)
+
+
+@pytest.mark.parametrize("score", ["attention", "v_norm"])
+@pytest.mark.parametrize("family", SCORED)
+def test_toca_with_scores_read_from_the_attention(family, score):
+    model = build(family)
+    plain = run(model, family)
+    apply_cache(model, ToCaConfig(cache_interval=1, score=score))
+    for got, expected in zip(run(model, family), plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # every step full: diffusers' forward, bit for bit
+
+    apply_cache(model, ToCaConfig(cache_interval=3, cache_ratio=0.5, score="random"))
+    randomly = run(model, family)
+    apply_cache(model, ToCaConfig(cache_interval=3, cache_ratio=0.5, score=score))
+    toca, counted = count_flops(lambda: run(model, family), model)
+    stats = cache_stats(model)
+    # The scores' products are FLOPs too, on both sides of the comparison.
+    assert stats.flops == pytest.approx(counted, rel=0.01) and stats.flops < stats.flops_full
+    assert stats.full_step_indices == (0, 1, 4) and 0.4 <= stats.recompute_fraction <= 0.6
+    for step in (0, 1, 4):
+        torch.testing.assert_close(toca[step], plain[step], rtol=0, atol=0)
+    assert all(torch.isfinite(out).all() for out in toca) and not torch.equal(toca[2], randomly[2])
+    assert run(model, family)[5].equal(toca[5])
+
+
+class _FirstAttention(torch.overrides.TorchFunctionMode):
+    """The test's own record of the first attention call: its explicit softmax map."""
+
+    def __init__(self):
+        super().__init__()
+        self.received = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and self.received is None:
+            named = dict(zip(("query", "key"), args)) | kwargs
+            query, key = named["query"], named["key"]
+            weights = (query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(dim=-1)
+            self.received = weights.mean(dim=1).sum(dim=1)  # (batch, keys): the attention each token receives
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("family", "image_first"), [("sd3", True), ("qwenimage", False), ("wan", True)])
+def test_attention_scores_are_the_attention_each_token_receives(family, image_first):
+    """The first block's kept scores of its image and text tokens against the softmax map of diffusers'
+    own attention call, sliced in the order its processor joins the two (SD3: image first; Qwen-Image:
+    text first; Wan: image tokens only)."""
+    from ditcache.hooks import _step_hook
+    from ditcache.scores import l2_normalize
+
+    model = build(family)
+    inputs, argument = FAMILIES[family][1](), SPECS[type(model).__name__].timestep_argument
+    apply_cache(model, ToCaConfig(cache_interval=3, cache_ratio=0.5, score="attention"))
+    run(model, family)
+    cache = _step_hook(model).run.block_cache(f"{SPECS[type(model).__name__].block_lists[0]}.0")
+    remove_cache(model)
+    # Kept at full step 4 (the last) and sliced at step 5: the block saw what an uncached call at step 4 gives it.
+    with torch.no_grad(), _FirstAttention() as reference:
+        model(**inputs, **{argument: timesteps(family)[4]}, return_dict=False)
+    received = reference.received
+    image = 16
+    text = received.shape[1] - image
+    if family == "wan":
+        image, text = received.shape[1], 0
+    image_part = received[:, :image] if image_first else received[:, text:]
+    torch.testing.assert_close(cache.normalized_scores["image"], l2_normalize(image_part), rtol=1e-4, atol=1e-6)
+    if text:
+        text_part = received[:, image:] if image_first else received[:, :text]
+        torch.testing.assert_close(cache.normalized_scores["text"], l2_normalize(text_part), rtol=1e-4, atol=1e-6)
+
+
+def test_generic_path_refuses_scores_it_cannot_read():
+    with pytest.raises(ValueError, match="not available on the generic path"):
         apply_cache(build("wan"), ToCaConfig(score="k_norm"))
+    with pytest.raises(ValueError, match="declares no attention sequence"):
+        apply_cache(build("mochi"), ToCaConfig(score="attention"))
 
 
 def test_generate_and_sweep_take_a_generic_pipeline_folder(tmp_path, capsys, monkeypatch):

@@ -15,10 +15,13 @@ last computed; the guidance halves of a batch recompute the same tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .. import scores as S
 from ..config import EngineSettings
@@ -26,6 +29,104 @@ from ..flops import count_flops
 from ..specs import ModelSpec
 from ..state import BlockCache, RunState
 from . import TransformerAdapter
+
+
+class _AttentionInputs(TorchFunctionMode):
+    """Records the query, key and value of the first ``scaled_dot_product_attention`` call it sees: the
+    attention's own inputs (after its norms, rotary embedding and concatenation), whatever its processor."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: tuple | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.found is None:
+            bound = dict(zip(("query", "key", "value"), args)) | kwargs
+            self.found = (bound["query"], bound["key"], bound["value"], bound.get("scale"))
+        return func(*args, **kwargs)
+
+
+class BlockTokens:
+    """The token choice of one block on the generic path, shared by its per-token branches.
+
+    On a full step the scored attention's inputs give a score per token of its sequence (``attention``:
+    the attention each token receives; ``v_norm``: its value's norm), kept for the step's partial steps;
+    each token group's slice is taken, normalised and given frequency counters when a partial step
+    first needs it (a single-stream block runs its MLP before its attention). ``random`` draws seeded
+    scores per group instead. One selection per group and block call serves all the group's branches.
+    """
+
+    def __init__(self, block_name: str, settings: EngineSettings, layer_position: float, sequence: tuple[str, ...] = ()):
+        self.block_name = block_name
+        self.settings = settings
+        self.layer_position = layer_position
+        self.attention, self.order = (sequence[0], sequence[1:]) if sequence else (None, ())
+        self._selections: tuple[int, dict] = (-1, {})  # (transformer call, group -> selected tokens)
+
+    def scores_from(self, branch: str) -> bool:
+        return branch == self.attention and self.settings.score in ("attention", "v_norm")
+
+    def scored_call(self, run: RunState, cache: BlockCache, compute) -> tuple[object, int]:
+        """Run the scored attention (a full step), keeping its sequence's token scores; the output and
+        the FLOPs of the scores."""
+        with _AttentionInputs() as inputs:
+            output = compute()
+        if inputs.found is None:
+            raise RuntimeError(
+                f"{self.block_name}.{self.attention} did not call scaled_dot_product_attention, which score="
+                f"{self.settings.score!r} reads; choose score='random'."
+            )
+        query, key, value, scale = inputs.found
+        if self.settings.score == "v_norm":
+            scores, flops = S.projection_norm(value), 0
+        else:
+            scale = scale if scale is not None else 1 / math.sqrt(query.shape[-1])
+            scores, flops = S.attention_received(query, key, scale), 2 * query.numel() * key.shape[-2]
+        cache.base_scores["sequence"] = S.merge_guidance_halves(scores) if run.guidance_batch else scores
+        return output, flops
+
+    def full_step(self, run: RunState, cache: BlockCache, group: str, batch: int, tokens: int) -> None:
+        """A full step computed ``group`` for every token: zero its counters and score it afresh."""
+        rows = batch // 2 if run.guidance_batch else batch
+        cache.since_recompute[group] = torch.zeros(rows, tokens, dtype=torch.int32, device=run.generator.device)
+        cache.normalized_scores.pop(group, None)
+
+    def select(self, run: RunState, cache: BlockCache, group: str, branch: str, tokens: int) -> torch.Tensor | None:
+        """The tokens ``group`` recomputes in this block call, ``(batch, count)`` with both guidance halves;
+        None when none."""
+        serial, chosen = self._selections
+        if serial != run.call_serial:
+            chosen = {}
+            self._selections = (run.call_serial, chosen)
+        if group not in chosen:
+            count = round(self.settings.schedule.recompute_fraction(run.progress, self.layer_position, branch) * tokens)
+            chosen[group] = self._choose(run, cache, group, tokens, count) if count else None
+        index = chosen[group]
+        run.add_recompute(0.0 if index is None else index.shape[1] / tokens)
+        return index
+
+    def _choose(self, run: RunState, cache: BlockCache, group: str, tokens: int, count: int) -> torch.Tensor:
+        base = cache.normalized_scores.get(group)
+        if base is None:
+            base = cache.normalized_scores[group] = S.l2_normalize(self._group_scores(run, cache, group, tokens))
+        since = cache.since_recompute[group]
+        score = base.to(since.device) + S.frequency_term(since, self.settings.frequency_weight, self.settings.schedule.cache_interval)
+        index = S.top_tokens(score, count)
+        since.add_(1).scatter_(1, index, 0)
+        return torch.cat([index, index]) if run.guidance_batch else index
+
+    def _group_scores(self, run: RunState, cache: BlockCache, group: str, tokens: int) -> torch.Tensor:
+        rows = cache.since_recompute[group].shape[0]
+        if self.attention is None or self.settings.score == "random":
+            return S.random_scores(rows, tokens, run.generator)
+        sequence = cache.base_scores.get("sequence")
+        if sequence is None or group not in self.order:
+            raise RuntimeError(f"{self.block_name}: no {self.settings.score} score of its {group!r} tokens was kept on the last full step.")
+        scores = sequence[:, :tokens] if self.order.index(group) == 0 else sequence[:, -tokens:]
+        if len(self.order) == 1 and sequence.shape[1] != tokens:
+            raise RuntimeError(f"{self.block_name}: its attention saw {sequence.shape[1]} tokens, its {group!r} branch {tokens}.")
+        return scores
 
 
 class BranchAdapter:
@@ -38,13 +139,13 @@ class BranchAdapter:
     """
 
     def __init__(self, module: nn.Module, block_name: str, branch: str, settings: EngineSettings,
-                 layer_position: float = 0.0, per_token: bool = False):
+                 tokens: BlockTokens, group: str | None = None):
         self.module = module
         self.block_name = block_name
         self.branch = branch
         self.settings = settings
-        self.layer_position = layer_position
-        self.recomputes = per_token and settings.recomputes_tokens
+        self.tokens = tokens
+        self.group = group if settings.recomputes_tokens else None  # the token group it recomputes, if any
         self._flops: dict[tuple, int] = {}  # FLOPs of one call, per input shapes
         self._calls: tuple[int, int] = (-1, -1)  # (transformer call, times this branch ran in it)
 
@@ -53,24 +154,34 @@ class BranchAdapter:
         calls = calls + 1 if serial == run.call_serial else 0
         self._calls = (run.call_serial, calls)
         key = f"{self.branch}.{calls}"
+        group = None if self.group is None else (self.group if calls == 0 else f"{self.group}.{calls}")
         if run.is_full or key not in cache.layouts:
             output = self._compute(run, cache, key, compute, args, kwargs)
-            if self.recomputes and isinstance(output, torch.Tensor):
-                self._store_score(run, cache, key, output.shape[:2])
+            if group is not None and isinstance(output, torch.Tensor):
+                self.tokens.full_step(run, cache, group, *output.shape[:2])
             return output
-        if self.recomputes and cache.layouts[key][0] is None and key in cache.since_recompute:
-            return self._recompute_rows(run, cache, key, compute, args, kwargs)
+        if group is not None and cache.layouts[key][0] is None and group in cache.since_recompute:
+            return self._recompute_rows(run, cache, key, group, compute, args, kwargs)
         return self._reuse(run, cache, key)
 
     def _compute(self, run: RunState, cache: BlockCache, branch: str, compute, args: tuple, kwargs: dict):
+        score_flops = 0
+
+        def call():
+            nonlocal score_flops
+            if not (self.settings.recomputes_tokens and self.tokens.scores_from(self.branch)):
+                return compute(*args, **kwargs)
+            output, score_flops = self.tokens.scored_call(run, cache, lambda: compute(*args, **kwargs))
+            return output
+
         shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
         flops = self._flops.get(shapes)
         if flops is None:  # measured once per input shape, with the counter diffusers' own numbers use
-            output, flops = count_flops(lambda: compute(*args, **kwargs))
-            self._flops[shapes] = flops
+            output, flops = count_flops(call)
+            flops = self._flops[shapes] = flops - score_flops
         else:
-            output = compute(*args, **kwargs)
-        run.add_flops(flops, flops)
+            output = call()
+        run.add_flops(flops + score_flops, flops)
         layout, tensors = _flatten(output, self.branch)
         cache.layouts[branch] = (layout, flops)
         order = self.settings.forecast_order
@@ -97,32 +208,16 @@ class BranchAdapter:
         run.add_flops(forecast_flops, flops)
         return _unflatten(layout, tensors)
 
-
-    def _store_score(self, run: RunState, cache: BlockCache, key: str, shape: torch.Size) -> None:
-        """A full step's token scores (seeded random; one row per guidance pair) and zeroed counters."""
-        batch, tokens = shape
-        rows = batch // 2 if run.guidance_batch else batch
-        cache.normalized_scores[key] = S.l2_normalize(S.random_scores(rows, tokens, run.generator))
-        cache.since_recompute[key] = torch.zeros(rows, tokens, dtype=torch.int32, device=run.generator.device)
-
-    def _recompute_rows(self, run: RunState, cache: BlockCache, key: str, compute, args: tuple, kwargs: dict):
+    def _recompute_rows(self, run: RunState, cache: BlockCache, key: str, group: str, compute, args: tuple, kwargs: dict):
         """The kept value (or its forecast) with this step's chosen tokens computed anew."""
         value = self._reuse(run, cache, key)
         name = None if args else "hidden_states"
         if not args and name not in kwargs:  # the token input is not recognisable: reuse the branch whole
             return value
         inputs = args[0] if args else kwargs[name]
-        tokens = inputs.shape[1]
-        count = round(self.settings.schedule.recompute_fraction(run.progress, self.layer_position, self.branch) * tokens)
-        run.add_recompute(count / tokens)
-        if count == 0:
+        index = self.tokens.select(run, cache, group, self.branch, inputs.shape[1])
+        if index is None:
             return value
-        since, base = cache.since_recompute[key], cache.normalized_scores[key]
-        score = base + S.frequency_term(since, self.settings.frequency_weight, self.settings.schedule.cache_interval)
-        index = S.top_tokens(score, count)
-        since.add_(1).scatter_(1, index, 0)
-        if run.guidance_batch:
-            index = torch.cat([index, index])
         index = index.to(inputs.device)
         rows = inputs.gather(1, index[..., None].expand(-1, -1, inputs.shape[-1]))
         row_args, row_kwargs = ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, name: rows})
@@ -184,10 +279,17 @@ class GenericTransformerAdapter(TransformerAdapter):
         if settings.method == "toca" and not self.spec.partial_branches:
             raise ValueError(f"{name} has no token-wise path yet: it is cached by layer (FORAConfig, with or without forecast_order).")
         if settings.method == "toca" and settings.score != "random":
-            raise ValueError(
-                f"score={settings.score!r}: on {name} (the generic path) tokens are chosen by score='random' (the "
-                "default here); the other scores read attention projections that only a block adapter taps."
-            )
+            scored = ", ".join(self.spec.attention_sequences) or "none"
+            if settings.score not in ("attention", "v_norm"):
+                raise ValueError(
+                    f"score={settings.score!r} is not available on the generic path ({name}): its attentions normalise "
+                    "their keys before attending, or attend to text jointly; use 'attention', 'v_norm' or 'random'."
+                )
+            if not any(type(block).__name__ in self.spec.attention_sequences for _, block in self.blocks()):
+                raise ValueError(
+                    f"score={settings.score!r}: the spec of {name} declares no attention sequence to score (block classes "
+                    f"with one: {scored}); use score='random'."
+                )
         return []
 
     def branch_adapters(self, settings: EngineSettings) -> list[BranchAdapter]:
@@ -195,11 +297,12 @@ class GenericTransformerAdapter(TransformerAdapter):
         depth = max(len(blocks) - 1, 1)
         for position, (name, block) in enumerate(blocks):
             kind = type(block).__name__
+            tokens = BlockTokens(name, settings, position / depth, self.spec.attention_sequences.get(kind, ()))
+            groups = self.spec.partial_branches.get(kind, {})
             for branch in self.spec.branches.get(kind, ()):
                 module = getattr(block, branch, None)
                 if module is not None:
-                    per_token = branch in self.spec.partial_branches.get(kind, ())
-                    adapters.append(BranchAdapter(module, name, branch, settings, position / depth, per_token))
+                    adapters.append(BranchAdapter(module, name, branch, settings, tokens, groups.get(branch)))
         if not adapters:
             raise TypeError(f"the spec of {type(self.transformer).__name__} names no branch its blocks have.")
         return adapters
