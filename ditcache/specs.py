@@ -1,9 +1,11 @@
-"""Per-model facts as data: one ``ModelSpec`` per transformer class that ditcache caches through its
-branch submodules (attention, feed-forward) without a block adapter of its own.
+"""Per-model facts as data: one ``ModelSpec`` per transformer class ditcache caches.
 
 A spec says where a call's latents and timestep are and in which units and direction the timestep runs,
-which lists hold the blocks, and which submodules of each block class are its cached branches. Adding a
-model is one ``register`` call; ``ditcache.adapters.generic`` turns a spec into hooks.
+which lists hold the blocks, which submodules of each block class are its cached branches and how their
+tokens line up with the attention, and which pipelines call it. Adding a model is one ``register`` call:
+``ditcache.adapters.generic`` turns a spec into hooks on its branches. A family whose blocks need their
+own math for token-wise caching (DiT, PixArt, FLUX.1, OpenSora: ``ditcache.adapters``) names its
+adapter in the spec; everything else (config, pipelines, benchmarks, peers) reads the spec alone.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class ModelSpec:
         timestep_rises: the timestep grows during a run (Mochi's scheduler runs ``1000 * (1 - sigma)``),
             so that on a bare transformer a new run shows as a timestep that falls back.
         pipelines: the diffusers pipelines that call this transformer the standard way.
+        adapter: ``"module:Class"`` of a ``TransformerAdapter`` with block adapters of its own (token-wise
+            caching from the blocks' own math, token merging); None: the generic path.
+        tiny: the name of the function in ``ditcache.eval.builders`` that builds a tiny pipeline of the family
+            (seeded random weights) for tests, sweeps and ``ditcache bench``; None when there is none.
     """
 
     family: str
@@ -54,6 +60,8 @@ class ModelSpec:
     timestep_offset: float = 0.0
     timestep_rises: bool = False
     pipelines: tuple[str, ...] = field(default=())
+    adapter: str | None = None
+    tiny: str | None = None
 
 
 SPECS: dict[str, ModelSpec] = {}
@@ -81,6 +89,31 @@ def _groups(**group_of_branch: str) -> Mapping[str, str]:
     return MappingProxyType(group_of_branch)
 
 
+# The families with block adapters of their own: token-wise caching with every score, and token merging.
+register(ModelSpec(
+    family="dit", transformer="DiTTransformer2DModel", block_lists=("transformer_blocks",),
+    branches=_branches(BasicTransformerBlock=("attn1", "ff")), pipelines=("DiTPipeline",),
+    adapter="ditcache.adapters:BasicBlocksAdapter", tiny="dit_pipeline",
+))
+register(ModelSpec(
+    family="pixart", transformer="PixArtTransformer2DModel", block_lists=("transformer_blocks",),
+    branches=_branches(BasicTransformerBlock=("attn1", "attn2", "ff")), pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+    adapter="ditcache.adapters:BasicBlocksAdapter", tiny="pixart_pipeline",
+))
+register(ModelSpec(
+    family="flux", transformer="FluxTransformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
+    branches=_branches(FluxTransformerBlock=("attn", "ff", "ff_context"), FluxSingleTransformerBlock=("attn", "proj_mlp", "proj_out")),
+    timestep_scale=1 / 1000, adapter="ditcache.adapters:FluxAdapter", tiny="flux_pipeline",
+    pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline", "FluxControlPipeline",
+               "FluxFillPipeline"),
+))
+register(ModelSpec(
+    family="opensora", transformer="STDiT3Model", block_lists=("spatial_blocks", "temporal_blocks"),
+    branches=_branches(STDiT3Block=("attn", "cross_attn", "mlp")), latents_argument="x", pipelines=("OpenSoraPipeline",),
+    adapter="ditcache.adapters:STDiT3Adapter", tiny="opensora_pipeline",
+))
+
+
 # The two block shapes of FLUX-like models: a double-stream block with an MLP per stream, and a single-stream
 # block on cat(image, text) or cat(text, image) whose output projection runs over cat(attention, MLP), so that
 # its MLP and its projection recompute the same tokens.
@@ -100,7 +133,7 @@ register(ModelSpec(
     branches=_branches(WanTransformerBlock=("attn1", "attn2", "ffn")),
     partial_branches=_branches(WanTransformerBlock=_groups(attn2="image", ffn="image")),
     attention_sequences=_branches(WanTransformerBlock=("attn1", "image")),
-    pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
+    pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"), tiny="wan_pipeline",
 ))
 register(ModelSpec(
     family="qwenimage", transformer="QwenImageTransformer2DModel", block_lists=("transformer_blocks",),

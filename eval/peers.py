@@ -1,15 +1,17 @@
 """diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache, PyramidAttentionBroadcast), applied
 the same way on DiT, PixArt and FLUX pipelines, for side-by-side benchmarks with ditcache.
 
-DiT and PixArt transformers have no ``CacheMixin`` and their pipelines set no cache context, so a
-forward pre-hook sets one on every call (step index, step count, timestep) and resets the hooks'
-state when a new run starts. TaylorSeer's default patterns match no DiT or PixArt module; it is
-given the same branches ditcache caches.
+Not every transformer has a ``CacheMixin`` and not every pipeline sets a cache context, so a forward
+pre-hook sets one on every call (step index, step count, timestep) and resets the hooks' state when a
+new run starts, reading the timestep's units and direction from the model's ``ModelSpec``. Where
+TaylorSeer's default patterns match no module of a transformer (DiT, PixArt, Wan, ...), it is given the
+branches ditcache caches, from the same spec.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from diffusers.hooks import (
@@ -25,6 +27,9 @@ from diffusers.hooks import (
 )
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+
+from ditcache.specs import spec_for
 
 PEERS = ("fbc", "taylorseer", "magcache", "pab")
 # The values a spec may give after the name, in order: (option, type, default, minimum).
@@ -34,10 +39,17 @@ OPTIONS = {
     "magcache": [("threshold", float, 0.06, 0.0)],
     "pab": [("block_skip_range", int, 2, 1)],
 }
-BRANCH_PATTERNS = {
-    "DiTTransformer2DModel": [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"],
-    "PixArtTransformer2DModel": [r"transformer_blocks\.\d+\.attn[12]", r"transformer_blocks\.\d+\.ff"],
-}
+
+
+def taylorseer_patterns(transformer: torch.nn.Module) -> list[str] | None:
+    """None (diffusers' default patterns) where they match a module of ``transformer``, else the branches
+    its spec caches, as patterns of module names."""
+    names = [name for name, _ in transformer.named_modules()]
+    if any(re.fullmatch(pattern, name) for pattern in _TRANSFORMER_BLOCK_IDENTIFIERS for name in names):
+        return None
+    spec = spec_for(transformer)
+    branches = sorted({branch for per_block in spec.branches.values() for branch in per_block})
+    return [rf"({'|'.join(spec.block_lists)})\.\d+\.({'|'.join(branches)})"]
 
 
 def _hook_names(module: torch.nn.Module) -> dict[torch.nn.Module, set[str]]:
@@ -81,9 +93,10 @@ class DiffusersCache:
         self._handle = None
 
     def apply(self, pipe, steps: int) -> None:
-        transformer = pipe.transformer
+        """On a pipeline's transformer, or on a transformer given alone."""
+        transformer = getattr(pipe, "transformer", pipe)
         self._step, self._last_timestep, self._steps = 0, None, steps
-        self._scale = 1000.0 if type(transformer).__name__.startswith("Flux") else 1.0  # FLUX gets t / 1000
+        self._spec = spec_for(transformer)
         before = _hook_names(transformer)
         self._apply_config(pipe, steps)
         after = _hook_names(transformer)
@@ -94,11 +107,11 @@ class DiffusersCache:
         for module, names in self._added.items():
             for name in names:
                 module._diffusers_hook.remove_hook(name, recurse=False)
-        HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
+        HookRegistry.check_if_exists_or_initialize(getattr(pipe, "transformer", pipe)).invalidate_child_registries_cache()
         self._handle.remove()
 
     def _apply_config(self, pipe, steps: int) -> None:
-        transformer, options = pipe.transformer, self.options
+        transformer, options = getattr(pipe, "transformer", pipe), self.options
         if self.name == "fbc":
             apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=options["threshold"]))
         elif self.name == "taylorseer":
@@ -106,24 +119,25 @@ class DiffusersCache:
                 cache_interval=options["interval"],
                 max_order=options["max_order"],
                 taylor_factors_dtype=transformer.dtype,
-                cache_identifiers=BRANCH_PATTERNS.get(type(transformer).__name__),
+                cache_identifiers=taylorseer_patterns(transformer),
             )
             apply_taylorseer_cache(transformer, config)
         elif self.name == "magcache":
-            ratios = FLUX_MAG_RATIOS if self._scale != 1.0 else torch.ones(steps)
+            ratios = FLUX_MAG_RATIOS if self._spec.family == "flux" else torch.ones(steps)  # calibrated for FLUX.1 only
             config = MagCacheConfig(threshold=options["threshold"], num_inference_steps=steps, mag_ratios=ratios)
             apply_mag_cache(transformer, config)
         else:
             config = PyramidAttentionBroadcastConfig(
                 spatial_attention_block_skip_range=options["block_skip_range"],
-                current_timestep_callback=lambda: self._last_timestep * self._scale,
+                current_timestep_callback=lambda: (self._timestep - self._spec.timestep_offset) / self._spec.timestep_scale,
             )
             apply_pyramid_attention_broadcast(transformer, config)
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     def _set_context(self, module, args, kwargs):
-        timestep = kwargs.get("timestep")
-        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        timestep = kwargs.get(self._spec.timestep_argument)
+        self._timestep = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        value = -self._timestep if self._spec.timestep_rises else self._timestep  # falling from here on
         if self._last_timestep is None or value > self._last_timestep:  # a new run
             self._step, self._call = 0, 0
             module._diffusers_hook.reset_stateful_hooks()
@@ -133,6 +147,6 @@ class DiffusersCache:
             self._call += 1
         self._last_timestep = value
         name = "cond" if self._call == 0 else f"uncond{self._call}"
-        context = CacheContext(name, step_index=self._step, num_inference_steps=self._steps, timestep=value)
+        context = CacheContext(name, step_index=self._step, num_inference_steps=self._steps, timestep=self._timestep)
         _set_cache_context(module, context)
         return args, kwargs

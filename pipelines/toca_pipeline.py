@@ -26,20 +26,7 @@ from ditcache.config import CacheConfig, config_from_dict, config_to_dict
 from ditcache.specs import SPECS
 
 CONFIG_FILE = "ditcache_config.json"
-SUPPORTED_PIPELINES = (
-    "DiTPipeline",
-    "PixArtAlphaPipeline",
-    "PixArtSigmaPipeline",
-    "FluxPipeline",
-    "FluxImg2ImgPipeline",
-    "FluxInpaintPipeline",
-    "FluxKontextPipeline",
-    "FluxControlPipeline",
-    "FluxFillPipeline",
-    "OpenSoraPipeline",
-    # Layer caching (FORA and forecasts) through their specs:
-    *(pipeline for spec in SPECS.values() for pipeline in spec.pipelines),
-)
+SUPPORTED_PIPELINES = tuple(pipeline for spec in SPECS.values() for pipeline in spec.pipelines)
 
 
 def resolve_config(

@@ -1,23 +1,24 @@
-"""Which transformers ditcache supports, and how to read their calls.
+"""How ditcache reads a transformer's calls and reaches its blocks.
 
-A ``TransformerAdapter`` knows one transformer class: its model family (which preset applies), its
-blocks and their adapters, and where a call's latents and timestep are. The transformers with a block
-adapter (token-wise caching) are listed in ``ADAPTERS``; any other with a ``ModelSpec``
-(``ditcache.specs``) is cached by layer through its branch submodules (``generic.py``).
+A ``TransformerAdapter`` serves one transformer from its ``ModelSpec`` (``ditcache.specs``): its model
+family (which preset applies), where a call's latents and timestep are and in which units, and its
+blocks. The families whose spec names an adapter here (DiT and PixArt, FLUX.1, OpenSora) cache through
+block adapters written from their blocks' math; every other spec'd transformer through hooks on its
+branch submodules (``generic.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
 from torch import nn
 
 from ..config import EngineSettings
 from ..flops import record_layer_flops
-from ..models.stdit3 import STDiT3Model
+from ..specs import SPECS, ModelSpec, spec_for
 from .base import BlockAdapter
 from .basic_transformer import BasicTransformerBlockAdapter
 from .flux import FluxDoubleBlockAdapter, FluxSingleBlockAdapter
@@ -35,27 +36,25 @@ class CallInfo:
 
 
 class TransformerAdapter:
-    """A DiT-style transformer: patchified 2D latents, ``transformer_blocks`` of one family."""
+    """A transformer read from its spec; its blocks, in the order they run, from the spec's block lists.
+    Subclasses add block adapters (token-wise caching from the blocks' math) or branch hooks."""
 
-    family: str = ""
-    block_adapter = BasicTransformerBlockAdapter
-    timestep_scale = 1.0  # the model's timestep is scale * t + offset for the scheduler's t
-    timestep_offset = 0.0
-    timestep_rises = False  # the timestep grows during a run
-    latents_argument = "hidden_states"  # the forward argument holding the latents
-    timestep_argument = "timestep"
-
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, spec: ModelSpec):
         self.transformer = transformer
+        self.spec = spec
+        self.family = spec.family
+        self.timestep_scale = spec.timestep_scale  # the model's timestep is scale * t + offset for the scheduler's t
+        self.timestep_offset = spec.timestep_offset
+        self.timestep_rises = spec.timestep_rises  # the timestep grows during a run
+        self.latents_argument = spec.latents_argument
+        self.timestep_argument = spec.timestep_argument
         self.signature = inspect.signature(type(transformer).forward)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"transformer_blocks.{i}", block) for i, block in enumerate(self.transformer.transformer_blocks)]
+        return [(f"{name}.{i}", block) for name in self.spec.block_lists for i, block in enumerate(getattr(self.transformer, name))]
 
     def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
-        blocks = self.blocks()
-        depth = max(len(blocks) - 1, 1)
-        return [self.block_adapter(block, name, i / depth, settings) for i, (name, block) in enumerate(blocks)]
+        return []
 
     def branch_adapters(self, settings: EngineSettings) -> list:
         """Hooks on branch submodules (the generic path, ``generic.py``); none where block adapters cache."""
@@ -95,19 +94,17 @@ class TransformerAdapter:
         return batch % 2 == 0 and torch.equal(latents[: batch // 2], latents[batch // 2 :])
 
 
-class DiTAdapter(TransformerAdapter):
-    family = "dit"
+class BasicBlocksAdapter(TransformerAdapter):
+    """DiT and PixArt: patchified 2D latents, ``transformer_blocks`` of diffusers' ``BasicTransformerBlock``."""
 
-
-class PixArtAdapter(TransformerAdapter):
-    family = "pixart"
+    def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
+        blocks = self.blocks()
+        depth = max(len(blocks) - 1, 1)
+        return [BasicTransformerBlockAdapter(block, name, i / depth, settings) for i, (name, block) in enumerate(blocks)]
 
 
 class FluxAdapter(TransformerAdapter):
-    """FLUX.1: double-stream blocks, then single-stream blocks, on packed latents."""
-
-    family = "flux"
-    timestep_scale = 1 / 1000  # FLUX pipelines pass t / 1000
+    """FLUX.1: double-stream blocks, then single-stream blocks, on packed latents (the timestep is t / 1000)."""
 
     def prepare_run(self, run, arguments: dict) -> None:
         """The timestep embedding of every step of the run, for the blocks' modulation tables, made on
@@ -147,12 +144,6 @@ class FluxAdapter(TransformerAdapter):
 
         return {"time_text_embed": (self.transformer.time_text_embed, lookup)}
 
-    def blocks(self) -> list[tuple[str, nn.Module]]:
-        transformer = self.transformer
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(transformer.transformer_blocks)] + [
-            (f"single_transformer_blocks.{i}", b) for i, b in enumerate(transformer.single_transformer_blocks)
-        ]
-
     def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
         # Both streams take the layer factor by index, spread over the single-stream depth.
         depth = max(len(self.transformer.single_transformer_blocks) - 1, 1)
@@ -175,10 +166,6 @@ class FluxAdapter(TransformerAdapter):
 class STDiT3Adapter(TransformerAdapter):
     """OpenSora 1.2: a spatial then a temporal block per layer, on ``(B, C, T, H, W)`` video latents."""
 
-    family = "opensora"
-    block_adapter = STDiT3BlockAdapter
-    latents_argument = "x"
-
     def blocks(self) -> list[tuple[str, nn.Module]]:
         transformer = self.transformer
         pairs = zip(transformer.spatial_blocks, transformer.temporal_blocks)
@@ -196,29 +183,21 @@ class STDiT3Adapter(TransformerAdapter):
         return frames * rows, cols
 
 
-ADAPTERS: dict[type, type[TransformerAdapter]] = {
-    DiTTransformer2DModel: DiTAdapter,
-    PixArtTransformer2DModel: PixArtAdapter,
-    FluxTransformer2DModel: FluxAdapter,
-    STDiT3Model: STDiT3Adapter,
-}
-
-
 def transformer_adapter(transformer: nn.Module) -> TransformerAdapter:
-    """The adapter for ``transformer``: its block adapter's, else the generic one from its ``ModelSpec``;
-    ``TypeError`` listing the supported models otherwise."""
-    from ..specs import SPECS, spec_for
+    """The adapter of ``transformer``'s spec (the generic one when the spec names none); ``TypeError``
+    listing the supported models when it has no spec."""
     from .generic import GenericTransformerAdapter
 
-    for cls, adapter in ADAPTERS.items():
-        if isinstance(transformer, cls):
-            return adapter(transformer)
     spec = spec_for(transformer)
-    if spec is not None:
+    if spec is None:
+        token_wise = ", ".join(f"{s.transformer} ({s.family})" for s in SPECS.values() if s.adapter)
+        generic = ", ".join(f"{s.transformer} ({s.family})" for s in SPECS.values() if not s.adapter)
+        raise TypeError(
+            f"ditcache does not support {type(transformer).__name__}; supported transformers: {token_wise} (token-wise "
+            f"caching, token merging and layer caching); {generic} (layer caching, and token-wise caching of their "
+            "per-token branches). Another model needs a ditcache.specs.register(ModelSpec(...))."
+        )
+    if spec.adapter is None:
         return GenericTransformerAdapter(transformer, spec)
-    token_wise = ", ".join(f"{cls.__name__} ({adapter.family})" for cls, adapter in ADAPTERS.items())
-    raise TypeError(
-        f"ditcache does not support {type(transformer).__name__}; supported transformers: {token_wise} (token-wise "
-        f"and layer caching), {', '.join(SPECS)} (layer caching, FORAConfig). Another model needs a "
-        "ditcache.specs.register(ModelSpec(...))."
-    )
+    module, _, name = spec.adapter.partition(":")
+    return getattr(importlib.import_module(module), name)(transformer, spec)

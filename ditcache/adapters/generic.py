@@ -26,7 +26,6 @@ from torch.overrides import TorchFunctionMode
 from .. import scores as S
 from ..config import EngineSettings
 from ..flops import count_flops
-from ..specs import ModelSpec
 from ..state import BlockCache, RunState
 from . import TransformerAdapter
 
@@ -258,19 +257,6 @@ def _unflatten(layout: tuple | None, tensors: list[torch.Tensor]):
 
 class GenericTransformerAdapter(TransformerAdapter):
     """A transformer read and cached from its ``ModelSpec``: FORA and forecasts on its branch submodules."""
-
-    def __init__(self, transformer: nn.Module, spec: ModelSpec):
-        super().__init__(transformer)
-        self.spec = spec
-        self.family = spec.family
-        self.timestep_scale = spec.timestep_scale
-        self.timestep_offset = spec.timestep_offset
-        self.timestep_rises = spec.timestep_rises
-        self.latents_argument = spec.latents_argument
-        self.timestep_argument = spec.timestep_argument
-
-    def blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"{name}.{i}", block) for name in self.spec.block_lists for i, block in enumerate(getattr(self.transformer, name))]
 
     def block_adapters(self, settings: EngineSettings) -> list:
         name = type(self.transformer).__name__
