@@ -84,7 +84,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=["dit", "pixart", "flux", "opensora"], default="dit", help="block family (default: dit)")
+    from .specs import SPECS  # data only: no torch
+
+    families = [spec.family for spec in SPECS.values() if spec.tiny]
+    parser.add_argument("--model", choices=families, default="dit", help="model family, built tiny with random weights (default: dit)")
     parser.add_argument("--width", default="tiny", help="tiny: 32 hidden, 2 heads; xl: 1152 hidden, 16 heads; flux: 3072, 24 heads")
     parser.add_argument("--layers", type=_at_least(1), default=2, help="blocks (FLUX: double-stream blocks)")
     parser.add_argument("--single-layers", type=_at_least(0), default=2, help="FLUX single-stream blocks")

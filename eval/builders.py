@@ -9,12 +9,14 @@ is FLUX.1's width (3072 hidden, 24 heads of 128); ``"xl"`` is also OpenSora 1.2'
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
@@ -275,3 +277,29 @@ def _round_trip(pipe, path):
         return pipe.to("cpu")
     pipe.save_pretrained(path)
     return type(pipe).from_pretrained(path).to("cpu")
+
+
+def bench_pipeline(spec, args) -> tuple[DiffusionPipeline, dict]:
+    """The tiny pipeline of ``spec``'s family (``spec.tiny``) sized by ``ditcache bench``'s arguments, and
+    the arguments of one call: both read from the builder's and the pipeline's signatures, so that a
+    family with a tiny builder needs nothing here."""
+    builder = globals()[spec.tiny]
+    height, width = args.latent_size
+    sizes = {"width": args.width, "num_layers": args.layers, "depth": args.layers, "num_single_layers": args.single_layers,
+             "sample_size": height, "text_tokens": args.text_tokens}
+    accepted = inspect.signature(builder).parameters
+    pipe = builder(**{name: value for name, value in sizes.items() if name in accepted})
+    takes = inspect.signature(type(pipe).__call__).parameters
+    if "height" not in takes and height != width:
+        raise ValueError(f"{type(pipe).__name__} generates square latents: give --size as one number.")
+    call = {"num_inference_steps": args.steps, "output_type": "np" if "num_frames" in takes else "pt"}
+    if "class_labels" in takes:  # class-conditional (DiT)
+        call |= {"class_labels": list(range(args.batch)), "guidance_scale": 4.0}
+    else:
+        call["prompt"] = ["a red fox in snow"] * args.batch
+    if "height" in takes:
+        scale = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or pipe.vae.spatial_compression
+        call |= {"height": height * scale, "width": width * scale}
+    optional = {"num_frames": args.frames, "max_sequence_length": args.text_tokens, "use_resolution_binning": False, "clean_caption": False}
+    call |= {name: value for name, value in optional.items() if name in takes}
+    return pipe, call

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, cli, remove_cache
 from ditcache.flops import count_flops
-from ditcache.models.opensora_vae import latent_frames
+from ditcache.specs import SPECS
 
 from . import builders
 from .peers import PEERS, DiffusersCache
@@ -127,36 +127,19 @@ def latent_size(text: str) -> tuple[int, int]:
 
 
 def build(args):
-    dtype = getattr(torch, args.dtype)
-    height, width = latent_size(args.size)
-    if args.model == "dit":
-        if height != width:
-            raise ValueError("DiT generates square latents: give --size as one number.")
-        pipe = builders.dit_pipeline(width=args.width, num_layers=args.layers, sample_size=height)
-        call = dict(class_labels=list(range(args.batch)), guidance_scale=4.0)
-    elif args.model == "opensora":
-        pipe = builders.opensora_pipeline(width=args.width, depth=args.layers, text_tokens=args.text_tokens)
-        scale = pipe.vae.spatial_compression
-        call = dict(prompt=["a red fox in snow"] * args.batch, num_frames=args.frames, height=height * scale, width=width * scale)
-    else:
-        if args.model == "pixart":
-            pipe = builders.pixart_pipeline(width=args.width, num_layers=args.layers, sample_size=height)
-            call = dict(use_resolution_binning=False, clean_caption=False)
-        else:
-            pipe = builders.flux_pipeline(width=args.width, num_layers=args.layers, num_single_layers=args.single_layers)
-            call = dict()
-        call |= dict(
-            prompt=["a red fox in snow"] * args.batch,
-            height=height * pipe.vae_scale_factor,
-            width=width * pipe.vae_scale_factor,
-            max_sequence_length=args.text_tokens,
-        )
-    call |= dict(num_inference_steps=args.steps, output_type="np" if args.model == "opensora" else "pt")
+    """The tiny pipeline of ``--model``'s family at ``--width``, in ``--dtype`` on ``--device``, and its call."""
+    args.latent_size = latent_size(args.size)
+    pipe, call = builders.bench_pipeline(bench_specs()[args.model], args)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)
+    if args.dtype != "float32":
+        pipe.to(dtype=getattr(torch, args.dtype))
     return pipe, call
+
+
+def bench_specs() -> dict:
+    """The families ``ditcache bench`` builds: those whose spec names a tiny builder."""
+    return {spec.family: spec for spec in SPECS.values() if spec.tiny}
 
 
 def run_once(pipe, call, device):
@@ -275,16 +258,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows = benchmark(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     height, width = latent_size(args.size)
-    layers = f"{args.layers}+{args.single_layers}" if args.model == "flux" else str(args.layers)
-    text = f" text_tokens={args.text_tokens}" if args.model != "dit" else ""
-    tokens = (height // 2) * (width // 2)
-    if args.model == "opensora":
-        frames = latent_frames(args.frames)
-        layers, tokens = f"{args.layers} spatial + {args.layers} temporal", f"{frames}x{tokens}"
     print(
-        f"{args.model} width={args.width} layers={layers} image_tokens={tokens}{text} "
-        f"steps={args.steps} batch={args.batch} dtype={args.dtype} device={args.device} "
-        f"({device}, {torch.get_num_threads()} threads)"
+        f"{args.model} width={args.width} layers={args.layers} single_layers={args.single_layers} latents={height}x{width} "
+        f"frames={args.frames} text_tokens={args.text_tokens} steps={args.steps} batch={args.batch} dtype={args.dtype} "
+        f"device={args.device} ({device}, {torch.get_num_threads()} threads)"
     )
     print(format_table(rows))
     if args.out:

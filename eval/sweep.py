@@ -42,14 +42,12 @@ from tqdm.auto import tqdm
 
 from ditcache import cli
 from ditcache.flops import count_flops
+from ditcache.specs import SPECS
 
 from . import builders
 from .speed import parse_method
 
-TINY_PIPELINES = {
-    "tiny-dit": builders.dit_pipeline, "tiny-pixart": builders.pixart_pipeline, "tiny-flux": builders.flux_pipeline,
-    "tiny-opensora": builders.opensora_pipeline,
-}
+TINY_PIPELINES = {f"tiny-{spec.family}": getattr(builders, spec.tiny) for spec in SPECS.values() if spec.tiny}
 FIDELITY_METRICS = ("psnr", "ssim", "lpips")  # against the uncached image of the same prompt and seed
 PROMPT_METRICS = ("clip_score", "image_reward", "digits_accuracy")
 SET_METRICS = ("fid", "kid")  # against a reference set: the uncached images, or a folder of real ones

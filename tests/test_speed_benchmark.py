@@ -34,3 +34,16 @@ def test_benchmark_prints_a_table_and_writes_json(tmp_path, capsys, model):
     assert rows[3].flops_counted < rows[2].flops_counted and rows[3].flops_engine == pytest.approx(rows[3].flops_counted, rel=0.01)
     assert rows[1].flops_counted < rows[0].flops_counted and rows[1].flops_engine == pytest.approx(rows[1].flops_counted, rel=0.01)
     assert "toca:2:0.5:random" in capsys.readouterr().out and out.exists()
+
+
+def test_benchmark_builds_any_family_with_a_tiny_builder(capsys):
+    """A family that only its spec describes (Wan): built from its spec's tiny builder, called from the
+    pipeline's signature, with diffusers' caches on the branches its spec names."""
+    rows = speed.main(["--model", "wan", "--size", "8", "--frames", "5", "--steps", "7", "--repeats", "1", "--warmup", "0",
+                       "--quiet", "--methods", "fora:3", "toca:3:0.5:attention", "taylorseer:3"])
+    uncached, fora, toca, taylorseer = rows
+    assert fora.flops_counted < toca.flops_counted < uncached.flops_counted
+    for row in (fora, toca):
+        assert row.flops_engine == pytest.approx(row.flops_counted, rel=0.01)
+    assert taylorseer.flops_counted < uncached.flops_counted  # its default patterns match no Wan module: the spec's branches
+    assert "wan width=tiny" in capsys.readouterr().out
