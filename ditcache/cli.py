@@ -172,7 +172,7 @@ def hide_loading_bars() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "generate":
-        from ditcache.pipelines.generate import generate
+        from ditcache.generate import generate
 
         generate(args)
     elif args.command == "bench":

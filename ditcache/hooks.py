@@ -18,7 +18,6 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from .adapters import TransformerAdapter, transformer_adapter
-from .adapters.base import BlockAdapter
 from .config import CacheConfig, resolve_configs
 from .flops import record_layer_flops
 from .state import CacheStats, CallSignature, RunState, SelectionEvent
@@ -234,9 +233,10 @@ class StepTableHook(ModelHook):
         return output
 
 
-class BranchHook(ModelHook):
-    """Branch-submodule hook of the generic path: runs the branch through its ``BranchAdapter`` while a
-    cached call is in progress (computed and kept on full steps, reused on partial ones)."""
+class AdapterHook(ModelHook):
+    """The hook on a block (its ``BlockAdapter``) or on a branch submodule of the generic path (its
+    ``BranchAdapter``): runs the module through its adapter while a cached call is in progress, and as
+    diffusers wrote it otherwise. FLOPs counted inside are the block's, not work outside the blocks."""
 
     def __init__(self, run: RunState, adapter):
         super().__init__()
@@ -247,31 +247,11 @@ class BranchHook(ModelHook):
         run = self.run
         if not run.in_call:
             return self.fn_ref.original_forward(*args, **kwargs)
-        was_in_block, run.in_block = run.in_block, True  # its FLOPs are the branch's, not outside work
+        was_in_block, run.in_block = run.in_block, True
         try:
-            cache = run.block_cache(self.adapter.block_name)
-            return self.adapter.forward(run, cache, self.fn_ref.original_forward, args, kwargs)
+            return self.adapter.run_hooked(run, self.fn_ref.original_forward, args, kwargs)
         finally:
             run.in_block = was_in_block
-
-
-class BlockHook(ModelHook):
-    """Block-level hook: runs the block through its adapter while a cached call is in progress."""
-
-    def __init__(self, run: RunState, adapter: BlockAdapter):
-        super().__init__()
-        self.run = run
-        self.adapter = adapter
-
-    def new_forward(self, module: nn.Module, *args, **kwargs):
-        run = self.run
-        if not run.in_call:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        run.in_block = True
-        try:
-            return self.adapter.forward(run, run.block_cache(self.adapter.name), *args, **kwargs)
-        finally:
-            run.in_block = False
 
 
 def _split_target(target) -> tuple[nn.Module, DiffusionPipeline | None]:
@@ -309,9 +289,9 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
     step_hook = StepHook(run, model, config, pipeline, tuple(adapter.module for adapter in branch_adapters))
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
     for adapter in adapters:
-        HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(BlockHook(run, adapter), BLOCK_HOOK)
+        HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(AdapterHook(run, adapter), BLOCK_HOOK)
     for adapter in branch_adapters:
-        HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(BranchHook(run, adapter), BRANCH_HOOK)
+        HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(AdapterHook(run, adapter), BRANCH_HOOK)
     for name, (module, sources) in model.run_constants().items():
         HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
     for module, lookup in model.step_tables().values():

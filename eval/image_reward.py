@@ -1,9 +1,10 @@
 """ImageReward (Xu et al. 2023), a learned human-preference score for text-to-image generations.
 
-The ``image-reward`` package does not import on transformers 5, so this module rebuilds the model: BLIP's ViT
-encodes the image, BLIP's BERT ("med") encodes the prompt with cross-attention to the image tokens, and a small
-MLP turns the [CLS] state into a reward. The modules are named so that the released ``ImageReward.pt`` of
-https://huggingface.co/THUDM/ImageReward loads with its own key names, checked strictly.
+The ``image-reward`` package does not import on transformers 5, so this module assembles the model from
+transformers' BLIP modules: BLIP's ViT (``BlipVisionModel``) encodes the image, BLIP's BERT ("med",
+``BlipTextModel``) encodes the prompt with cross-attention to the image tokens, and a small MLP turns the [CLS]
+state into a reward. The released ``ImageReward.pt`` of https://huggingface.co/THUDM/ImageReward loads with its
+own key names (the ViT's are mapped to transformers' and back), checked strictly.
 
 Facts taken from THUDM/ImageReward (``ImageReward/ImageReward.py``, ``ImageReward/models/BLIP/{vit,med,blip,
 blip_pretrain}.py``, ``ImageReward/utils.py``): ViT-L/16 at 224 px (LayerNorm eps 1e-6, qkv with bias, 16 heads);
@@ -23,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertTokenizer, PreTrainedTokenizerBase
-from transformers.activations import ACT2FN
+from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel, PreTrainedTokenizerBase
+from transformers.models.blip.modeling_blip_text import BlipTextModel
 
 from .weights import MissingWeightsError, load_checkpoint, require_weights
 
@@ -75,180 +76,61 @@ class VisionSizes:
         return cls(patch.shape[0], depth, patch.shape[-1], side * patch.shape[-1], mlp_width)
 
 
-class _PatchEmbedding(nn.Module):
-    def __init__(self, sizes: VisionSizes):
-        super().__init__()
-        self.proj = nn.Conv2d(3, sizes.width, sizes.patch_size, stride=sizes.patch_size)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+# The release's ViT (timm-style names, under ``blip.visual_encoder.``) against transformers' BlipVisionModel.
+_VIT_NAMES = (("cls_token", "embeddings.class_embedding"), ("pos_embed", "embeddings.position_embedding"),
+              ("patch_embed.proj", "embeddings.patch_embedding"), ("blocks.", "encoder.layers."), ("norm1", "layer_norm1"),
+              ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"), ("attn.proj", "self_attn.projection"))
 
 
-class _VisionAttention(nn.Module):
-    def __init__(self, sizes: VisionSizes):
-        super().__init__()
-        self.heads = sizes.heads
-        self.qkv = nn.Linear(sizes.width, 3 * sizes.width)
-        self.proj = nn.Linear(sizes.width, sizes.width)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, length, width = tokens.shape
-        query, key, value = self.qkv(tokens).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        mixed = F.scaled_dot_product_attention(query, key, value)
-        return self.proj(mixed.transpose(1, 2).reshape(batch, length, width))
+def _vit_name_in_transformers(key: str) -> str:
+    if key.startswith("norm."):
+        return "post_layernorm." + key.removeprefix("norm.")
+    for released, ours in _VIT_NAMES:
+        key = key.replace(released, ours)
+    return key
 
 
-class _VisionMlp(nn.Module):
-    def __init__(self, sizes: VisionSizes):
-        super().__init__()
-        self.fc1 = nn.Linear(sizes.width, sizes.mlp_width)
-        self.fc2 = nn.Linear(sizes.mlp_width, sizes.width)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(tokens)))
+def _vit_name_released(key: str) -> str:
+    if key.startswith("post_layernorm."):
+        return "norm." + key.removeprefix("post_layernorm.")
+    for released, ours in _VIT_NAMES:
+        key = key.replace(ours, released)
+    return key
 
 
-class _VisionBlock(nn.Module):
-    def __init__(self, sizes: VisionSizes):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(sizes.width, eps=1e-6)
-        self.attn = _VisionAttention(sizes)
-        self.norm2 = nn.LayerNorm(sizes.width, eps=1e-6)
-        self.mlp = _VisionMlp(sizes)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens + self.attn(self.norm1(tokens))
-        return tokens + self.mlp(self.norm2(tokens))
+def _rename(state_dict: dict, prefix: str, rename) -> None:
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        state_dict[prefix + rename(key[len(prefix):])] = state_dict.pop(key)
 
 
-class _VisionTransformer(nn.Module):
-    """BLIP's pre-norm ViT; returns every token (class token first) after the final LayerNorm."""
-
-    def __init__(self, sizes: VisionSizes):
-        super().__init__()
-        self.patch_embed = _PatchEmbedding(sizes)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, sizes.width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, (sizes.image_size // sizes.patch_size) ** 2 + 1, sizes.width))
-        self.blocks = nn.ModuleList(_VisionBlock(sizes) for _ in range(sizes.depth))
-        self.norm = nn.LayerNorm(sizes.width, eps=1e-6)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embed(pixels)
-        tokens = torch.cat([self.cls_token.expand(len(patches), -1, -1), patches], dim=1) + self.pos_embed
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)
+def _vision_model(sizes: VisionSizes) -> BlipVisionModel:
+    """transformers' BLIP ViT (the same pre-norm ViT as the release's), saved and loaded under the release's names."""
+    model = BlipVisionModel(BlipVisionConfig(
+        hidden_size=sizes.width, intermediate_size=sizes.mlp_width, num_hidden_layers=sizes.depth,
+        num_attention_heads=sizes.heads, image_size=sizes.image_size, patch_size=sizes.patch_size, layer_norm_eps=1e-6,
+        hidden_act="gelu", attention_dropout=0.0))
+    model.register_state_dict_post_hook(lambda _m, state_dict, prefix, _meta: _rename(state_dict, prefix, _vit_name_released))
+    model.register_load_state_dict_pre_hook(lambda _m, state_dict, prefix, *_: _rename(state_dict, prefix, _vit_name_in_transformers))
+    return model
 
 
-class _TextEmbeddings(nn.Module):
-    def __init__(self, config: dict):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config["vocab_size"], config["hidden_size"])
-        self.position_embeddings = nn.Embedding(config["max_position_embeddings"], config["hidden_size"])
-        self.LayerNorm = nn.LayerNorm(config["hidden_size"], eps=config["layer_norm_eps"])
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
-
-
-class _AttentionProjections(nn.Module):
-    """Query from the text, key and value from ``context`` (the text itself, or the image tokens)."""
-
-    def __init__(self, config: dict, context_width: int):
-        super().__init__()
-        self.heads = config["num_attention_heads"]
-        self.query = nn.Linear(config["hidden_size"], config["hidden_size"])
-        self.key = nn.Linear(context_width, config["hidden_size"])
-        self.value = nn.Linear(context_width, config["hidden_size"])
-
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        def split_heads(states: torch.Tensor) -> torch.Tensor:
-            return states.view(*states.shape[:2], self.heads, -1).transpose(1, 2)
-
-        query = split_heads(self.query(hidden))
-        key, value = split_heads(self.key(context)), split_heads(self.value(context))
-        mixed = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
-        return mixed.transpose(1, 2).flatten(2)
-
-
-class _AddAndNorm(nn.Module):
-    """BERT's post-norm residual: ``LayerNorm(dense(update) + residual)``."""
-
-    def __init__(self, config: dict, in_width: int):
-        super().__init__()
-        self.dense = nn.Linear(in_width, config["hidden_size"])
-        self.LayerNorm = nn.LayerNorm(config["hidden_size"], eps=config["layer_norm_eps"])
-
-    def forward(self, update: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(update) + residual)
-
-
-class _TextAttention(nn.Module):
-    def __init__(self, config: dict, context_width: int):
-        super().__init__()
-        self.self = _AttentionProjections(config, context_width)
-        self.output = _AddAndNorm(config, config["hidden_size"])
-
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(hidden, context, key_mask), hidden)
-
-
-class _Intermediate(nn.Module):
-    def __init__(self, config: dict):
-        super().__init__()
-        self.dense = nn.Linear(config["hidden_size"], config["intermediate_size"])
-        self.activation = ACT2FN[config["hidden_act"]]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(hidden))
-
-
-class _TextLayer(nn.Module):
-    """One med BERT layer in its "multimodal" mode: self-attention, cross-attention to the image, feed-forward."""
-
-    def __init__(self, config: dict, image_width: int):
-        super().__init__()
-        self.attention = _TextAttention(config, config["hidden_size"])
-        self.crossattention = _TextAttention(config, image_width)
-        self.intermediate = _Intermediate(config)
-        self.output = _AddAndNorm(config, config["intermediate_size"])
-
-    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.attention(hidden, hidden, token_mask)
-        hidden = self.crossattention(hidden, image_tokens, None)  # every image token is attended to
-        return self.output(self.intermediate(hidden), hidden)
-
-
-class _TextLayers(nn.Module):
-    def __init__(self, config: dict, image_width: int):
-        super().__init__()
-        self.layer = nn.ModuleList(_TextLayer(config, image_width) for _ in range(config["num_hidden_layers"]))
-
-
-class _TextEncoder(nn.Module):
-    """BLIP's med BERT: no token-type embeddings, no pooler; cross-attention keys and values take the ViT width."""
-
-    def __init__(self, config: dict, image_width: int):
-        super().__init__()
-        self.embeddings = _TextEmbeddings(config)
-        self.encoder = _TextLayers(config, image_width)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
-    ) -> torch.Tensor:
-        hidden = self.embeddings(input_ids)
-        token_mask = attention_mask[:, None, None, :].bool()  # padding is never attended to
-        for layer in self.encoder.layer:
-            hidden = layer(hidden, token_mask, image_tokens)
-        return hidden
+def _text_model(config: dict, image_width: int) -> BlipTextModel:
+    """transformers' BLIP text encoder (BLIP's med BERT: no token-type embeddings; cross-attention keys and values
+    take the ViT width), without its pooler, as the release has none."""
+    return BlipTextModel(BlipTextConfig(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], encoder_hidden_size=image_width,
+        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"], max_position_embeddings=config["max_position_embeddings"],
+        layer_norm_eps=config["layer_norm_eps"], hidden_act=config["hidden_act"], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, bos_token_id=None, eos_token_id=None, sep_token_id=None, pad_token_id=config.get("pad_token_id", 0)),
+        add_pooling_layer=False)
 
 
 class _Blip(nn.Module):
     def __init__(self, med_config: dict, vision: VisionSizes):
         super().__init__()
-        self.visual_encoder = _VisionTransformer(vision)
-        self.text_encoder = _TextEncoder(med_config, image_width=vision.width)
+        self.visual_encoder = _vision_model(vision)
+        self.text_encoder = _text_model(med_config, image_width=vision.width)
 
 
 class _RewardHead(nn.Module):
@@ -373,7 +255,10 @@ class ImageReward(nn.Module):
             list(prompts), padding="max_length", truncation=True, max_length=PROMPT_TOKENS, return_tensors="pt"
         ).to(mean.device)
         pixels = (_resize_and_crop(images.to(mean.device, mean.dtype), self.image_size) - mean) / std
-        image_tokens = self.blip.visual_encoder(pixels)
-        text = self.blip.text_encoder(tokens["input_ids"], tokens["attention_mask"], image_tokens)
+        image_tokens = self.blip.visual_encoder(pixels).last_hidden_state
+        text = self.blip.text_encoder(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=mean.device), is_decoder=False,
+        ).last_hidden_state
         rewards = self.mlp(text[:, 0])  # the [CLS] state, which has seen prompt and image
         return ((rewards - REWARD_MEAN) / REWARD_STD).squeeze(1)

@@ -10,7 +10,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, cli, remove_cache
 from ditcache.flops import count_flops
+from ditcache.timing import Clock
 from ditcache.specs import SPECS
 
 from . import builders
@@ -143,14 +143,9 @@ def bench_specs() -> dict:
 
 
 def run_once(pipe, call, device):
+    """Seconds of one seeded call."""
     generator = torch.Generator(device).manual_seed(0)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    pipe(generator=generator, **call)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return Clock(device).timed(lambda: pipe(generator=generator, **call))[1]
 
 
 def compile_blocks(transformer) -> None:

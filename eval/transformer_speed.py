@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from ditcache import cache_stats, cli
 from ditcache.flops import count_flops
 from ditcache.specs import spec_for
+from ditcache.timing import Clock
 
 from .speed import Row, format_table, parse_method
 
@@ -100,10 +100,8 @@ def build(geometry: Geometry, dtype: torch.dtype):
 
 
 def run_once(model, inputs: dict, timesteps: list[torch.Tensor], argument: str) -> float:
-    start = time.perf_counter()
-    for t in timesteps:
-        model(**inputs, **{argument: t}, return_dict=False)
-    return time.perf_counter() - start
+    """Seconds of one run: a call per timestep."""
+    return Clock("cpu").timed(lambda: [model(**inputs, **{argument: t}, return_dict=False) for t in timesteps])[1]
 
 
 def benchmark(name: str, geometry: Geometry, args) -> list[Row]:

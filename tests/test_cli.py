@@ -13,7 +13,7 @@ from PIL import Image
 
 import ditcache
 from ditcache import cli
-from ditcache.pipelines import generate as generate_module
+from ditcache import generate as generate_module
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -148,13 +148,13 @@ def test_compare_warms_up_alternates_and_labels_the_grid(tmp_path, capsys, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     calls = []
-    original = generate_module._Clock.run
+    original = generate_module._timed_call
 
-    def recording(clock, call, seed, **cache):
+    def recording(*args, **cache):
         calls.append(cache.get("cache", True))
-        return original(clock, call, seed, **cache)
+        return original(*args, **cache)
 
-    monkeypatch.setattr(generate_module._Clock, "run", recording)
+    monkeypatch.setattr(generate_module, "_timed_call", recording)
     argv = ["generate", "--prompt", "a handwritten digit one", "a handwritten digit two", "--steps", "4", "--compare",
             "--repeats", "2", "--out", "digits.png", "--quiet", "--method", "fora-taylor", "--guidance-scale", "2"]
     status, out, _ = run_command(argv, capsys)

@@ -420,3 +420,63 @@ def test_generate_and_sweep_take_a_generic_pipeline_folder(tmp_path, capsys, mon
     assert set(rows) == {"uncached", "fora:3", "toca:3:0.5"}
     assert rows["fora:3"]["flops_speedup"] > rows["toca:3:0.5"]["flops_speedup"] > 1.0
     assert 10 < rows["fora:3"]["psnr"] < 100 and 10 < rows["toca:3:0.5"]["psnr"] < 100
+
+
+class _ToyBlock(torch.nn.Module):
+    """A block of a model diffusers does not ship: gated residual branches, as DiT-like blocks have."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.mixer = torch.nn.MultiheadAttention(width, 2, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
+        self.gate = torch.nn.Linear(width, 2 * width)
+
+    def forward(self, hidden_states, conditioning):
+        first, second = self.gate(conditioning).chunk(2, dim=-1)
+        normed = self.norm(hidden_states)
+        hidden_states = hidden_states + first[:, None] * self.mixer(normed, normed, normed, need_weights=False)[0]
+        return hidden_states + second[:, None] * self.mlp(self.norm(hidden_states))
+
+
+class ToyTransformer(torch.nn.Module):
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+        self.embed = torch.nn.Linear(1, width)
+        self.layers = torch.nn.ModuleList(_ToyBlock(width) for _ in range(depth))
+
+    def forward(self, hidden_states, timestep, return_dict=False):
+        conditioning = self.embed(timestep.reshape(-1, 1))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, conditioning)
+        return (hidden_states,)
+
+
+def test_any_model_is_cached_once_its_spec_names_its_branches():
+    """A model outside diffusers: one ``register`` call naming its block list and branch modules."""
+    from ditcache.specs import ModelSpec, register
+
+    register(ModelSpec(family="toy", transformer="ToyTransformer", block_lists=("layers",),
+                       branches={"_ToyBlock": ("mixer", "mlp")}, partial_branches={"_ToyBlock": {"mlp": "image"}}))
+    try:
+        torch.manual_seed(0)
+        model = ToyTransformer().eval()
+        latents = _randn(BATCH, 12, 16)
+        steps = [torch.full((BATCH,), float(t)) for t in torch.linspace(999, 100, STEPS)]
+        call = lambda: [model(latents, t)[0] for t in steps]  # noqa: E731
+        with torch.no_grad():
+            plain = call()
+            apply_cache(model, FORAConfig(cache_interval=1))
+            assert all(torch.equal(a, b) for a, b in zip(call(), plain))
+            apply_cache(model, FORAConfig(cache_interval=3))
+            fora = call()
+            stats = cache_stats(model)
+            assert stats.full_step_indices == (0, 1, 4) and stats.flops < 0.75 * stats.flops_full
+            assert torch.equal(fora[4], plain[4]) and not torch.equal(fora[5], plain[5])
+            apply_cache(model, ToCaConfig(cache_interval=3, cache_ratio=0.5))
+            call()
+            assert 0.4 <= cache_stats(model).recompute_fraction <= 0.6
+            remove_cache(model)
+            assert hooked_modules(model) == [] and all(torch.equal(a, b) for a, b in zip(call(), plain))
+    finally:
+        SPECS.pop("ToyTransformer")

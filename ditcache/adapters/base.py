@@ -73,6 +73,26 @@ class Selection:
         return self.index.shape[1]
 
 
+@torch.compiler.disable  # per-run Python state stays out of compiled graphs
+def step_table(run: RunState, key: str, make, made_from: torch.Tensor | None = None):
+    """This step's entry of a table over every step of the run, made once per run and guidance stream by
+    ``make() -> (entries per step, FLOPs it cost)`` and made again when ``made_from`` (what it depends on
+    besides the schedule) changes; None when the run's schedule is unknown.
+
+    A block's per-step modulation is a matrix-vector product with its largest weight: memory traffic that a
+    partial step's FLOPs do not show. One product over all steps reads the weight once per run.
+    """
+    if not run.on_schedule:
+        return None
+    key = f"{key}/{run.stream}"
+    held = run.tables.get(key)
+    if held is None or (made_from is not None and not torch.equal(held[0], made_from)):
+        entries, flops = make()
+        held = run.tables[key] = (made_from, entries)
+        run.add_flops(flops, 0)
+    return held[1][run.step]
+
+
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """``residual + gate * branch`` in one pass, as a contiguous tensor (the residual entering the first
     block may be a transposed view) so that rows can be gathered without a copy."""
@@ -112,6 +132,10 @@ class BlockAdapter:
 
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
+
+    def run_hooked(self, run: RunState, original, args: tuple, kwargs: dict):
+        """The block's call as its hook (``hooks.AdapterHook``) makes it; the adapter replaces the block's math."""
+        return self.forward(run, run.block_cache(self.name), *args, **kwargs)
 
     def keep(self, run: RunState, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
         """Store a full step's branch output when partial steps will reuse it (with its divided

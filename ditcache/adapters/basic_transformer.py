@@ -27,6 +27,7 @@ from .base import (
     gather_rows,
     query_key_taps,
     scatter_rows,
+    step_table,
     split_heads,
 )
 
@@ -69,26 +70,17 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
     @torch.compiler.disable
     def _scheduled_modulation(self, run, timestep, class_labels, dtype):
-        """DiT's per-block modulation of this step from a table made for every step of the run at once,
-        for the partial steps; None when the run's schedule is unknown.
+        """DiT's per-block modulation of this step, from the run's table (``step_table``)."""
 
-        Each step needs a matrix-vector product with the block's largest weight (``dim x 6 dim``), which
-        costs memory traffic that the FLOPs of a partial step do not show; one product over all steps
-        reads the weight once per run.
-        """
-        if not run.on_schedule:
-            return None
-        key = f"{self.name}/{run.stream}"
-        labels, table = run.tables.get(key, (None, None))
-        if table is None or not torch.equal(labels, class_labels):
+        def make():
             norm1, steps, batch = self.block.norm1, len(run.schedule), class_labels.shape[0]
             timesteps = torch.tensor(run.schedule, dtype=timestep.dtype, device=timestep.device)
             emb = norm1.emb(timesteps.repeat_interleave(batch), class_labels.repeat(steps), hidden_dtype=dtype)
             values = norm1.linear(norm1.silu(emb)).view(steps, batch, -1)
-            table = [tuple(chunk[:, None] for chunk in values[step].chunk(6, dim=1)) for step in range(steps)]
-            run.tables[key] = (class_labels, table)
-            run.add_flops(linears_flops(norm1, steps * batch), 0)
-        return table[run.step]
+            entries = [tuple(chunk[:, None] for chunk in values[step].chunk(6, dim=1)) for step in range(steps)]
+            return entries, linears_flops(norm1, steps * batch)
+
+        return step_table(run, self.name, make, made_from=class_labels)
 
     def _attn_norm(self, hidden_states):
         return self.block.norm1.norm(hidden_states) if self.zero else self.block.norm1(hidden_states)

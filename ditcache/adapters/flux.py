@@ -24,7 +24,7 @@ from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..merging import TokenMatch, merge, unmerge
 from ..state import BlockCache, RunState
-from .base import BlockAdapter, capture_outputs, gated_residual
+from .base import BlockAdapter, capture_outputs, gated_residual, step_table
 
 
 def _clip_half(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -69,23 +69,18 @@ def _token_scores(run: RunState, attn, score: str, taps: dict, rotary, batch: in
 
 @torch.compiler.disable
 def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunks: int) -> tuple | None:
-    """A block's modulation (``linear(silu(temb))`` split in ``chunks``) for this step, from a table made
-    once per run for every step; None when the run's schedule is unknown.
-
-    Each step's matrix-vector product reads the block's largest weights for a few rows: memory traffic
-    that a partial step's FLOPs do not show. One product over all steps reads them once per run.
-    """
+    """A block's modulation (``linear(silu(temb))`` split in ``chunks``) for this step, from the run's table
+    (``step_table``) over the timestep embeddings ``prepare_run`` made; None when there are none."""
     if not _scheduled(run):
         return None
-    temb = run.tables[f"temb.{run.stream}"]
-    key = f"{key}.{run.stream}"
-    table = run.tables.get(key)
-    if table is None:
+
+    def make():
+        temb = run.tables[f"temb.{run.stream}"]
         steps, batch, dim = temb.shape
         table = linear(torch.nn.functional.silu(temb.reshape(steps * batch, dim))).view(steps, batch, -1)
-        run.tables[key] = table
-        run.add_flops(linear_flops(linear, steps * batch), 0)
-    return table[run.step].chunk(chunks, dim=1)
+        return [table[step].chunk(chunks, dim=1) for step in range(steps)], linear_flops(linear, steps * batch)
+
+    return step_table(run, key, make)
 
 
 def _scheduled(run: RunState) -> bool:

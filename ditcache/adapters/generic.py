@@ -148,6 +148,10 @@ class BranchAdapter:
         self._flops: dict[tuple, int] = {}  # FLOPs of one call, per input shapes
         self._calls: tuple[int, int] = (-1, -1)  # (transformer call, times this branch ran in it)
 
+    def run_hooked(self, run: RunState, original, args: tuple, kwargs: dict):
+        """The branch's call as its hook (``hooks.AdapterHook``) makes it; ``original`` computes the branch."""
+        return self.forward(run, run.block_cache(self.block_name), original, args, kwargs)
+
     def forward(self, run: RunState, cache: BlockCache, compute, args: tuple, kwargs: dict):
         serial, calls = self._calls
         calls = calls + 1 if serial == run.call_serial else 0

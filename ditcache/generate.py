@@ -10,16 +10,15 @@ import argparse
 import importlib.util
 import inspect
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ditcache.cli import CommandError, hide_loading_bars, resolve_device, steady_cpu_allocator
-
-from .toca_pipeline import ToCaPipeline, resolve_config
+from .cli import CommandError, hide_loading_bars, resolve_device, steady_cpu_allocator
+from .pipelines.toca_pipeline import ToCaPipeline, resolve_config
+from .timing import Clock
 
 OFFLINE_NOTE = (
     "no --model given: using ditcache's reference FLUX model trained on handwritten digits "
@@ -135,35 +134,15 @@ def psnr_text(images: list, references: list) -> str:
     return "identical" if mse == 0 else f"{10 * np.log10(255.0**2 / mse):.1f} dB"
 
 
-class _Clock:
-    """Seconds of a pipeline call, and of the part spent inside its transformer (the part whose FLOPs
-    the cache cuts; text encoders and the VAE cost the same either way)."""
-
-    def __init__(self, pipe, device: str):
-        self.pipe, self.device = pipe, device
-        self.cuda = device.startswith("cuda")
-        self.call = self.transformer = 0.0
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def run(self, call: dict, seed: int, **cache) -> list:
-        entered = []
-        transformer = self.pipe.transformer
-        handles = [
-            transformer.register_forward_pre_hook(lambda *_: entered.append(self._now())),
-            transformer.register_forward_hook(lambda *_: setattr(self, "transformer", self.transformer + self._now() - entered.pop())),
-        ]
-        self.transformer, start = 0.0, self._now()
-        try:
-            output = self.pipe(generator=torch.Generator(self.device).manual_seed(seed), **call, **cache)
-        finally:
-            for handle in handles:
-                handle.remove()
-        self.call = self._now() - start
-        return output.frames[0] if hasattr(output, "frames") else output.images  # a video: its frames
+def _timed_call(pipe, clock: Clock, call: dict, seed: int, times: dict[str, list[float]], **cache) -> list:
+    """One timed call: its images (a video: its frames); its seconds, and those inside the transformer,
+    appended to ``times``."""
+    generator = torch.Generator(clock.device).manual_seed(seed)
+    output, seconds = clock.timed(lambda: pipe(generator=generator, **call, **cache), inner=pipe.transformer)
+    name = "uncached" if cache.get("cache") is False else "cached"
+    times[name].append(seconds)
+    times[f"{name} transformer"].append(clock.inner)
+    return output.frames[0] if hasattr(output, "frames") else output.images
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -194,22 +173,19 @@ def generate(args: argparse.Namespace) -> None:
                            f"{', '.join(VIDEO_SUFFIXES if video else IMAGE_SUFFIXES)}")
     call = _call_arguments(pipe, args, defaults)
 
-    clock = _Clock(pipe, device)
-    run = lambda **cache: clock.run(call, args.seed, **cache)  # noqa: E731
+    clock = Clock(device)
+    run = lambda **cache: _timed_call(pipe, clock, call, args.seed, times, **cache)  # noqa: E731
     references, times = None, {"uncached": [], "cached": [], "uncached transformer": [], "cached transformer": []}
     if args.compare:
         # Both warm up first (the first call of each pays one-off costs), then they alternate and the
         # medians are compared: a single first call measures the warm-up, not the cache.
         run(cache=False)
         run()
+        times = {name: [] for name in times}
     for _ in range(args.repeats if args.compare else 1):
         if args.compare:
             references = run(cache=False)
-            times["uncached"].append(clock.call)
-            times["uncached transformer"].append(clock.transformer)
         images = run()
-        times["cached"].append(clock.call)
-        times["cached transformer"].append(clock.transformer)
     median = {name: statistics.median(values) for name, values in times.items() if values}
     cached_time = median["cached"]
     stats = pipe.cache_stats
@@ -220,7 +196,7 @@ def generate(args: argparse.Namespace) -> None:
                   f"FLOPs {stats.flops_speedup:.2f}x fewer\nPSNR {psnr_text(images, references)}"]
     rows = [images] if references is None else [references, images]
     if video and suffix in (".gif", ".mp4"):
-        from .opensora import export
+        from .pipelines.opensora import export
 
         export([labelled_grid([[frame] for frame in frames], labels) for frames in zip(*rows)], args.out)
     else:

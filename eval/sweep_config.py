@@ -1,0 +1,162 @@
+"""A sweep's configuration: what a YAML file under ``eval/configs/`` may say, checked when it is read."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import numbers
+import os
+import reprlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .speed import parse_method
+
+FIDELITY_METRICS = ("psnr", "ssim", "lpips")  # against the uncached image of the same prompt and seed
+PROMPT_METRICS = ("clip_score", "image_reward", "digits_accuracy")
+SET_METRICS = ("fid", "kid")  # against a reference set: the uncached images, or a folder of real ones
+DIGITS_FID = "digits_fid"  # the reference models' own distance, against the real digits (eval/digits.py)
+VIDEO_METRICS = ("temporal_flickering", "subject_consistency", "background_consistency")  # VBench's, per video
+METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS + (DIGITS_FID,) + VIDEO_METRICS
+PLOT_AXES = {"speedup": "wall-clock speedup (x)", "flops_speedup": "FLOPs speedup (x)"}
+BASELINE = "uncached"
+MAX_SEED = 2**63 - 1  # int64, as numpy and pandas read the results back
+MAX_SEED_COUNT = 1_000_000
+
+
+@dataclass
+class SweepConfig:
+    """A sweep, as read from YAML (see ``eval/configs/``).
+
+    ``methods`` take ``ditcache bench`` specs (``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]``,
+    ``fbc``, ``taylorseer:N``, ``magcache``, ``pab``) or a grid entry ``{grid: "toca:{n}:{r}", n: [3, 4],
+    r: [0.8, 0.9]}``; ``uncached`` is always run, as the baseline of speedups and fidelity. ``seeds`` is a
+    list of distinct seeds or a count ``N`` (seeds ``0 .. N-1``).
+    ``prompts`` is a list, a file (``.txt`` one per line, ``.tsv``, ``.json``) or
+    ``{file|dataset: ..., column: ..., split: ..., limit: ...}``; for DiT a prompt is an ImageNet label
+    name or a class index. ``metric_options``: ``clip_score: {model: PATH}``, ``image_reward:
+    {model: PATH, tokenizer: PATH}``, ``lpips: {weights: PATH}``, ``fid: {reference: uncached | DIR,
+    feature: 2048 | "module:function", weights: PATH}`` (``fid`` and ``kid`` share these; a
+    ``module:function`` feature is any ``nn.Module`` the function returns, and the results then name it
+    in ``fid_feature``). On the digits reference models: ``digits_accuracy`` (the classifier reads the
+    asked digit) and ``digits_fid`` (against the real digits, in the classifier's features). Video
+    pipelines (OpenSora: ``call: {num_frames: 51}``) store each video as one PNG strip of its frames, and
+    add VBench's ``temporal_flickering``, ``subject_consistency`` (``{model: DINO folder}``) and
+    ``background_consistency`` (``{model: CLIP folder}``); the image metrics read the strip. A relative
+    ``pipeline`` path is taken from the config file's folder.
+    """
+
+    pipeline: str
+    methods: list[str]
+    prompts: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 28
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float | None = None
+    dtype: str = "float32"
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    metric_options: dict = field(default_factory=dict)
+    call: dict = field(default_factory=dict)  # any other pipeline argument
+    grid_prompts: int = 8
+    plot_x: str = "speedup"  # or "flops_speedup"
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; known: {', '.join(METRICS)}")
+        if BASELINE not in self.methods:
+            self.methods.insert(0, BASELINE)
+        for spec in self.methods:
+            parse_method(spec)  # a bad spec fails now, not after hours of generation
+        self.seeds = check_seeds(self.seeds)
+        if not self.prompts:
+            raise ValueError("prompts must not be empty")
+        if not (_is_int(self.steps) and self.steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.plot_x not in PLOT_AXES:
+            raise ValueError(f"plot_x must be one of {', '.join(PLOT_AXES)}, got {self.plot_x!r}")
+
+    def folder(self, method: str) -> str:
+        """Images of one method live here; the hash covers everything that changes their pixels."""
+        key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method])
+        return f"{method.replace(':', '_')}-{digest(key)}"
+
+
+def check_seeds(seeds) -> list[int]:
+    """The seeds as a list, from a list of distinct seeds or a count ``N`` (seeds ``0 .. N-1``)."""
+    if _is_int(seeds) and 1 <= seeds <= MAX_SEED_COUNT:
+        return list(range(seeds))
+    if isinstance(seeds, list) and all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds):
+        if seeds and len(set(seeds)) == len(seeds):
+            return [int(s) for s in seeds]
+    raise ValueError(
+        f"`seeds` must be a list of distinct integers in [0, {MAX_SEED}] or a count in [1, {MAX_SEED_COUNT}], "
+        f"got {reprlib.repr(seeds)}."
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def expand_methods(entries: list) -> list[str]:
+    """Method specs, with ``{grid: template, name: [values], ...}`` entries expanded."""
+    specs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            specs.append(entry)
+            continue
+        template, axes = entry["grid"], {k: v if isinstance(v, list) else [v] for k, v in entry.items() if k != "grid"}
+        for values in itertools.product(*axes.values()):
+            specs.append(template.format(**dict(zip(axes, values))))
+    return list(dict.fromkeys(specs))
+
+
+def load_prompts(source, base: Path) -> list[str]:
+    """Prompts from a list, a ``.txt``/``.tsv``/``.json`` file (relative to ``base``) or a dataset id."""
+    if isinstance(source, list):
+        return [str(p) for p in source]
+    options = {"file": source} if isinstance(source, str) else dict(source)
+    column, limit = options.get("column"), options.get("limit")
+    if "dataset" in options:
+        from datasets import load_dataset  # online only: a Hugging Face dataset id
+
+        rows = load_dataset(options["dataset"], split=options.get("split", "train"))
+        prompts = [str(row[column or "prompt"]) for row in rows]
+    else:
+        path = base / options["file"]
+        if path.suffix == ".tsv":
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t"))
+            column = column or next(c for c in rows[0] if c.lower() in ("prompt", "prompts", "caption", "text"))
+            prompts = [row[column] for row in rows]
+        elif path.suffix == ".json":
+            items = json.loads(path.read_text())
+            prompts = [item if isinstance(item, str) else item[column or "prompt"] for item in items]
+        else:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return prompts[:limit] if limit else prompts
+
+
+def load_config(path: str | os.PathLike) -> SweepConfig:
+    import yaml
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"] = expand_methods(raw.get("methods", []))
+    raw["prompts"] = load_prompts(raw["prompts"], path.parent)
+    if (path.parent / raw["pipeline"]).is_dir():
+        raw["pipeline"] = str((path.parent / raw["pipeline"]).resolve())
+    unknown = sorted(set(raw) - set(SweepConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(SweepConfig.__dataclass_fields__)}")
+    return SweepConfig(**raw)
+
+
