@@ -254,14 +254,17 @@ class AdapterHook(ModelHook):
             run.in_block = was_in_block
 
 
-def _split_target(target) -> tuple[nn.Module, DiffusionPipeline | None]:
+def _split_target(target) -> tuple[list[nn.Module], DiffusionPipeline | None]:
+    """The transformers ``target`` runs (a pipeline's ``transformer``, and its ``transformer_2`` where it has
+    one, as Wan 2.2's two experts: the first takes the high-noise steps, the second the rest), and the pipeline."""
     if isinstance(target, DiffusionPipeline):
-        transformer = getattr(target, "transformer", None)
-        if transformer is None:
+        transformers = [getattr(target, name, None) for name in ("transformer", "transformer_2")]
+        transformers = [module for module in transformers if isinstance(module, nn.Module)]
+        if not transformers:
             raise TypeError(f"{type(target).__name__} has no `transformer` component; ditcache caches transformers.")
-        return transformer, target
+        return transformers, target
     if isinstance(target, nn.Module):
-        return target, None
+        return [target], None
     raise TypeError(f"apply_cache expects a diffusers pipeline or a transformer model, got {type(target).__name__}.")
 
 
@@ -277,26 +280,28 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
 
     Applying again replaces the previous configuration. Returns ``target``.
     """
-    transformer, pipeline = _split_target(target)
-    _refuse_foreign_caches(transformer)
-    model = transformer_adapter(transformer)
-    settings = resolve_configs(config, model.family)
-    adapters = model.block_adapters(settings)
-    branch_adapters = model.branch_adapters(settings)
-    remove_cache(transformer)
-
-    run = RunState(settings)
-    step_hook = StepHook(run, model, config, pipeline, tuple(adapter.module for adapter in branch_adapters))
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
-    for adapter in adapters:
-        HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(AdapterHook(run, adapter), BLOCK_HOOK)
-    for adapter in branch_adapters:
-        HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(AdapterHook(run, adapter), BRANCH_HOOK)
-    for name, (module, sources) in model.run_constants().items():
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
-    for module, lookup in model.step_tables().values():
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(StepTableHook(run, lookup), TABLE_HOOK)
-    transformer._diffusers_hook.invalidate_child_registries_cache()
+    transformers, pipeline = _split_target(target)
+    for transformer in transformers:
+        _refuse_foreign_caches(transformer)
+    prepared = []
+    for transformer in transformers:  # every setting is checked before anything is attached
+        model = transformer_adapter(transformer)
+        settings = resolve_configs(config, model.family)
+        prepared.append((transformer, model, settings, model.block_adapters(settings), model.branch_adapters(settings)))
+    for transformer, model, settings, adapters, branch_adapters in prepared:
+        remove_cache(transformer)
+        run = RunState(settings)
+        step_hook = StepHook(run, model, config, pipeline, tuple(adapter.module for adapter in branch_adapters))
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
+        for adapter in adapters:
+            HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(AdapterHook(run, adapter), BLOCK_HOOK)
+        for adapter in branch_adapters:
+            HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(AdapterHook(run, adapter), BRANCH_HOOK)
+        for name, (module, sources) in model.run_constants().items():
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
+        for module, lookup in model.step_tables().values():
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(StepTableHook(run, lookup), TABLE_HOOK)
+        transformer._diffusers_hook.invalidate_child_registries_cache()
     return target
 
 
@@ -314,22 +319,20 @@ def _refuse_foreign_caches(transformer: nn.Module) -> None:
 
 def remove_cache(target):
     """Detach ditcache from ``target``; the model then runs its original forwards. Returns ``target``."""
-    transformer, _ = _split_target(target)
-    if _step_hook(transformer) is None:
-        return target
-    transformer._diffusers_hook.remove_hook(STEP_HOOK, recurse=False)
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is None:
+    for transformer in _split_target(target)[0]:
+        if _step_hook(transformer) is None:
             continue
-        registry.remove_hook(BLOCK_HOOK, recurse=False)
-        registry.remove_hook(CONSTANT_HOOK, recurse=False)
-        registry.remove_hook(TABLE_HOOK, recurse=False)
-        registry.remove_hook(BRANCH_HOOK, recurse=False)
-        if not registry.hooks:
-            _drop_empty_registry(module)
-    if hasattr(transformer, "_diffusers_hook"):
-        transformer._diffusers_hook.invalidate_child_registries_cache()
+        transformer._diffusers_hook.remove_hook(STEP_HOOK, recurse=False)
+        for module in transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            for name in (BLOCK_HOOK, CONSTANT_HOOK, TABLE_HOOK, BRANCH_HOOK):
+                registry.remove_hook(name, recurse=False)
+            if not registry.hooks:
+                _drop_empty_registry(module)
+        if hasattr(transformer, "_diffusers_hook"):
+            transformer._diffusers_hook.invalidate_child_registries_cache()
     return target
 
 
@@ -342,18 +345,20 @@ def _drop_empty_registry(module: nn.Module) -> None:
 
 def cache_config(target) -> CacheConfig | list[CacheConfig] | None:
     """The config ``target`` is cached with, or None."""
-    hook = _step_hook(_split_target(target)[0])
+    hook = _step_hook(_split_target(target)[0][0])
     return hook.config if hook is not None else None
 
 
 def cache_stats(target) -> CacheStats:
-    """Statistics of the last run of ``target``'s transformer (the run in progress, if one is)."""
-    hook = _step_hook(_split_target(target)[0])
-    if hook is None:
+    """Statistics of the last run of ``target``'s transformer (the run in progress, if one is); of both
+    experts' parts of it where a pipeline has two (Wan 2.2), their steps counted in the order they ran."""
+    hooks = [_step_hook(transformer) for transformer in _split_target(target)[0]]
+    if hooks[0] is None:
         raise RuntimeError("ditcache is not applied to this model; call ditcache.apply_cache first.")
-    if hook.run.completed_stats is None:
+    stats = [hook.run.completed_stats for hook in hooks if hook is not None and hook.run.completed_stats is not None]
+    if not stats:
         raise RuntimeError("the cached model has not run yet; cache_stats describes a completed run.")
-    return hook.run.completed_stats
+    return CacheStats.joined(stats)
 
 
 @contextmanager
@@ -361,7 +366,7 @@ def record_selections(target) -> Iterator[list[SelectionEvent]]:
     """Record, while the ``with`` body runs, which tokens each partial step recomputes and the score
     terms that chose them: ``with record_selections(pipe) as events: pipe(...)``. Off otherwise, at
     no cost."""
-    hook = _step_hook(_split_target(target)[0])
+    hook = _step_hook(_split_target(target)[0][0])
     if hook is None:
         raise RuntimeError("ditcache is not applied to this model; call ditcache.apply_cache first.")
     events: list[SelectionEvent] = []

@@ -41,6 +41,24 @@ class CacheStats:
     full_step_indices: tuple[int, ...] = ()
     merged_fraction: float = 0.0
 
+    @classmethod
+    def joined(cls, parts: list["CacheStats"]) -> "CacheStats":
+        """One run served by several transformers in turn (Wan 2.2's experts), each with its part's stats."""
+        if len(parts) == 1:
+            return parts[0]
+        partial = sum(part.partial_steps for part in parts)
+        indices, offset = [], 0
+        for part in parts:
+            indices += [offset + index for index in part.full_step_indices]
+            offset += part.steps
+        return cls(
+            steps=offset, full_steps=sum(part.full_steps for part in parts), partial_steps=partial,
+            recompute_fraction=sum(p.recompute_fraction * p.partial_steps for p in parts) / partial if partial else 0.0,
+            flops=sum(part.flops for part in parts), flops_full=sum(part.flops_full for part in parts),
+            cache_bytes=sum(part.cache_bytes for part in parts), full_step_indices=tuple(indices),
+            merged_fraction=max(part.merged_fraction for part in parts),
+        )
+
     @property
     def flops_speedup(self) -> float:
         """``flops_full / flops``: how many times fewer FLOPs the cached run executed."""

@@ -215,20 +215,28 @@ def flux_pipeline(
     return _round_trip(pipe, path)
 
 
-def wan_pipeline(path: str | Path | None = None, num_layers: int = 2):
+def wan_pipeline(path: str | Path | None = None, num_layers: int = 2, two_experts: bool = False):
     """A Wan 2.1 text-to-video pipeline (flow matching, guidance 5) with a tiny T5 and Wan VAE, for the
-    generic (layer caching) path; saved to and loaded from ``path`` when given. Frames: 4 k + 1; sides: 16 k."""
+    generic (layer caching) path; with ``two_experts``, Wan 2.2's layout: a second transformer takes the
+    low-noise half of the steps (``boundary_ratio=0.5``). Saved to and loaded from ``path`` when given.
+    Frames: 4 k + 1; sides: 16 k."""
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
     tokenizer, text_encoder = tiny_t5()
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                        out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=num_layers,
-                                        rope_max_seq_len=32).eval()
+
+    def transformer():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=num_layers,
+                                     rope_max_seq_len=32).eval()
+
+    experts = {"transformer": transformer()}
+    if two_experts:
+        experts |= {"transformer_2": transformer(), "boundary_ratio": 0.5}
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=transformer)
+                       **experts)
     return _round_trip(pipe, path)
 
 

@@ -22,6 +22,7 @@ from diffusers import (
 
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
 from ditcache.flops import count_flops
+from ditcache.hooks import _step_hook
 from ditcache.specs import SPECS
 
 BATCH, TEXT = 2, 5
@@ -274,6 +275,33 @@ def test_a_generic_pipeline_loads_cached_with_fora_and_round_trips(tmp_path):
         ToCaPipeline.from_pretrained(tmp_path / "wan", cache_ratio=0.9)
 
 
+def test_wan_2_2_caches_both_experts():
+    """Wan 2.2's pipeline runs a second transformer for the low-noise steps: both are cached, each its
+    own run from its first step, and the stats cover the whole run."""
+    from ditcache.eval.builders import wan_pipeline
+
+    pipe = wan_pipeline(two_experts=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"prompt": "a red fox in snow", "height": 16, "width": 16, "num_frames": 5, "num_inference_steps": 10,
+            "output_type": "pt", "max_sequence_length": 8}
+    frames = lambda: pipe(**call, generator=torch.Generator().manual_seed(0)).frames  # noqa: E731
+    uncached = frames()
+    apply_cache(pipe, FORAConfig(cache_interval=1))
+    torch.testing.assert_close(frames(), uncached, rtol=0, atol=0)
+    apply_cache(pipe, FORAConfig(cache_interval=3))
+    cached = frames()
+    stats = cache_stats(pipe)
+    first, second = (_step_hook(model).run.completed_stats for model in (pipe.transformer, pipe.transformer_2))
+    assert first.steps > 0 and second.steps > 0 and stats.steps == first.steps + second.steps == 10
+    assert stats.full_step_indices == first.full_step_indices + tuple(first.steps + i for i in second.full_step_indices)
+    assert second.full_step_indices[:2] == (0, 1)  # the second expert starts its own run: its first steps are full
+    assert stats.flops == first.flops + second.flops and stats.flops < 0.75 * stats.flops_full
+    assert not torch.equal(cached, uncached) and torch.isfinite(cached).all()
+    remove_cache(pipe)
+    assert hooked_modules(pipe.transformer) == [] and hooked_modules(pipe.transformer_2) == []
+    torch.testing.assert_close(frames(), uncached, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_toca_recomputes_tokens_of_per_token_branches(family):
     model = build(family)
@@ -362,7 +390,6 @@ def test_attention_scores_are_the_attention_each_token_receives(family, image_fi
     """The first block's kept scores of its image and text tokens against the softmax map of diffusers'
     own attention call, sliced in the order its processor joins the two (SD3: image first; Qwen-Image:
     text first; Wan: image tokens only)."""
-    from ditcache.hooks import _step_hook
     from ditcache.scores import l2_normalize
 
     model = build(family)
