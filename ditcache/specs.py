@@ -32,10 +32,10 @@ class ModelSpec:
             tokens of these on partial steps and reuses the rest; every other branch is reused whole. The
             branches of one group recompute the same tokens in a block call (a single-stream block's MLP
             and output projection must).
-        attention_sequences: per block class, the branch whose attention call is scored (``score=
-            "attention"`` or ``"v_norm"``, read from its ``scaled_dot_product_attention``) and the token
-            groups of that call's sequence in order (one, or two: the first and the last). A block class
-            without one chooses tokens by ``score="random"`` only.
+        attention_sequences: per block class, the branch whose attention is scored (``score="attention"``
+            and ``"v_norm"`` read its ``scaled_dot_product_attention`` call, ``"k_norm"`` its ``to_k`` and,
+            for text, ``add_k_proj``) and the token groups of its sequence in order (one, or two: the first
+            and the last). A block class without one chooses tokens by ``score="random"`` only.
         latents_argument, timestep_argument: the forward arguments holding them.
         timestep_scale, timestep_offset: the model's timestep is ``scale * t + offset`` for the scheduler's
             ``t`` (FLUX.2 and Qwen-Image take ``t / 1000``, Z-Image ``(1000 - t) / 1000``).

@@ -345,7 +345,7 @@ def test_the_four_new_families_score_tokens_by_attention():
     assert {"sd3", "wan", "qwenimage", "hunyuanvideo", "hunyuanvideo-i2v"} <= set(SCORED)
 
 
-@pytest.mark.parametrize("score", ["attention", "v_norm"])
+@pytest.mark.parametrize("score", ["attention", "k_norm", "v_norm"])
 @pytest.mark.parametrize("family", SCORED)
 def test_toca_with_scores_read_from_the_attention(family, score):
     model = build(family)
@@ -415,7 +415,7 @@ def test_attention_scores_are_the_attention_each_token_receives(family, image_fi
 
 def test_generic_path_refuses_scores_it_cannot_read():
     with pytest.raises(ValueError, match="not available on the generic path"):
-        apply_cache(build("wan"), ToCaConfig(score="k_norm"))
+        apply_cache(build("wan"), ToCaConfig(score="cross_attention_entropy"))
     with pytest.raises(ValueError, match="declares no attention sequence"):
         apply_cache(build("mochi"), ToCaConfig(score="attention"))
 
@@ -507,3 +507,34 @@ def test_any_model_is_cached_once_its_spec_names_its_branches():
             assert hooked_modules(model) == [] and all(torch.equal(a, b) for a, b in zip(call(), plain))
     finally:
         SPECS.pop("ToyTransformer")
+
+
+def test_k_norm_reads_the_keys_before_the_qk_norm():
+    """SD3.5's attention normalises its keys (``qk_norm``): the ``k_norm`` score reads ``to_k`` (image) and
+    ``add_k_proj`` (text), as the published score does on FLUX."""
+    from ditcache.scores import l2_normalize
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16, qk_norm="rms_norm").eval()
+    FAMILIES["sd3-qk-norm"] = (lambda: model, FAMILIES["sd3"][1])
+    try:
+        apply_cache(model, ToCaConfig(cache_interval=3, cache_ratio=0.5, score="k_norm"))
+        run(model, "sd3-qk-norm")
+        cache = _step_hook(model).run.block_cache("transformer_blocks.0")
+        remove_cache(model)
+        attention, keys = model.transformer_blocks[0].attn, {}
+        handles = [module.register_forward_hook(lambda _m, _i, out, name=name: keys.setdefault(name, out))
+                   for name, module in (("image", attention.to_k), ("text", attention.add_k_proj))]
+        inputs = FAMILIES["sd3"][1]()
+        with torch.no_grad():
+            model(**inputs, timestep=timesteps("sd3")[4], return_dict=False)  # the last full step's call
+        for handle in handles:
+            handle.remove()
+        assert attention.norm_k is not None
+        for group, projected in keys.items():
+            norms = projected.unflatten(-1, (attention.heads, -1)).norm(dim=-1).mean(dim=-1)
+            torch.testing.assert_close(cache.normalized_scores[group], l2_normalize(norms), rtol=1e-4, atol=1e-6)
+    finally:
+        FAMILIES.pop("sd3-qk-norm")

@@ -28,6 +28,9 @@ from ..config import EngineSettings
 from ..flops import count_flops
 from ..state import BlockCache, RunState
 from . import TransformerAdapter
+from .base import capture_outputs, split_heads
+
+ATTENTION_SCORES = ("attention", "k_norm", "v_norm")  # read from the attention a spec names
 
 
 class _AttentionInputs(TorchFunctionMode):
@@ -49,14 +52,17 @@ class _AttentionInputs(TorchFunctionMode):
 class BlockTokens:
     """The token choice of one block on the generic path, shared by its per-token branches.
 
-    On a full step the scored attention's inputs give a score per token of its sequence (``attention``:
-    the attention each token receives; ``v_norm``: its value's norm), kept for the step's partial steps;
+    On a full step the scored attention gives a score per token of its sequence (``attention``: the
+    attention each token receives, and ``v_norm``: its value's norm, from the attention call's inputs;
+    ``k_norm``: its key's norm before any QK norm, from the key projections), kept for the partial steps;
     each token group's slice is taken, normalised and given frequency counters when a partial step
     first needs it (a single-stream block runs its MLP before its attention). ``random`` draws seeded
     scores per group instead. One selection per group and block call serves all the group's branches.
     """
 
-    def __init__(self, block_name: str, settings: EngineSettings, layer_position: float, sequence: tuple[str, ...] = ()):
+    def __init__(self, block: nn.Module, block_name: str, settings: EngineSettings, layer_position: float,
+                 sequence: tuple[str, ...] = ()):
+        self.block = block
         self.block_name = block_name
         self.settings = settings
         self.layer_position = layer_position
@@ -64,26 +70,40 @@ class BlockTokens:
         self._selections: tuple[int, dict] = (-1, {})  # (transformer call, group -> selected tokens)
 
     def scores_from(self, branch: str) -> bool:
-        return branch == self.attention and self.settings.score in ("attention", "v_norm")
+        return branch == self.attention and self.settings.score in ATTENTION_SCORES
 
     def scored_call(self, run: RunState, cache: BlockCache, compute) -> tuple[object, int]:
         """Run the scored attention (a full step), keeping its sequence's token scores; the output and
         the FLOPs of the scores."""
-        with _AttentionInputs() as inputs:
-            output = compute()
-        if inputs.found is None:
-            raise RuntimeError(
-                f"{self.block_name}.{self.attention} did not call scaled_dot_product_attention, which score="
-                f"{self.settings.score!r} reads; choose score='random'."
-            )
-        query, key, value, scale = inputs.found
-        if self.settings.score == "v_norm":
-            scores, flops = S.projection_norm(value), 0
+        if self.settings.score == "k_norm":
+            scores, output = self._key_norms(compute)
+            flops = 0
         else:
-            scale = scale if scale is not None else 1 / math.sqrt(query.shape[-1])
-            scores, flops = S.attention_received(query, key, scale), 2 * query.numel() * key.shape[-2]
+            with _AttentionInputs() as inputs:
+                output = compute()
+            if inputs.found is None:
+                raise RuntimeError(
+                    f"{self.block_name}.{self.attention} did not call scaled_dot_product_attention, which score="
+                    f"{self.settings.score!r} reads; choose score='random'."
+                )
+            query, key, value, scale = inputs.found
+            if self.settings.score == "v_norm":
+                scores, flops = S.projection_norm(value), 0
+            else:
+                scale = scale if scale is not None else 1 / math.sqrt(query.shape[-1])
+                scores, flops = S.attention_received(query, key, scale), 2 * query.numel() * key.shape[-2]
         cache.base_scores["sequence"] = S.merge_guidance_halves(scores) if run.guidance_batch else scores
         return output, flops
+
+    def _key_norms(self, compute) -> tuple[torch.Tensor, object]:
+        """Each token's key norm (head-averaged) before the attention's QK norm, in its sequence's order: the
+        image (or joint) keys from ``to_k``, the text keys from ``add_k_proj``."""
+        attention = getattr(self.block, self.attention)
+        taps = {"to_k": attention.to_k} | ({"add_k_proj": attention.add_k_proj} if "text" in self.order else {})
+        with capture_outputs(taps) as keys:
+            output = compute()
+        parts = [keys["add_k_proj" if group == "text" else "to_k"] for group in self.order]
+        return S.projection_norm(split_heads(torch.cat(parts, dim=1), attention.heads)), output
 
     def full_step(self, run: RunState, cache: BlockCache, group: str, batch: int, tokens: int) -> None:
         """A full step computed ``group`` for every token: zero its counters and score it afresh."""
@@ -270,10 +290,10 @@ class GenericTransformerAdapter(TransformerAdapter):
             raise ValueError(f"{name} has no token-wise path yet: it is cached by layer (FORAConfig, with or without forecast_order).")
         if settings.method == "toca" and settings.score != "random":
             scored = ", ".join(self.spec.attention_sequences) or "none"
-            if settings.score not in ("attention", "v_norm"):
+            if settings.score not in ATTENTION_SCORES:
                 raise ValueError(
-                    f"score={settings.score!r} is not available on the generic path ({name}): its attentions normalise "
-                    "their keys before attending, or attend to text jointly; use 'attention', 'v_norm' or 'random'."
+                    f"score={settings.score!r} is not available on the generic path ({name}): it reads a cross-attention "
+                    "the specs do not name; use 'attention', 'k_norm', 'v_norm' or 'random'."
                 )
             if not any(type(block).__name__ in self.spec.attention_sequences for _, block in self.blocks()):
                 raise ValueError(
@@ -287,7 +307,7 @@ class GenericTransformerAdapter(TransformerAdapter):
         depth = max(len(blocks) - 1, 1)
         for position, (name, block) in enumerate(blocks):
             kind = type(block).__name__
-            tokens = BlockTokens(name, settings, position / depth, self.spec.attention_sequences.get(kind, ()))
+            tokens = BlockTokens(block, name, settings, position / depth, self.spec.attention_sequences.get(kind, ()))
             groups = self.spec.partial_branches.get(kind, {})
             for branch in self.spec.branches.get(kind, ()):
                 module = getattr(block, branch, None)
