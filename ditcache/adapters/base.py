@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import scores as S
-from ..config import EngineSettings
+from ..config import SCORES, EngineSettings
 from ..merging import TokenMatch, bipartite_match, merge, unmerge
 from ..state import BlockCache, RunState, SelectionEvent
 
@@ -127,8 +127,15 @@ class BlockAdapter:
         self.name = name
         self.layer_position = layer_position
         self.settings = settings
+        scores, why = self.readable_scores()
+        if settings.score is not None and settings.score not in scores:
+            raise ValueError(f"score={settings.score!r} {why}: use {', '.join(repr(score) for score in scores)}.")
         self._flops_memo: dict[tuple, int] = {}
         self._row_offsets: dict[tuple, torch.Tensor] = {}
+
+    def readable_scores(self) -> tuple[tuple[str, ...], str]:
+        """The scores this block's taps can give, and why any other cannot (checked when the cache is applied)."""
+        return SCORES, ""
 
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError

@@ -46,11 +46,11 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             raise TypeError(f"{name}: positional embeddings, only_cross_attention and GLIGEN are not supported.")
         self.zero = block.norm_type == "ada_norm_zero"
         self.branch_groups = {"cross_attn": "image", "mlp": "image"} if block.attn2 is not None else {"mlp": "image"}
-        if settings.score == "cross_attention_entropy" and block.attn2 is None:
-            raise ValueError(
-                "score='cross_attention_entropy' needs cross-attention blocks (PixArt); "
-                "this model has none: use 'attention', 'k_norm', 'v_norm' or 'random'."
-            )
+
+    def readable_scores(self) -> tuple[tuple[str, ...], str]:
+        if self.block.attn2 is not None:
+            return super().readable_scores()
+        return ("attention", "k_norm", "v_norm", "random"), "needs cross-attention blocks (PixArt); this model has none"
 
     # -- diffusers' math, piece by piece -------------------------------------------------------
     def _modulation(self, run, hidden_states, timestep, class_labels):

@@ -123,17 +123,14 @@ def _unmerge_image(joint: torch.Tensor, match: TokenMatch, text: int) -> torch.T
     return torch.cat([joint[:, :text], unmerge(joint[:, text:], match)], dim=1)
 
 
-def _refuse_entropy_score(settings: EngineSettings) -> None:
-    if settings.score == "cross_attention_entropy":
-        raise ValueError(
-            "score='cross_attention_entropy' needs cross-attention blocks (PixArt, OpenSora); FLUX attends to text "
-            "and image jointly: use 'attention', 'k_norm', 'v_norm' or 'random'."
-        )
-
-
 class _FluxMerging:
     """FLUX merges image tokens only, with one matching for the whole batch (the rotary embedding the
-    attention takes is shared by the batch); text tokens are never merged."""
+    attention takes is shared by the batch); text tokens are never merged. Its blocks have no cross-attention
+    to score."""
+
+    def readable_scores(self) -> tuple[tuple[str, ...], str]:
+        return ("attention", "k_norm", "v_norm", "random"), (
+            "needs cross-attention blocks (PixArt, OpenSora); FLUX attends to text and image jointly")
 
     def batch_match(self, run: RunState, image_tokens: torch.Tensor) -> TokenMatch | None:
         match = self.match_tokens(run, image_tokens.mean(dim=0, keepdim=True))
@@ -146,7 +143,6 @@ class _FluxMerging:
 class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
-        _refuse_entropy_score(settings)
         self.branch_groups = {"mlp": "image", "context_mlp": "text"}
 
     def forward(
@@ -263,7 +259,6 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
 class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxSingleTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
-        _refuse_entropy_score(settings)
         self.branch_groups = {"single_mlp": "joint"}
 
     def forward(
