@@ -198,13 +198,9 @@ class BranchAdapter:
             return output
 
         shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
-        flops = self._flops.get(shapes)
-        if flops is None:  # measured once per input shape, with the counter diffusers' own numbers use
-            output, flops = count_flops(call)
-            flops = self._flops[shapes] = flops - score_flops
-        else:
-            output = call()
-        run.add_flops(flops + score_flops, flops)
+        output, executed = self._measured(shapes, call)
+        flops = executed - score_flops  # the branch's own, as an uncached call costs
+        run.add_flops(executed, flops)
         layout, tensors = _flatten(output, self.branch)
         cache.layouts[branch] = (layout, flops)
         order = self.settings.forecast_order
@@ -213,6 +209,16 @@ class BranchAdapter:
             cache.store(key, tensor, run.step, order)
             cache.versions[key] = None if tensor.is_inference() else tensor._version
         return output
+
+    def _measured(self, shapes: tuple, call) -> tuple[object, int]:
+        """``call()`` and its FLOPs, measured with ``FlopCounterMode`` (the counter diffusers' own numbers use)
+        on the first call with these input ``shapes`` and remembered for the next ones."""
+        flops = self._flops.get(shapes)
+        if flops is None:
+            output, flops = count_flops(call)
+            self._flops[shapes] = flops
+            return output, flops
+        return call(), flops
 
     def _reuse(self, run: RunState, cache: BlockCache, branch: str):
         layout, flops = cache.layouts[branch]
@@ -244,13 +250,7 @@ class BranchAdapter:
         index = index.to(inputs.device)
         rows = inputs.gather(1, index[..., None].expand(-1, -1, inputs.shape[-1]))
         row_args, row_kwargs = ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, name: rows})
-        shapes = ("rows", tuple(rows.shape))
-        flops = self._flops.get(shapes)
-        if flops is None:
-            fresh, flops = count_flops(lambda: compute(*row_args, **row_kwargs))
-            self._flops[shapes] = flops
-        else:
-            fresh = compute(*row_args, **row_kwargs)
+        fresh, flops = self._measured(("rows", tuple(rows.shape)), lambda: compute(*row_args, **row_kwargs))
         run.add_flops(flops, 0)
         value.scatter_(1, index[..., None].expand(-1, -1, value.shape[-1]), fresh.to(value.dtype))
         stored = cache.branches[f"{key}.0"]
