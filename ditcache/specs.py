@@ -121,6 +121,18 @@ _DOUBLE = _groups(ff="image", ff_context="text")
 _SINGLE = _groups(proj_mlp="all", proj_out="all")
 
 
+def _flux_like(order: tuple[str, str], *pairs: tuple[str, str]) -> dict:
+    """The branches, token groups and scored attentions of a FLUX-like family, for each (double-stream,
+    single-stream) pair of block classes: the double-stream block's joint attention runs its streams in
+    ``order``, the single-stream block works on their joint sequence."""
+    doubles, singles = [double for double, _ in pairs], [single for _, single in pairs]
+    return dict(
+        branches=_branches(**dict.fromkeys(doubles, ("attn", "ff", "ff_context")), **dict.fromkeys(singles, ("attn", "proj_mlp", "proj_out"))),
+        partial_branches=_branches(**dict.fromkeys(doubles, _DOUBLE), **dict.fromkeys(singles, _SINGLE)),
+        attention_sequences=_branches(**dict.fromkeys(doubles, ("attn", *order)), **dict.fromkeys(singles, ("attn", "all"))),
+    )
+
+
 register(ModelSpec(
     family="sd3", transformer="SD3Transformer2DModel", block_lists=("transformer_blocks",),
     branches=_branches(JointTransformerBlock=("attn", "attn2", "ff", "ff_context")),
@@ -145,21 +157,9 @@ register(ModelSpec(
 register(ModelSpec(
     family="hunyuanvideo", transformer="HunyuanVideoTransformer3DModel",
     block_lists=("transformer_blocks", "single_transformer_blocks"),
-    branches=_branches(
-        HunyuanVideoTransformerBlock=("attn", "ff", "ff_context"),
-        HunyuanVideoSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
-        # Image-to-video with image_condition_type="token_replace": the first frame's tokens take their own modulation.
-        HunyuanVideoTokenReplaceTransformerBlock=("attn", "ff", "ff_context"),
-        HunyuanVideoTokenReplaceSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
-    ),
-    partial_branches=_branches(
-        HunyuanVideoTransformerBlock=_DOUBLE, HunyuanVideoSingleTransformerBlock=_SINGLE,
-        HunyuanVideoTokenReplaceTransformerBlock=_DOUBLE, HunyuanVideoTokenReplaceSingleTransformerBlock=_SINGLE,
-    ),
-    attention_sequences=_branches(
-        HunyuanVideoTransformerBlock=("attn", "image", "text"), HunyuanVideoSingleTransformerBlock=("attn", "all"),
-        HunyuanVideoTokenReplaceTransformerBlock=("attn", "image", "text"), HunyuanVideoTokenReplaceSingleTransformerBlock=("attn", "all"),
-    ),
+    # Image-to-video with image_condition_type="token_replace": the first frame's tokens take their own modulation.
+    **_flux_like(("image", "text"), ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"),
+                 ("HunyuanVideoTokenReplaceTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock")),
     pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
 ))
 register(ModelSpec(
@@ -196,31 +196,19 @@ register(ModelSpec(
 ))
 register(ModelSpec(
     family="bria", transformer="BriaTransformer2DModel", block_lists=("transformer_blocks", "single_transformer_blocks"),
-    branches=_branches(BriaTransformerBlock=("attn", "ff", "ff_context"), BriaSingleTransformerBlock=("attn", "proj_mlp", "proj_out")),
-    partial_branches=_branches(BriaTransformerBlock=_DOUBLE, BriaSingleTransformerBlock=_SINGLE),
-    attention_sequences=_branches(BriaTransformerBlock=("attn", "text", "image"), BriaSingleTransformerBlock=("attn", "all")),
+    **_flux_like(("text", "image"), ("BriaTransformerBlock", "BriaSingleTransformerBlock")),
     pipelines=("BriaPipeline",),
 ))
 register(ModelSpec(
     family="hunyuanimage", transformer="HunyuanImageTransformer2DModel",
     block_lists=("transformer_blocks", "single_transformer_blocks"),
-    branches=_branches(
-        HunyuanImageTransformerBlock=("attn", "ff", "ff_context"),
-        HunyuanImageSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
-    ),
-    partial_branches=_branches(HunyuanImageTransformerBlock=_DOUBLE, HunyuanImageSingleTransformerBlock=_SINGLE),
-    attention_sequences=_branches(HunyuanImageTransformerBlock=("attn", "image", "text"), HunyuanImageSingleTransformerBlock=("attn", "all")),
+    **_flux_like(("image", "text"), ("HunyuanImageTransformerBlock", "HunyuanImageSingleTransformerBlock")),
     pipelines=("HunyuanImagePipeline",),
 ))
 register(ModelSpec(
     family="motifvideo", transformer="MotifVideoTransformer3DModel",
     block_lists=("transformer_blocks", "single_transformer_blocks"),
-    branches=_branches(
-        MotifVideoTransformerBlock=("attn", "ff", "ff_context"),
-        MotifVideoSingleTransformerBlock=("attn", "proj_mlp", "proj_out"),
-    ),
-    partial_branches=_branches(MotifVideoTransformerBlock=_DOUBLE, MotifVideoSingleTransformerBlock=_SINGLE),
-    attention_sequences=_branches(MotifVideoTransformerBlock=("attn", "image", "text"), MotifVideoSingleTransformerBlock=("attn", "all")),
+    **_flux_like(("image", "text"), ("MotifVideoTransformerBlock", "MotifVideoSingleTransformerBlock")),
     pipelines=("MotifVideoPipeline", "MotifVideoImage2VideoPipeline"),
 ))
 register(ModelSpec(
