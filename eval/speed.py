@@ -170,40 +170,62 @@ def benchmark(args) -> list[Row]:
     rows = {spec: Row(spec) for spec in methods}
     if args.compile:
         compile_blocks(pipe.transformer)
-
+    run = lambda: run_once(pipe, call, args.device)  # noqa: E731
     with torch.inference_mode():
-        for spec, method in methods.items():  # FLOPs and stats, untimed and uncompiled
-            method.apply(pipe, args.steps)
-            with torch.compiler.set_stance("force_eager"):
-                _, rows[spec].flops_counted = count_flops(lambda: run_once(pipe, call, args.device), pipe.transformer)
-            if method.config is not None:
-                stats = cache_stats(pipe)
-                rows[spec].flops_engine, rows[spec].cache_bytes = stats.flops, stats.cache_bytes
-                rows[spec].recompute_fraction = stats.recompute_fraction
-            method.remove(pipe)
-        # Interleaved methods, or, when compiled, one method after the other so that each compiles
-        # in its own warm-up (switching hooks changes the compiled blocks' code).
-        runs = range(args.warmup + args.repeats)
-        grid = [(r, spec) for spec in methods for r in runs] if args.compile else [(r, spec) for r in runs for spec in methods]
-        for repeat, spec in tqdm(grid, desc="runs", disable=args.quiet):
-            row, method = rows[spec], methods[spec]
-            if args.compile and repeat == 0:
-                torch._dynamo.reset()
-            method.apply(pipe, args.steps)
-            if args.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            breaks, graphs = _compile_counts()
-            elapsed = run_once(pipe, call, args.device)
-            if args.compile and repeat == 0:
-                row.graph_breaks, row.recompiles = _compile_counts()[0] - breaks, 0
-            elif args.compile and repeat >= args.warmup:
-                row.recompiles += _compile_counts()[1] - graphs
-            if repeat >= args.warmup:
-                row.times.append(elapsed)
-                if args.device.startswith("cuda"):
-                    row.peak_memory = torch.cuda.max_memory_allocated()
-            method.remove(pipe)
+        count_methods(methods, rows, pipe, run, pipe.transformer, args.steps, args.quiet)
+        time_methods(methods, rows, pipe, run, args.steps, args.warmup, args.repeats, args.quiet, args.compile, args.device)
     return list(rows.values())
+
+
+def count_methods(methods: dict[str, Method], rows: dict[str, Row], target, run, module, steps: int, quiet: bool,
+                  failed: dict[str, str] | None = None) -> None:
+    """Each method's FLOPs (``FlopCounterMode`` inside ``module``) and cache stats over one untimed, uncompiled
+    ``run()`` of ``target``. With ``failed``, a peer that does not run on this model is left out of ``methods``
+    and ``rows``, its error kept in ``failed``; without, the error stops the benchmark."""
+    for spec, method in tqdm(list(methods.items()), desc="FLOPs", disable=quiet):
+        method.apply(target, steps)
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                _, rows[spec].flops_counted = count_flops(run, module)
+        except Exception as error:
+            method.remove(target)
+            if failed is None or method.peer is None:
+                raise
+            failed[spec] = f"{type(error).__name__}: {error}"
+            del methods[spec], rows[spec]
+            continue
+        if method.config is not None:
+            stats = cache_stats(target)
+            rows[spec].flops_engine, rows[spec].cache_bytes = stats.flops, stats.cache_bytes
+            rows[spec].recompute_fraction = stats.recompute_fraction
+        method.remove(target)
+
+
+def time_methods(methods: dict[str, Method], rows: dict[str, Row], target, run, steps: int, warmup: int, repeats: int,
+                 quiet: bool, compiled: bool = False, device: str = "cpu") -> None:
+    """``warmup`` untimed then ``repeats`` timed ``run()`` of each method, their seconds in ``rows``: the
+    methods interleaved, or, when ``compiled``, one method after the other so that each compiles in its own
+    warm-up (switching hooks changes the compiled blocks' code)."""
+    runs = range(warmup + repeats)
+    grid = [(r, spec) for spec in methods for r in runs] if compiled else [(r, spec) for r in runs for spec in methods]
+    for repeat, spec in tqdm(grid, desc="runs", disable=quiet):
+        row, method = rows[spec], methods[spec]
+        if compiled and repeat == 0:
+            torch._dynamo.reset()
+        method.apply(target, steps)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        breaks, graphs = _compile_counts()
+        elapsed = run()
+        if compiled and repeat == 0:
+            row.graph_breaks, row.recompiles = _compile_counts()[0] - breaks, 0
+        elif compiled and repeat >= warmup:
+            row.recompiles += _compile_counts()[1] - graphs
+        if repeat >= warmup:
+            row.times.append(elapsed)
+            if device.startswith("cuda"):
+                row.peak_memory = torch.cuda.max_memory_allocated()
+        method.remove(target)
 
 
 def format_table(rows: list[Row]) -> str:

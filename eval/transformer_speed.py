@@ -16,14 +16,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from ditcache import cache_stats, cli
-from ditcache.flops import count_flops
+from ditcache import cli
 from ditcache.specs import spec_for
 from ditcache.timing import Clock
 
-from .speed import Row, format_table, parse_method
+from .speed import Row, count_methods, format_table, parse_method, time_methods
 
 
 @dataclass(frozen=True)
@@ -113,31 +111,11 @@ def benchmark(name: str, geometry: Geometry, args) -> list[Row]:
     timesteps = [torch.full((1,), float(v), dtype=dtype) for v in values]
     methods = {text: parse_method(text) for text in args.methods}
     rows = {text: Row(text) for text in methods}
-    failed = {}
+    failed: dict[str, str] = {}
+    run = lambda: run_once(model, inputs, timesteps, spec.timestep_argument)  # noqa: E731
     with torch.inference_mode():
-        for text, method in tqdm(list(methods.items()), desc=f"{name}: FLOPs", disable=args.quiet):
-            method.apply(model, args.steps)
-            try:
-                _, rows[text].flops_counted = count_flops(lambda: run_once(model, inputs, timesteps, spec.timestep_argument), model)
-            except Exception as error:  # a peer that does not run on this model is reported, not fatal
-                if method.peer is None:
-                    raise
-                failed[text] = f"{type(error).__name__}: {error}"
-                del methods[text], rows[text]
-                method.remove(model)
-                continue
-            if method.config is not None:
-                stats = cache_stats(model)
-                rows[text].flops_engine, rows[text].cache_bytes = stats.flops, stats.cache_bytes
-                rows[text].recompute_fraction = stats.recompute_fraction
-            method.remove(model)
-        grid = [(repeat, text) for repeat in range(1 + args.repeats) for text in methods]  # a warm-up round, then alternating
-        for repeat, text in tqdm(grid, desc=f"{name}: time", disable=args.quiet):
-            methods[text].apply(model, args.steps)
-            elapsed = run_once(model, inputs, timesteps, spec.timestep_argument)
-            if repeat:
-                rows[text].times.append(elapsed)
-            methods[text].remove(model)
+        count_methods(methods, rows, model, run, model, args.steps, args.quiet, failed)
+        time_methods(methods, rows, model, run, args.steps, 1, args.repeats, args.quiet)  # a warm-up round, then alternating
     return list(rows.values()), failed
 
 
