@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from .schedule import PRESETS, REFERENCE_PRESETS, CacheSchedule, Preset
+from .scores import SCORES
 
-SCORES = ("attention", "cross_attention_entropy", "k_norm", "v_norm", "random")
 SCHEDULES = ("auto", "constant", "reference", *PRESETS)
 FORA_SCHEDULES = ("auto", "reference")
 

@@ -355,10 +355,11 @@ def cache_stats(target) -> CacheStats:
     hooks = [_step_hook(transformer) for transformer in _split_target(target)[0]]
     if hooks[0] is None:
         raise RuntimeError("ditcache is not applied to this model; call ditcache.apply_cache first.")
-    stats = [hook.run.completed_stats for hook in hooks if hook is not None and hook.run.completed_stats is not None]
-    if not stats:
+    runs = sorted((hook.run for hook in hooks if hook is not None and hook.run.completed_stats is not None), key=lambda run: run.started)
+    if not runs:
         raise RuntimeError("the cached model has not run yet; cache_stats describes a completed run.")
-    return CacheStats.joined(stats)
+    latest = runs[-1]  # an expert the last pipeline call did not use holds an older call's run: left out
+    return CacheStats.joined([run.completed_stats for run in runs if run is latest or (run.completed_marker is not None and run.completed_marker is latest.completed_marker)])
 
 
 @contextmanager

@@ -12,6 +12,41 @@ import torch
 
 from .kernels import attention_score, received_attention
 
+SCORES: dict[str, tuple[str, ...]] = {
+    "attention": ("query", "key"),
+    "cross_attention_entropy": ("cross_query", "cross_key"),
+    "k_norm": ("key",),
+    "v_norm": ("value",),
+    "random": (),
+}
+"""Each score and the projections it reads: the taps an adapter must capture for it."""
+
+
+def token_scores(
+    score: str,
+    projections: dict[str, torch.Tensor],
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    shape: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Each token's ``score`` from the ``(batch, heads, tokens, head_dim)`` projections ``SCORES`` names for
+    it, and the FLOPs it cost. ``scale`` is the attention's softmax scale (default ``head_dim ** -0.5``),
+    ``bias`` the cross-attention mask; ``random`` draws ``shape = (batch, tokens)`` from ``generator``."""
+    if score == "random":
+        return random_scores(*shape, generator), 0
+    if score in ("k_norm", "v_norm"):
+        (name,) = SCORES[score]
+        return projection_norm(projections[name]), 0
+    query, key = (projections[name] for name in SCORES[score])
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    flops = 2 * query.numel() * key.shape[-2]
+    if score == "attention":
+        return attention_received(query, key, scale), flops
+    return cross_attention_entropy(query, key, scale, bias), flops
+
+
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """Column sums of the head-averaged softmax attention map, ``s_j = sum_i mean_h A[h, i, j]``,
     computed without the whole ``N x N`` map (see ``ditcache.kernels.received_attention``)."""

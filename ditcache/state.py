@@ -6,12 +6,15 @@ hooks (which read the step's decision and keep their caches in it). Resetting it
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import EngineSettings
+
+_RUN_STARTS = itertools.count()  # orders the runs of several transformers (Wan 2.2's experts)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,8 @@ class RunState:
     def __init__(self, settings: EngineSettings):
         self.settings = settings
         self.completed_stats: CacheStats | None = None
+        self.completed_marker: object | None = None  # the marker of the run completed_stats describes
+        self.started = -1  # when the last run started, among all runs (see _RUN_STARTS); kept by reset()
         self.recorder: list[SelectionEvent] | None = None  # set by ditcache.record_selections
         self.call_serial = 0  # counts every transformer call, across runs: tells one call from the next
         self.reset()
@@ -229,6 +234,7 @@ class RunState:
         self.reset()
         self.signature = signature
         self.marker, self.owner = marker, owner
+        self.started = next(_RUN_STARTS)
         self.first_timestep = timestep
         self.schedule = schedule
         self.guidance_batch = guidance_batch
@@ -313,7 +319,7 @@ class RunState:
         self._flops_full += self.outside_flops or 0
         if self.is_full:  # only full steps store: partial steps leave the caches' size as it was
             self._cache_bytes = max(self._cache_bytes, sum(cache.nbytes() for cache in self.caches.values()))
-        self.completed_stats = self.stats()
+        self.completed_stats, self.completed_marker = self.stats(), self.marker
         if self.run_finished:  # this call's stream is done: hold no memory until the next run
             for key in [key for key in self.caches if key[1] == self.stream]:
                 del self.caches[key]

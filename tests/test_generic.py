@@ -297,6 +297,11 @@ def test_wan_2_2_caches_both_experts():
     assert second.full_step_indices[:2] == (0, 1)  # the second expert starts its own run: its first steps are full
     assert stats.flops == first.flops + second.flops and stats.flops < 0.75 * stats.flops_full
     assert not torch.equal(cached, uncached) and torch.isfinite(cached).all()
+    boundary = pipe.config.boundary_ratio
+    pipe.register_to_config(boundary_ratio=None)  # the next call runs the first expert only
+    frames()
+    assert cache_stats(pipe) == _step_hook(pipe.transformer).run.completed_stats and cache_stats(pipe).steps == 10
+    pipe.register_to_config(boundary_ratio=boundary)
     remove_cache(pipe)
     assert hooked_modules(pipe.transformer) == [] and hooked_modules(pipe.transformer_2) == []
     torch.testing.assert_close(frames(), uncached, rtol=0, atol=0)

@@ -82,3 +82,22 @@ def test_top_tokens_and_normalisation():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
     assert set(S.top_tokens(scores, 2)[0].tolist()) == {1, 3}
     torch.testing.assert_close(S.l2_normalize(scores).norm(dim=-1), torch.ones(1))
+
+
+@pytest.mark.parametrize("score", list(S.SCORES))
+def test_each_score_reads_only_the_projections_it_declares(score):
+    """Adapters capture the taps ``SCORES`` names; the score must need nothing else, and cost what it reads."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"query": (2, 3, 10, 8), "key": (2, 3, 10, 8), "value": (2, 3, 10, 8), "cross_query": (2, 3, 10, 8), "cross_key": (2, 3, 6, 8)}
+    projections = {name: torch.randn(shapes[name], generator=generator) for name in S.SCORES[score]}
+    value, flops = S.token_scores(score, projections, scale=0.3, generator=torch.Generator().manual_seed(1), shape=(2, 10))
+    assert value.shape == (2, 10)
+    expected = {
+        "attention": lambda p: (S.attention_received(p["query"], p["key"], 0.3), 2 * 2 * 3 * 10 * 8 * 10),
+        "cross_attention_entropy": lambda p: (S.cross_attention_entropy(p["cross_query"], p["cross_key"], 0.3), 2 * 2 * 3 * 10 * 8 * 6),
+        "k_norm": lambda p: (S.projection_norm(p["key"]), 0),
+        "v_norm": lambda p: (S.projection_norm(p["value"]), 0),
+        "random": lambda p: (S.random_scores(2, 10, torch.Generator().manual_seed(1)), 0),
+    }[score](projections)
+    torch.testing.assert_close(value, expected[0])
+    assert flops == expected[1]

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .. import scores as S
-from ..config import SCORES, EngineSettings
+from ..config import EngineSettings
+from ..scores import SCORES
 from ..merging import TokenMatch, bipartite_match, merge, unmerge
 from ..state import BlockCache, RunState, SelectionEvent
 
@@ -135,7 +136,7 @@ class BlockAdapter:
 
     def readable_scores(self) -> tuple[tuple[str, ...], str]:
         """The scores this block's taps can give, and why any other cannot (checked when the cache is applied)."""
-        return SCORES, ""
+        return tuple(SCORES), ""
 
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError

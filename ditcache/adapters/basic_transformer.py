@@ -203,14 +203,11 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
     # -- scores --------------------------------------------------------------------------------
     def _self_attention_taps(self, score):
+        """The modules giving the self-attention projections ``score`` reads (keys before any QK norm for
+        ``k_norm``, as published)."""
         attn = self.block.attn1
-        if score == "attention":
-            return query_key_taps(attn)
-        if score == "k_norm":
-            return {"key": attn.to_k}  # before any QK norm, as published
-        if score == "v_norm":
-            return {"value": attn.to_v}
-        return {}
+        taps = query_key_taps(attn) if score == "attention" else {"key": attn.to_k, "value": attn.to_v}
+        return {name: module for name, module in taps.items() if name in S.SCORES.get(score, ())}
 
     @torch.compiler.disable
     def _refresh_scores(self, run, cache, score, taps, encoder_attention_mask, shape, match) -> int:
@@ -218,22 +215,14 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         is given back to every token (a merged source gets its destination's)."""
         if score is None:
             return 0
-        batch, tokens, _ = shape
-        attn = self.block.attn1
-        if score == "attention":
-            query, key = split_heads(taps["query"], attn.heads), split_heads(taps["key"], attn.heads)
-            value, flops = S.attention_received(query, key, attn.scale), 2 * query.numel() * key.shape[-2]
-        elif score in ("k_norm", "v_norm"):
-            value, flops = S.projection_norm(split_heads(taps["key" if score == "k_norm" else "value"], attn.heads)), 0
-        elif score == "random":
-            value, flops = S.random_scores(batch, tokens, run.generator), 0
-        else:
-            cross = self.block.attn2
-            query, key = split_heads(taps["cross_query"], cross.heads), split_heads(taps["cross_key"], cross.heads)
-            value = S.cross_attention_entropy(query, key, cross.scale, _bias(encoder_attention_mask))
-            flops = 2 * query.numel() * key.shape[-2]
-            cache.text_keys = key
-        if value.shape[-1] != tokens:
+        cross = score == "cross_attention_entropy"
+        attn = self.block.attn2 if cross else self.block.attn1
+        projections = {name: split_heads(value, attn.heads) for name, value in taps.items()}
+        value, flops = S.token_scores(score, projections, scale=attn.scale, bias=_bias(encoder_attention_mask) if cross else None,
+                                      generator=run.generator, shape=shape[:2])
+        if cross:
+            cache.text_keys = projections["cross_key"]
+        if value.shape[-1] != shape[1]:
             value = unmerge(value[..., None], match)[..., 0]
         self.store_base_score(run, cache, "image", value)
         return flops
@@ -242,10 +231,11 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     def _refresh_entropy_rows(self, run, cache, query, index, encoder_attention_mask) -> None:
         """Recomputed tokens get their current cross-attention entropy."""
         cross = self.block.attn2
-        query = split_heads(query, cross.heads)
-        rows = S.cross_attention_entropy(query, cache.text_keys, cross.scale, _bias(encoder_attention_mask))
+        projections = {"cross_query": split_heads(query, cross.heads), "cross_key": cache.text_keys}
+        rows, flops = S.token_scores("cross_attention_entropy", projections, scale=cross.scale,
+                                     bias=_bias(encoder_attention_mask))
         self.store_score_rows(run, cache, "image", index, rows)
-        run.add_flops(2 * query.numel() * cache.text_keys.shape[-2], 0)
+        run.add_flops(flops, 0)
 
     # -- accounting ----------------------------------------------------------------------------
     def _flops(self, shape, encoder_hidden_states, rows: dict[str, int] | None, modulation: bool = True) -> int:

@@ -12,8 +12,6 @@ operation for operation.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
@@ -34,37 +32,32 @@ def _clip_half(hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _score_taps(attn, score: str | None, joint: bool) -> dict:
-    """Modules whose outputs a score needs; ``joint`` adds the text projections of a double block."""
-    taps = {}
+    """Modules whose outputs are the projections ``score`` reads; ``joint`` adds the text projections of a
+    double block (``text_<name>``)."""
     if score == "attention":
-        taps = {"query": attn.norm_q, "key": attn.norm_k}
-        if joint:
-            taps |= {"text_query": attn.norm_added_q, "text_key": attn.norm_added_k}
+        names = {"query": "norm_q", "key": "norm_k", "text_query": "norm_added_q", "text_key": "norm_added_k"}
     elif score in ("k_norm", "v_norm"):
         # keys before the QK RMSNorm, after which every key has nearly the same norm (as published)
         if attn.fused_projections:
             raise ValueError(f"score={score!r} cannot read keys or values from fused QKV projections; unfuse them or use 'random'.")
-        kind, image, text = ("key", "to_k", "add_k_proj") if score == "k_norm" else ("value", "to_v", "add_v_proj")
-        taps = {kind: getattr(attn, image)} | ({f"text_{kind}": getattr(attn, text)} if joint else {})
-    return taps
+        names = {"key": "to_k", "value": "to_v", "text_key": "add_k_proj", "text_value": "add_v_proj"}
+    else:
+        return {}
+    taps = {name: getattr(attn, module) for name, module in names.items() if joint or not name.startswith("text_")}
+    return {name: module for name, module in taps.items() if name.removeprefix("text_") in S.SCORES[score]}
 
 
 def _token_scores(run: RunState, attn, score: str, taps: dict, rotary, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
     """Scores of the attention's whole sequence (text first), and the FLOPs they cost."""
-    if score == "random":
-        return S.random_scores(batch, tokens, run.generator), 0
-    if score in ("k_norm", "v_norm"):
-        kind = "key" if score == "k_norm" else "value"
-        projection = torch.cat([taps[name] for name in (f"text_{kind}", kind) if name in taps], dim=1)
-        return S.projection_norm(projection.unflatten(-1, (attn.heads, -1)).transpose(1, 2)), 0  # (batch, heads, tokens, dim)
-    keys = torch.cat([taps[name] for name in ("text_key", "key") if name in taps], dim=1)
-    queries = torch.cat([taps[name] for name in ("text_query", "query") if name in taps], dim=1)
-    if rotary is not None:
-        queries = apply_rotary_emb(queries, rotary, sequence_dim=1)
-        keys = apply_rotary_emb(keys, rotary, sequence_dim=1)
-    queries, keys = queries.transpose(1, 2), keys.transpose(1, 2)
-    received = S.attention_received(queries, keys, 1 / math.sqrt(queries.shape[-1]))
-    return received, 2 * queries.numel() * tokens
+    projections = {}
+    for name in S.SCORES[score]:
+        projection = torch.cat([taps[tap] for tap in (f"text_{name}", name) if tap in taps], dim=1)
+        if projection.ndim == 3:  # (batch, tokens, heads * dim): a projection before the QK norm
+            projection = projection.unflatten(-1, (attn.heads, -1))
+        if rotary is not None and score == "attention":  # the queries and keys the attention multiplies
+            projection = apply_rotary_emb(projection, rotary, sequence_dim=1)
+        projections[name] = projection.transpose(1, 2)
+    return S.token_scores(score, projections, generator=run.generator, shape=(batch, tokens))
 
 
 @torch.compiler.disable

@@ -15,7 +15,6 @@ last computed; the guidance halves of a batch recompute the same tokens.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -87,11 +86,7 @@ class BlockTokens:
                     f"{self.settings.score!r} reads; choose score='random'."
                 )
             query, key, value, scale = inputs.found
-            if self.settings.score == "v_norm":
-                scores, flops = S.projection_norm(value), 0
-            else:
-                scale = scale if scale is not None else 1 / math.sqrt(query.shape[-1])
-                scores, flops = S.attention_received(query, key, scale), 2 * query.numel() * key.shape[-2]
+            scores, flops = S.token_scores(self.settings.score, {"query": query, "key": key, "value": value}, scale=scale)
         cache.base_scores["sequence"] = S.merge_guidance_halves(scores) if run.guidance_batch else scores
         return output, flops
 
@@ -103,7 +98,8 @@ class BlockTokens:
         with capture_outputs(taps) as keys:
             output = compute()
         parts = [keys["add_k_proj" if group == "text" else "to_k"] for group in self.order]
-        return S.projection_norm(split_heads(torch.cat(parts, dim=1), attention.heads)), output
+        scores, _ = S.token_scores("k_norm", {"key": split_heads(torch.cat(parts, dim=1), attention.heads)})
+        return scores, output
 
     def full_step(self, run: RunState, cache: BlockCache, group: str, batch: int, tokens: int) -> None:
         """A full step computed ``group`` for every token: zero its counters and score it afresh."""
@@ -138,7 +134,7 @@ class BlockTokens:
     def _group_scores(self, run: RunState, cache: BlockCache, group: str, tokens: int) -> torch.Tensor:
         rows = cache.since_recompute[group].shape[0]
         if self.attention is None or self.settings.score == "random":
-            return S.random_scores(rows, tokens, run.generator)
+            return S.token_scores("random", {}, generator=run.generator, shape=(rows, tokens))[0]
         sequence = cache.base_scores.get("sequence")
         if sequence is None or group not in self.order:
             raise RuntimeError(f"{self.block_name}: no {self.settings.score} score of its {group!r} tokens was kept on the last full step.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import scores
+from .. import scores as S
 from ..config import EngineSettings
 from ..flops import attention_core_flops, linear_flops, linears_flops
 from ..models.stdit3 import STDiT3Block, modulate
@@ -161,25 +161,19 @@ class STDiT3BlockAdapter(BlockAdapter):
             return 0
         batch, tokens, _ = shape
         attn = self.block.attn
-        flops = 0
-        if score == "attention":
-            query, key = taps["query"], taps["key"]
-            if self.block.temporal:  # the attention the block computes: rotary positions after the qk norm
-                query, key = rope(query), rope(key)
-            value = scores.attention_received(query, key, attn.scale)
-            flops = 2 * query.numel() * key.shape[-2]
-        elif score in ("k_norm", "v_norm"):
-            qkv = taps["qkv"]
-            groups, length, _ = qkv.shape
-            part = qkv.view(groups, length, 3, attn.heads, attn.head_dim)[:, :, 1 if score == "k_norm" else 2]
-            value = scores.projection_norm(part.transpose(1, 2))
-        elif score == "random":
-            value = scores.random_scores(batch, tokens, run.generator)
-        else:
+        if score == "cross_attention_entropy":
             if cross_taps is None:  # the cross-attention was reused on this full step: keep the last score
                 return 0
-            query, key = cross_taps
-            value, flops = self._entropy(query, key, mask)
+            value, flops = self._entropy(*cross_taps, mask)
+        else:
+            projections = dict(taps)
+            if score == "attention" and self.block.temporal:  # the attention the block computes: rotary after the qk norm
+                projections = {name: rope(projection) for name, projection in taps.items()}
+            elif "qkv" in taps:
+                groups, length, _ = taps["qkv"].shape
+                parts = taps["qkv"].view(groups, length, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, groups, heads, length, dim)
+                projections = {name: parts[index] for index, name in ((1, "key"), (2, "value")) if name in S.SCORES[score]}
+            value, flops = S.token_scores(score, projections, scale=attn.scale, generator=run.generator, shape=(batch, tokens))
         if value.shape != (batch, tokens):  # per attention group (frame or position): back to frame-major
             value = self.block.groups_to_frames(value[..., None], batch, frames)[..., 0]
         self.store_base_score(run, cache, "image", value)
@@ -188,8 +182,8 @@ class STDiT3BlockAdapter(BlockAdapter):
     def _entropy(self, query, key, mask) -> tuple[torch.Tensor, int]:
         """Cross-attention entropy of each query token over its caption's valid tokens, and its FLOPs."""
         bias = None if mask is None else torch.zeros(mask.shape, device=key.device).masked_fill(~mask, float("-inf"))[:, None, None, :]
-        value = scores.cross_attention_entropy(query, key, self.block.cross_attn.head_dim**-0.5, bias)
-        return value, 2 * query.numel() * key.shape[-2]
+        projections = {"cross_query": query, "cross_key": key}
+        return S.token_scores("cross_attention_entropy", projections, scale=self.block.cross_attn.head_dim**-0.5, bias=bias)
 
     @torch.compiler.disable
     def _refresh_entropy_rows(self, run, cache, query, index, mask) -> None:
