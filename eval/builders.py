@@ -104,29 +104,37 @@ def tiny_vae(seed: int = 0, **config) -> AutoencoderKL:
     ).eval()
 
 
-def tiny_t5(seed: int = 0, words: tuple[str, ...] = PROMPT_WORDS):
-    """A two-layer T5 encoder and a word-level T5 tokenizer of ``words`` built in code (no download)."""
+def tiny_t5(seed: int = 0, words: tuple[str, ...] = PROMPT_WORDS, width: int = 32):
+    """A two-layer T5 encoder (``d_model=width``) and a word-level T5 tokenizer of ``words`` built in code (no download)."""
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
     vocab += [(f"▁{word}", -1.0) for word in dict.fromkeys(words)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,."]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4)
     return tokenizer, T5EncoderModel(config).eval()
 
 
 def tiny_clip(seed: int = 0, words: tuple[str, ...] = PROMPT_WORDS):
-    """A two-layer CLIP text encoder and a CLIP tokenizer of ``words`` (other words by character) built in code."""
+    """A two-layer CLIP text encoder and a CLIP tokenizer built in code: each of ``words`` is one token (its
+    byte-pair merges build it from its letters), other words go by character."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for word in dict.fromkeys(words):
-        vocab[f"{word}</w>"] = len(vocab)
-    for char in "abcdefghijklmnopqrstuvwxyz,.":
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(f"{char}</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.":
+        vocab[char] = len(vocab)
+        vocab[f"{char}</w>"] = len(vocab)
+    merges = []
+    for word in sorted(dict.fromkeys(words), key=len, reverse=True):  # longer words first: no shorter word's merge cuts them
+        prefix = word[0]
+        for index, char in enumerate(word[1:], start=2):
+            piece = char + ("</w>" if index == len(word) else "")
+            merges.append((prefix, piece))
+            prefix += piece
+            vocab.setdefault(prefix, len(vocab))
+        vocab.setdefault(f"{word}</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=77)
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -8,7 +8,9 @@ Stages (each skipped when its output exists, so an interrupted run goes on where
 3. ``digits-dit/``: a class-conditional ``DiTTransformer2DModel`` saved as a ``DiTPipeline`` (DDIM);
 4. ``digits-flux/``: a text-conditional ``FluxTransformer2DModel`` (2 double- and 2 single-stream blocks)
    with small frozen CLIP and T5 encoders, saved as a ``FluxPipeline`` (flow matching), prompted like
-   "a handwritten digit seven".
+   "a handwritten digit seven";
+5. ``digits-scenes/``: FLUX.1 at 256 image tokens drawing several coloured digits where its caption says
+   (:mod:`ditcache.eval.train_scenes`, resumable from ``runs/train_scenes``).
 Each pipeline folder gets a model card (``README.md``) with the data, architecture, command, seed and
 final loss. Both transformers: hidden 128, 4 heads, 64 image tokens, 10% condition dropout for
 classifier-free guidance, EMA weights; the DiT predicts noise (DDPM betas), FLUX the flow velocity.
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import builders, digits
+from . import builders, digits, train_scenes
 
 SEED = 0
 LATENT_SIZE = 16
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         log_path.write_text(json.dumps(log, indent=2))
     log_path.write_text(json.dumps(log, indent=2))
     shutil.rmtree(out / "vae", ignore_errors=True)
-    print(json.dumps(log, indent=2))
+    train_scenes.main(["--out", str(out)])  # needs digits-flux's VAE; resumes from runs/train_scenes
+    print(log_path.read_text())
 
 
 if __name__ == "__main__":
