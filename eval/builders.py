@@ -112,7 +112,8 @@ def tiny_t5(seed: int = 0, words: tuple[str, ...] = PROMPT_WORDS, width: int = 3
     vocab += [(f"▁{word}", -1.0) for word in dict.fromkeys(words)] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz,."]
     tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4)
+    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4,
+                      dropout_rate=0.0)  # no dropout: a T5 trained with a transformer resumes deterministically
     return tokenizer, T5EncoderModel(config).eval()
 
 

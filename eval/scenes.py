@@ -34,7 +34,7 @@ COLOURS = {
     "white": (1.0, 1.0, 1.0),
 }
 DIGIT_SIZES = (18, 28)  # side of a digit in pixels, inclusive range
-WORDS = ("a", "at", "the", "and", *(word for place in PLACES for word in place.split()), *COLOURS, *map(str, range(10)))
+WORDS = tuple(dict.fromkeys(("a", "at", "the", "and", *(word for place in PLACES for word in place.split()), *COLOURS, *map(str, range(10)))))
 TEXT_TOKENS = 32
 _OBJECT = re.compile(r"an? (\w+) (\d) at the (top left|top right|bottom left|bottom right)")
 

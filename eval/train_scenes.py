@@ -81,16 +81,19 @@ def binding_separation(encode, captions: list[str]) -> float:
     colours, relative to another caption with as many objects. The transformer sees the text tokens as a set
     (FLUX gives them no positions), so a token average that does not move means the encoder leaves the
     binding of colours to digits unsaid. 0: it cannot tell who is red; about 1: as far apart as any two captions."""
-    swapped, others = [], []
+    kept, swapped, others = [], [], []
     for i, text in enumerate(captions):
         objects = scenes.parse(text)
-        first, second = objects[0], objects[1]
-        if first.colour == second.colour:
-            second = scenes.SceneObject(second.digit, next(c for c in scenes.COLOURS if c != first.colour), second.place)
-        objects[0] = scenes.SceneObject(first.digit, second.colour, first.place)
-        objects[1] = scenes.SceneObject(second.digit, first.colour, second.place)
+        pair = next(((a, b) for a in range(len(objects)) for b in range(a + 1, len(objects)) if objects[a].colour != objects[b].colour), None)
+        if pair is None:  # one colour for all: nothing to swap
+            continue
+        a, b = pair
+        objects[a], objects[b] = (scenes.SceneObject(objects[a].digit, objects[b].colour, objects[a].place),
+                                  scenes.SceneObject(objects[b].digit, objects[a].colour, objects[b].place))
+        kept.append(text)
         swapped.append(scenes.caption(objects))
         others.append(next(c for c in captions[i + 1 :] + captions[:i] if len(scenes.parse(c)) == len(objects)))
+    captions = kept
     encoded = (encode(group).float() for group in (captions, swapped, others))
     base, moved, other = (e.mean(dim=1) if e.ndim == 3 else e for e in encoded)
     return float(((base - moved).norm(dim=-1) / (base - other).norm(dim=-1).clamp_min(1e-12)).mean())
