@@ -1,5 +1,10 @@
-"""diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache, PyramidAttentionBroadcast), applied
-the same way on DiT, PixArt and FLUX pipelines, for side-by-side benchmarks with ditcache.
+"""The peers: diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache, PyramidAttentionBroadcast),
+applied the same way on every pipeline ditcache has a spec for, and cache-dit's DBCache (with or without
+its TaylorSeer calibrator) where the ``cache-dit`` package is installed, for side-by-side benchmarks.
+
+MagCache is calibrated on the model it runs on, with diffusers' own calibration mode (``calibrate=True``),
+over the call the benchmark makes; given no call, it takes diffusers' FLUX.1-dev ratios on FLUX and
+uniform ratios elsewhere.
 
 Not every transformer has a ``CacheMixin`` and not every pipeline sets a cache context, so a forward
 pre-hook sets one on every call (step index, step count, timestep) and resets the hooks' state when a
@@ -10,6 +15,10 @@ branches ditcache caches, from the same spec.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
+import json
 import math
 import re
 
@@ -31,13 +40,16 @@ from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
 from ditcache.specs import spec_for
 
-PEERS = ("fbc", "taylorseer", "magcache", "pab")
+PEERS = ("fbc", "taylorseer", "magcache", "pab", "dbcache")
 # The values a spec may give after the name, in order: (option, type, default, minimum).
 OPTIONS = {
     "fbc": [("threshold", float, 0.05, 0.0)],
     "taylorseer": [("interval", int, 4, 1), ("max_order", int, 1, 0)],
     "magcache": [("threshold", float, 0.06, 0.0)],
     "pab": [("block_skip_range", int, 2, 1)],
+    # cache-dit's DBCache, F1B0 (the first block probes, none after it), with a TaylorSeer calibrator of this
+    # order (0: none); its other settings are cache-dit's defaults (8 warm-up steps)
+    "dbcache": [("threshold", float, 0.08, 0.0), ("taylorseer_order", int, 0, 0)],
 }
 
 
@@ -92,25 +104,75 @@ class DiffusersCache:
         self._added: dict[torch.nn.Module, set[str]] = {}
         self._handle = None
 
-    def apply(self, pipe, steps: int) -> None:
-        """On a pipeline's transformer, or on a transformer given alone."""
+    def unavailable(self) -> str | None:
+        """Why this peer cannot run here, or None."""
+        if self.name == "dbcache" and importlib.util.find_spec("cache_dit") is None:
+            return "cache-dit is not installed (pip install cache-dit)"
+        return None
+
+    def apply(self, pipe, steps: int, call: dict | None = None) -> None:
+        """On a pipeline's transformer, or on a transformer given alone; ``call``: the arguments of a call
+        like the benchmark's (MagCache calibrates on it, cache-dit reads its guidance)."""
         transformer = getattr(pipe, "transformer", pipe)
+        if self.name == "dbcache":
+            self._apply_cache_dit(pipe, steps, call or {})
+            return
         self._step, self._last_timestep, self._steps = 0, None, steps
         self._spec = spec_for(transformer)
         before = _hook_names(transformer)
-        self._apply_config(pipe, steps)
+        self._apply_config(pipe, steps, self._mag_ratios(pipe, steps, call) if self.name == "magcache" else None)
         after = _hook_names(transformer)
         self._added = {m: names - before.get(m, set()) for m, names in after.items()}
         self._handle = transformer.register_forward_pre_hook(self._set_context, with_kwargs=True)
 
     def remove(self, pipe) -> None:
+        if self.name == "dbcache":
+            import cache_dit
+
+            cache_dit.disable_cache(pipe)
+            return
         for module, names in self._added.items():
             for name in names:
                 module._diffusers_hook.remove_hook(name, recurse=False)
         HookRegistry.check_if_exists_or_initialize(getattr(pipe, "transformer", pipe)).invalidate_child_registries_cache()
         self._handle.remove()
 
-    def _apply_config(self, pipe, steps: int) -> None:
+    def _apply_cache_dit(self, pipe, steps: int, call: dict) -> None:
+        import cache_dit
+
+        if not hasattr(pipe, "transformer"):
+            raise ValueError("dbcache runs on a pipeline, not on a transformer alone")
+        true_cfg = call.get("true_cfg_scale", 1.0) > 1 and call.get("negative_prompt") is not None  # FluxPipeline's two calls per step
+        config = cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=self.options["threshold"],
+            num_inference_steps=steps, enable_separate_cfg=True if true_cfg else None,
+        )
+        order = self.options["taylorseer_order"]
+        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+        cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+
+    def _mag_ratios(self, pipe, steps: int, call: dict | None) -> torch.Tensor:
+        """MagCache's ratios for this model: measured by diffusers' calibration over one ``call``."""
+        transformer = getattr(pipe, "transformer", pipe)
+        if call is None:
+            return FLUX_MAG_RATIOS if spec_for(transformer).family == "flux" else torch.ones(steps)
+        before = _hook_names(transformer)
+        self._apply_config(pipe, steps, None)
+        self._added = {m: names - before.get(m, set()) for m, names in _hook_names(transformer).items()}
+        self._handle = transformer.register_forward_pre_hook(self._set_context, with_kwargs=True)
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                pipe(**call)
+        finally:
+            self.remove(pipe)
+            self._step, self._last_timestep = 0, None
+        runs = [json.loads(line) for line in printed.getvalue().splitlines() if line.startswith("[") and line.endswith("]")]
+        if not runs:
+            raise RuntimeError("MagCache's calibration printed no ratios")
+        return torch.tensor(runs).mean(dim=0)  # one list per guidance branch: their mean
+
+    def _apply_config(self, pipe, steps: int, mag_ratios: torch.Tensor | None) -> None:
         transformer, options = getattr(pipe, "transformer", pipe), self.options
         if self.name == "fbc":
             apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=options["threshold"]))
@@ -123,9 +185,8 @@ class DiffusersCache:
             )
             apply_taylorseer_cache(transformer, config)
         elif self.name == "magcache":
-            ratios = FLUX_MAG_RATIOS if self._spec.family == "flux" else torch.ones(steps)  # calibrated for FLUX.1 only
-            config = MagCacheConfig(threshold=options["threshold"], num_inference_steps=steps, mag_ratios=ratios)
-            apply_mag_cache(transformer, config)
+            calibrate = dict(calibrate=True) if mag_ratios is None else dict(mag_ratios=mag_ratios)
+            apply_mag_cache(transformer, MagCacheConfig(threshold=options["threshold"], num_inference_steps=steps, **calibrate))
         else:
             config = PyramidAttentionBroadcastConfig(
                 spatial_attention_block_skip_range=options["block_skip_range"],

@@ -9,8 +9,8 @@ dataset is reproducible anywhere; evaluation scenes use only the held-out digits
 The judge reads an image against its caption with no trained judge of the whole image: for each named
 object, the named quadrant's brightest strokes are cut out to a square and read by the digits classifier
 (``digits.DigitClassifier``), and their mean colour is matched to the palette. It reports per-object and
-whole-prompt accuracy; ``crop_features`` gives the classifier features of those cut-outs for a Frechet
-distance (scenes-FID).
+whole-prompt accuracy; ``cut_outs`` gives those cut-outs, whose Frechet distance in the classifier's
+features to real scenes' is scenes-FID.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ COLOURS = {
 DIGIT_SIZES = (18, 28)  # side of a digit in pixels, inclusive range
 WORDS = tuple(dict.fromkeys(("a", "at", "the", "and", *(word for place in PLACES for word in place.split()), *COLOURS, *map(str, range(10)))))
 TEXT_TOKENS = 32
+EVAL_SEED = 1_000_000  # evaluation scenes: seeds from here, with the held-out digits
 _OBJECT = re.compile(r"an? (\w+) (\d) at the (top left|top right|bottom left|bottom right)")
 
 
@@ -161,32 +162,32 @@ class Verdict:
 
 
 @torch.no_grad()
+def read(images: torch.Tensor, captions: list[str], classifier: digits.DigitClassifier | None = None) -> list[list[tuple[bool, bool]]]:
+    """For each image, for each object its caption names: (right digit, right colour) at the named place."""
+    classifier = classifier or digits.DigitClassifier.from_pretrained()
+    wanted = [parse(text) for text in captions]
+    squares, colours = [], []
+    for image, objects in zip(images, wanted):
+        for o in objects:
+            square, colour = cut_out(image.cpu(), o.place)
+            squares.append(square)
+            colours.append(colour_name(colour))
+    device = next(classifier.parameters()).device
+    digits_read = iter(classifier(torch.stack(squares).to(device)).argmax(-1).tolist())
+    colours_read = iter(colours)
+    return [[(next(digits_read) == o.digit, next(colours_read) == o.colour) for o in objects] for objects in wanted]
+
+
 def judge(images: torch.Tensor, captions: list[str], classifier: digits.DigitClassifier | None = None) -> Verdict:
     """Read ``images`` ``(n, 3, 64, 64)`` in [0, 1] against their captions."""
-    classifier = classifier or digits.DigitClassifier.from_pretrained()
-    cut_outs, colours, wanted = [], [], []
-    for image, text in zip(images, captions):
-        for o in parse(text):
-            square, colour = cut_out(image, o.place)
-            cut_outs.append(square)
-            colours.append(colour_name(colour))
-            wanted.append(o)
-    read = classifier(torch.stack(cut_outs)).argmax(-1).tolist()
-    digit_ok = [r == o.digit for r, o in zip(read, wanted)]
-    colour_ok = [c == o.colour for c, o in zip(colours, wanted)]
-    both = [d and c for d, c in zip(digit_ok, colour_ok)]
-    per_image, start = [], 0
-    for text in captions:
-        count = len(parse(text))
-        per_image.append(all(both[start : start + count]))
-        start += count
+    readings = read(images, captions, classifier)
+    flat = [pair for objects in readings for pair in objects]
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return Verdict(mean(both), mean(per_image), mean(digit_ok), mean(colour_ok))
+    return Verdict(mean([d and c for d, c in flat]), mean([all(d and c for d, c in objects) for objects in readings]),
+                   mean([d for d, _ in flat]), mean([c for _, c in flat]))
 
 
-@torch.no_grad()
-def crop_features(images: torch.Tensor, captions: list[str], classifier: digits.DigitClassifier | None = None) -> torch.Tensor:
-    """The classifier's features of every named object's cut-out ``(objects, 64)``: scenes-FID's inputs."""
-    classifier = classifier or digits.DigitClassifier.from_pretrained()
-    squares = [cut_out(image, o.place)[0] for image, text in zip(images, captions) for o in parse(text)]
-    return classifier.features(torch.stack(squares)).double()
+def cut_outs(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Every named object's cut-out ``(objects, 3, 32, 32)`` in [0, 1]: scenes-FID's inputs (through the
+    classifier's features, ``digits.DigitFeatures``)."""
+    return torch.stack([cut_out(image, o.place)[0] for image, text in zip(images, captions) for o in parse(text)])

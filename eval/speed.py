@@ -43,11 +43,16 @@ class Method:
     def __init__(self, spec: str, config=None, peer: DiffusersCache | None = None):
         self.spec, self.config, self.peer = spec, config, peer
 
-    def apply(self, pipe, steps: int) -> None:
+    def apply(self, pipe, steps: int, call: dict | None = None) -> None:
+        """``call``: the arguments of a call like the benchmark's, for peers that calibrate on one."""
         if self.config is not None:
             apply_cache(pipe, self.config)
         elif self.peer is not None:
-            self.peer.apply(pipe, steps)
+            self.peer.apply(pipe, steps, call)
+
+    def unavailable(self) -> str | None:
+        """Why this method cannot run here (a peer's package is not installed), or None."""
+        return self.peer.unavailable() if self.peer is not None else None
 
     def remove(self, pipe) -> None:
         if self.config is not None:
@@ -172,18 +177,18 @@ def benchmark(args) -> list[Row]:
         compile_blocks(pipe.transformer)
     run = lambda: run_once(pipe, call, args.device)  # noqa: E731
     with torch.inference_mode():
-        count_methods(methods, rows, pipe, run, pipe.transformer, args.steps, args.quiet)
-        time_methods(methods, rows, pipe, run, args.steps, args.warmup, args.repeats, args.quiet, args.compile, args.device)
+        count_methods(methods, rows, pipe, run, pipe.transformer, args.steps, args.quiet, call=call)
+        time_methods(methods, rows, pipe, run, args.steps, args.warmup, args.repeats, args.quiet, args.compile, args.device, call)
     return list(rows.values())
 
 
 def count_methods(methods: dict[str, Method], rows: dict[str, Row], target, run, module, steps: int, quiet: bool,
-                  failed: dict[str, str] | None = None) -> None:
+                  failed: dict[str, str] | None = None, call: dict | None = None) -> None:
     """Each method's FLOPs (``FlopCounterMode`` inside ``module``) and cache stats over one untimed, uncompiled
     ``run()`` of ``target``. With ``failed``, a peer that does not run on this model is left out of ``methods``
     and ``rows``, its error kept in ``failed``; without, the error stops the benchmark."""
     for spec, method in tqdm(list(methods.items()), desc="FLOPs", disable=quiet):
-        method.apply(target, steps)
+        method.apply(target, steps, call)
         try:
             with torch.compiler.set_stance("force_eager"):
                 _, rows[spec].flops_counted = count_flops(run, module)
@@ -202,7 +207,7 @@ def count_methods(methods: dict[str, Method], rows: dict[str, Row], target, run,
 
 
 def time_methods(methods: dict[str, Method], rows: dict[str, Row], target, run, steps: int, warmup: int, repeats: int,
-                 quiet: bool, compiled: bool = False, device: str = "cpu") -> None:
+                 quiet: bool, compiled: bool = False, device: str = "cpu", call: dict | None = None) -> None:
     """``warmup`` untimed then ``repeats`` timed ``run()`` of each method, their seconds in ``rows``: the
     methods interleaved, or, when ``compiled``, one method after the other so that each compiles in its own
     warm-up (switching hooks changes the compiled blocks' code)."""
@@ -212,7 +217,7 @@ def time_methods(methods: dict[str, Method], rows: dict[str, Row], target, run, 
         row, method = rows[spec], methods[spec]
         if compiled and repeat == 0:
             torch._dynamo.reset()
-        method.apply(target, steps)
+        method.apply(target, steps, call)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         breaks, graphs = _compile_counts()

@@ -60,6 +60,8 @@ def run(config: SweepConfig, output: Path, device: str, allow_changed: bool = Fa
     plot_grids(output, config)
     if not quiet:
         print(format_results(rows))
+        for spec, why in config.skipped.items():
+            print(f"skipped {spec}: {why}")
         print(f"{len(pending)} images generated now, {len(units(config)) - len(pending)} already there; results in {output}")
     return rows
 

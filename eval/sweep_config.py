@@ -15,11 +15,12 @@ from pathlib import Path
 from .speed import parse_method
 
 FIDELITY_METRICS = ("psnr", "ssim", "lpips")  # against the uncached image of the same prompt and seed
-PROMPT_METRICS = ("clip_score", "image_reward", "digits_accuracy")
+PROMPT_METRICS = ("clip_score", "image_reward", "digits_accuracy", "scenes_accuracy")  # scenes_accuracy: eval/scenes.py's judge
 SET_METRICS = ("fid", "kid")  # against a reference set: the uncached images, or a folder of real ones
 DIGITS_FID = "digits_fid"  # the reference models' own distance, against the real digits (eval/digits.py)
+SCENES_FID = "scenes_fid"  # the same on the named objects' cut-outs, against held-out real scenes (eval/scenes.py)
 VIDEO_METRICS = ("temporal_flickering", "subject_consistency", "background_consistency")  # VBench's, per video
-METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS + (DIGITS_FID,) + VIDEO_METRICS
+METRICS = FIDELITY_METRICS + PROMPT_METRICS + SET_METRICS + (DIGITS_FID, SCENES_FID) + VIDEO_METRICS
 PLOT_AXES = {"speedup": "wall-clock speedup (x)", "flops_speedup": "FLOPs speedup (x)"}
 BASELINE = "uncached"
 MAX_SEED = 2**63 - 1  # int64, as numpy and pandas read the results back
@@ -31,7 +32,7 @@ class SweepConfig:
     """A sweep, as read from YAML (see ``eval/configs/``).
 
     ``methods`` take ``ditcache bench`` specs (``uncached``, ``fora:N``, ``toca:N:R[:score[:schedule]]``,
-    ``fbc``, ``taylorseer:N``, ``magcache``, ``pab``) or a grid entry ``{grid: "toca:{n}:{r}", n: [3, 4],
+    ``fbc``, ``taylorseer:N``, ``magcache``, ``pab``, ``dbcache[:threshold[:taylorseer_order]]``) or a grid entry ``{grid: "toca:{n}:{r}", n: [3, 4],
     r: [0.8, 0.9]}``; ``uncached`` is always run, as the baseline of speedups and fidelity. ``seeds`` is a
     list of distinct seeds or a count ``N`` (seeds ``0 .. N-1``).
     ``prompts`` is a list, a file (``.txt`` one per line, ``.tsv``, ``.json``) or
@@ -45,7 +46,10 @@ class SweepConfig:
     pipelines (OpenSora: ``call: {num_frames: 51}``) store each video as one PNG strip of its frames, and
     add VBench's ``temporal_flickering``, ``subject_consistency`` (``{model: DINO folder}``) and
     ``background_consistency`` (``{model: CLIP folder}``); the image metrics read the strip. A relative
-    ``pipeline`` path is taken from the config file's folder.
+    ``pipeline`` path is taken from the config file's folder. A peer whose package is not installed
+    (``dbcache`` without ``cache-dit``) is left out, named in ``skipped``. On the scenes reference:
+    ``scenes_accuracy`` (the judge of ``eval/scenes.py``: per named object, and ``scenes_accuracy_prompt``
+    per whole prompt) and ``scenes_fid`` (the objects' cut-outs against held-out real scenes').
     """
 
     pipeline: str
@@ -71,6 +75,8 @@ class SweepConfig:
             self.methods.insert(0, BASELINE)
         for spec in self.methods:
             parse_method(spec)  # a bad spec fails now, not after hours of generation
+        self.skipped = {spec: why for spec in self.methods if (why := parse_method(spec).unavailable())}
+        self.methods = [spec for spec in self.methods if spec not in self.skipped]  # a peer not installed here
         self.seeds = check_seeds(self.seeds)
         if not self.prompts:
             raise ValueError("prompts must not be empty")

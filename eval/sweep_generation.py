@@ -116,7 +116,7 @@ def generate(pipe, config: SweepConfig, output: Path, mine: list[Unit], device: 
     for method_spec, group in itertools.groupby(mine, key=lambda u: u.method):
         group = list(group)
         method = parse_method(method_spec)
-        method.apply(pipe, config.steps)
+        method.apply(pipe, config.steps, call_arguments(pipe, config, config.prompts[group[0].index], group[0].seed, device))
         try:
             pipe(**call_arguments(pipe, config, config.prompts[group[0].index], group[0].seed, device))
             for unit in tqdm(group, desc=method_spec, leave=False, disable=quiet):

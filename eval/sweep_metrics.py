@@ -15,8 +15,11 @@ from tqdm.auto import tqdm
 
 from ditcache.flops import count_flops
 
+from . import scenes
 from .speed import parse_method
-from .sweep_config import BASELINE, DIGITS_FID, FIDELITY_METRICS, PROMPT_METRICS, SET_METRICS, VIDEO_METRICS, SweepConfig, digest
+from .sweep_config import (
+    BASELINE, DIGITS_FID, FIDELITY_METRICS, PROMPT_METRICS, SCENES_FID, SET_METRICS, VIDEO_METRICS, SweepConfig, digest,
+)
 from .sweep_generation import call_arguments, units, write_json
 
 def strip_to_video(strip: torch.Tensor, frames: int) -> torch.Tensor:
@@ -86,6 +89,7 @@ def _digit_classifier(options: dict, device: str):
 METRIC_MODELS = {
     "clip_score": _clip_score, "lpips": _lpips, "image_reward": _image_reward, "subject_consistency": _subject_consistency,
     "background_consistency": _background_consistency, "digits_accuracy": _digit_classifier, DIGITS_FID: _digit_classifier,
+    "scenes_accuracy": _digit_classifier, SCENES_FID: _digit_classifier,
 }
 
 
@@ -137,10 +141,16 @@ class Evaluator:
                     values.append(model.cosines(batch, batch_prompts))
                 elif name == "image_reward":
                     values.append(model.score(batch_prompts, batch).cpu())
+                elif name == "scenes_accuracy":
+                    values += scenes.read(batch, batch_prompts, model)
                 else:
                     from .digits import label_of
 
                     values.append((model(batch).argmax(-1).cpu() == torch.tensor([label_of(p) for p in batch_prompts])).float())
+            if name == "scenes_accuracy":  # per named object, and per whole prompt
+                objects = [digit and colour for readings in values for digit, colour in readings]
+                prompts = [all(digit and colour for digit, colour in readings) for readings in values]
+                return {name: sum(objects) / len(objects), f"{name}_prompt": sum(prompts) / len(prompts)}
             values = torch.cat(values)
             return {name: metrics.CLIPScorer.aggregate(values) if name == "clip_score" else float(values.mean())}
         if name == DIGITS_FID:
@@ -148,6 +158,13 @@ class Evaluator:
 
             real = metrics.as_uint8(load_images(size=images[0:1].shape[-1])[0])
             return {DIGITS_FID: metrics.feature_distances(images, real, feature=DigitFeatures(self._model(name)))["fid"]}
+        if name == SCENES_FID:
+            from .digits import DigitFeatures
+
+            real, captions = scenes.make_scenes(1000, scenes.EVAL_SEED, held_out=True)
+            generated = scenes.cut_outs(metrics.as_float(images[0 : len(images)]), self.prompts())
+            distances = metrics.feature_distances(generated, scenes.cut_outs(real, captions), feature=DigitFeatures(self._model(name)))
+            return {SCENES_FID: distances["fid"]}
         options, folder = self.options.get("fid", {}), self.reference()
         if folder is None:
             references = ImageFiles(self.paths(BASELINE))
@@ -186,7 +203,7 @@ def evaluate(pipe, config: SweepConfig, output: Path, device: str, quiet: bool) 
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
         if "flops" not in record:
             method = parse_method(method_spec)
-            method.apply(pipe, config.steps)
+            method.apply(pipe, config.steps, call_arguments(pipe, config, config.prompts[0], config.seeds[0], device))
             try:
                 call = call_arguments(pipe, config, config.prompts[0], config.seeds[0], device)
                 _, record["flops"] = count_flops(lambda: pipe(**call), pipe.transformer)
@@ -206,7 +223,8 @@ def evaluate(pipe, config: SweepConfig, output: Path, device: str, quiet: bool) 
                "latency_s": statistics.median(s["latency_s"] for s in sidecars), "flops": record["flops"]}
         for name in computations(config):
             values = record.get(name, {}).get("values", {})
-            row |= {k: v for k, v in values.items() if k in config.metrics or (k.startswith("kid") and "kid" in config.metrics)}
+            row |= {k: v for k, v in values.items() if k in config.metrics or (k.startswith("kid") and "kid" in config.metrics)
+                    or k == f"{name}_prompt"}
         if "fid" in computations(config) and method_spec != BASELINE:
             row["fid_feature"] = str(config.metric_options.get("fid", {}).get("feature", 2048))
         rows.append(row)

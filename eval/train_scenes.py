@@ -36,7 +36,6 @@ from . import builders, digits, scenes
 SEED = 0
 NAME = "digits-scenes"
 SCENES = 24_000
-EVAL_SEED = 1_000_000  # held-out scenes: seeds from here, held-out digits
 LATENT_SIZE = scenes.CANVAS // 2
 BATCH = 32
 CHECKPOINT_EVERY = 200
@@ -172,7 +171,7 @@ def train(out: Path, work: Path, steps: int, vae_steps: int) -> dict:
     image_ids = pipe._prepare_latent_image_ids(1, LATENT_SIZE // 2, LATENT_SIZE // 2, "cpu", torch.float32)
     text_ids = torch.zeros(scenes.TEXT_TOKENS, 3)
     empty = len(data["t5_ids"]) - 1
-    _, captions = scenes.make_scenes(300, EVAL_SEED, held_out=True)
+    _, captions = scenes.make_scenes(300, scenes.EVAL_SEED, held_out=True)
     separation_before = binding_separation(_t5_encoder(build_pipeline(vae)), captions)
     model.train()
     t5.train()
@@ -208,7 +207,7 @@ def train(out: Path, work: Path, steps: int, vae_steps: int) -> dict:
     t5.eval()
     folder = out / NAME
     pipe.save_pretrained(folder)
-    _, captions = scenes.make_scenes(300, EVAL_SEED, held_out=True)
+    _, captions = scenes.make_scenes(300, scenes.EVAL_SEED, held_out=True)
     log = {"steps": steps, "vae_steps": vae_steps, "final_loss": sum(state["losses"][-200:]) / len(state["losses"][-200:]),
            "minutes": state["seconds"] / 60, "binding_separation_t5_frozen": separation_before,
            "binding_separation_t5_trained": binding_separation(_t5_encoder(pipe), captions)}

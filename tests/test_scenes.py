@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eval import scenes, train_scenes
+from ditcache.eval import scenes, train_scenes
 
 
 def test_captions_name_every_object_and_parse_back():
@@ -27,13 +27,13 @@ def test_scenes_come_from_their_seed_alone_and_held_out_digits_differ():
 def test_the_judge_reads_held_out_real_scenes_above_95_percent():
     """Calibration: real scenes from held-out digits read correctly, per object, over 95% of the time (measured:
     96.3% per object, 89.1% per whole caption, colours 100%, on 1000 scenes)."""
-    images, captions = scenes.make_scenes(300, seed=train_scenes.EVAL_SEED, held_out=True)
+    images, captions = scenes.make_scenes(300, seed=scenes.EVAL_SEED, held_out=True)
     verdict = scenes.judge(images, captions)
     assert verdict.object_accuracy > 0.95 and verdict.colour_accuracy > 0.99 and verdict.prompt_accuracy > 0.85
 
 
 def test_the_judge_fails_wrong_digits_colours_and_places():
-    images, captions = scenes.make_scenes(60, seed=train_scenes.EVAL_SEED, held_out=True)
+    images, captions = scenes.make_scenes(60, seed=scenes.EVAL_SEED, held_out=True)
     recoloured = [c.replace("red", "TMP").replace("blue", "red").replace("TMP", "blue") for c in captions]
     moved = [scenes.caption([scenes.SceneObject(o.digit, o.colour, scenes.PLACES[3 - scenes.PLACES.index(o.place)])
                              for o in scenes.parse(c)]) for c in captions]
@@ -46,10 +46,11 @@ def test_the_judge_fails_wrong_digits_colours_and_places():
     assert scenes.judge(blank, captions).prompt_accuracy == 0.0
 
 
-def test_crop_features_give_one_row_per_named_object():
+def test_cut_outs_give_one_digit_per_named_object():
     images, captions = scenes.make_scenes(4, seed=0)
-    features = scenes.crop_features(images, captions)
-    assert features.shape == (sum(len(scenes.parse(c)) for c in captions), 64)
+    squares = scenes.cut_outs(images, captions)
+    assert squares.shape == (sum(len(scenes.parse(c)) for c in captions), 3, 32, 32)
+    assert squares.amax(dim=(1, 2, 3)).min() > 0.95  # each holds its strokes, scaled to 1 (before resizing)
 
 
 def test_binding_separation_tells_a_bag_of_words_from_an_order_aware_encoding():
