@@ -89,3 +89,15 @@ def test_training_resumes_where_it_stopped_and_gives_the_uninterrupted_run(tmp_p
     ids = train_scenes.t5_ids(resumed, ["a red 3 at the top left and a blue 7 at the bottom right"])
     torch.testing.assert_close(resumed.text_encoder_2(ids)[0], resumed._get_t5_prompt_embeds(
         "a red 3 at the top left and a blue 7 at the bottom right", max_sequence_length=scenes.TEXT_TOKENS))
+
+
+def test_a_sweep_reports_the_judge_and_scenes_fid(tmp_path):
+    from ditcache.eval import sweep
+
+    _, captions = scenes.make_scenes(2, scenes.EVAL_SEED, held_out=True)
+    config = sweep.SweepConfig(pipeline="tiny-flux", methods=["fora:2"], prompts=captions, steps=3, height=64, width=64,
+                               metrics=["psnr", "scenes_accuracy", "scenes_fid"], grid_prompts=1)
+    rows = sweep.run(config, tmp_path, "cpu", quiet=True)
+    for row in rows:
+        assert 0.0 <= row["scenes_accuracy"] <= 1.0 and 0.0 <= row["scenes_accuracy_prompt"] <= row["scenes_accuracy"]
+        assert row["scenes_fid"] > 0
