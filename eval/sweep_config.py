@@ -66,6 +66,7 @@ class SweepConfig:
     call: dict = field(default_factory=dict)  # any other pipeline argument
     grid_prompts: int = 8
     plot_x: str = "speedup"  # or "flops_speedup"
+    batch_size: int = 1  # images per pipeline call (each with its own seed's generator)
 
     def __post_init__(self):
         unknown = sorted(set(self.metrics) - set(METRICS))
@@ -82,12 +83,15 @@ class SweepConfig:
             raise ValueError("prompts must not be empty")
         if not (_is_int(self.steps) and self.steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not (_is_int(self.batch_size) and 1 <= self.batch_size <= 1024):
+            raise ValueError(f"batch_size must be an integer in [1, 1024], got {self.batch_size!r}")
         if self.plot_x not in PLOT_AXES:
             raise ValueError(f"plot_x must be one of {', '.join(PLOT_AXES)}, got {self.plot_x!r}")
 
     def folder(self, method: str) -> str:
         """Images of one method live here; the hash covers everything that changes their pixels."""
-        key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method])
+        batch = [self.batch_size] if self.batch_size > 1 else []  # batched images differ in their last bits
+        key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method, *batch])
         return f"{method.replace(':', '_')}-{digest(key)}"
 
 

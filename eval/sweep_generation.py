@@ -96,14 +96,20 @@ def load_pipeline(config: SweepConfig, device: str):
     return pipeline_loader(config.pipeline).from_pretrained(config.pipeline, dtype=dtype).to(device)
 
 
-def call_arguments(pipe, config: SweepConfig, prompt: str, seed: int, device: str) -> dict:
+def call_arguments(pipe, config: SweepConfig, prompts: str | list[str], seeds: int | list[int], device: str) -> dict:
+    """The pipeline arguments of one image, or of a batch (``prompts`` and ``seeds`` lists: one generator each)."""
+    batch = isinstance(prompts, list)
+    prompts, seeds = (prompts, seeds) if batch else ([prompts], [seeds])
     call = {"num_inference_steps": config.steps, "output_type": "pil", **config.call}
-    call["generator"] = torch.Generator(device).manual_seed(seed)
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    call["generator"] = generators if batch else generators[0]
     if hasattr(pipe, "get_label_ids"):  # DiT: class-conditional
-        call["class_labels"] = [int(prompt)] if prompt.isdigit() else pipe.get_label_ids([prompt])
+        call["class_labels"] = [label for p in prompts for label in ([int(p)] if p.isdigit() else pipe.get_label_ids([p]))]
     else:
-        call["prompt"] = prompt
+        call["prompt"] = prompts if batch else prompts[0]
         call |= {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
+        if batch:  # one negative prompt per image
+            call |= {k: [v] * len(prompts) for k, v in call.items() if k.startswith("negative_prompt") and isinstance(v, str)}
     if config.guidance_scale is not None:
         call["guidance_scale"] = config.guidance_scale
     return call
@@ -111,24 +117,34 @@ def call_arguments(pipe, config: SweepConfig, prompt: str, seed: int, device: st
 
 def generate(pipe, config: SweepConfig, output: Path, mine: list[Unit], device: str, quiet: bool, position: int) -> None:
     """Generate this process's images, one method at a time, each after one untimed warm-up call (a
-    method's first call pays one-off costs: its latency would be the warm-up, not the method)."""
+    method's first call pays one-off costs: its latency would be the warm-up, not the method). With
+    ``batch_size`` above 1, images of one method go through the pipeline together, each with its own
+    generator; an image's latency is its batch's over the batch's size."""
     overall, clock = tqdm(total=len(mine), desc="images", position=position, disable=quiet), Clock(device)
+    batched = config.batch_size > 1
+
+    def batch_call(batch: list[Unit]) -> dict:
+        prompts, seeds = [config.prompts[u.index] for u in batch], [u.seed for u in batch]
+        return call_arguments(pipe, config, *((prompts, seeds) if batched else (prompts[0], seeds[0])), device)
+
     for method_spec, group in itertools.groupby(mine, key=lambda u: u.method):
         group = list(group)
+        batches = [group[start : start + config.batch_size] for start in range(0, len(group), config.batch_size)]
         method = parse_method(method_spec)
-        method.apply(pipe, config.steps, call_arguments(pipe, config, config.prompts[group[0].index], group[0].seed, device))
+        method.apply(pipe, config.steps, call_arguments(pipe, config, config.prompts[batches[0][0].index], batches[0][0].seed, device))
         try:
-            pipe(**call_arguments(pipe, config, config.prompts[group[0].index], group[0].seed, device))
-            for unit in tqdm(group, desc=method_spec, leave=False, disable=quiet):
-                prompt = config.prompts[unit.index]
-                call = call_arguments(pipe, config, prompt, unit.seed, device)
+            pipe(**batch_call(batches[0]))
+            for batch in tqdm(batches, desc=method_spec, leave=False, disable=quiet):
+                prompts, call = [config.prompts[u.index] for u in batch], batch_call(batch)
                 result, latency = clock.timed(lambda: pipe(**call))
-                frames = result.frames[0] if hasattr(result, "frames") else [result.images[0]]
-                folder = output / "images" / unit.folder
-                atomic_write(folder / f"{unit.stem}.png", png_bytes(frame_strip(frames)))
-                sidecar = {"prompt": prompt, "seed": unit.seed, "method": method_spec, "latency_s": latency}
-                write_json(folder / f"{unit.stem}.json", sidecar | ({"frames": len(frames)} if len(frames) > 1 else {}))
-                overall.update()
+                for position_in_batch, (unit, prompt) in enumerate(zip(batch, prompts)):
+                    frames = result.frames[position_in_batch] if hasattr(result, "frames") else [result.images[position_in_batch]]
+                    folder = output / "images" / unit.folder
+                    atomic_write(folder / f"{unit.stem}.png", png_bytes(frame_strip(frames)))
+                    sidecar = {"prompt": prompt, "seed": unit.seed, "method": method_spec, "latency_s": latency / len(batch)}
+                    sidecar |= {"batch": len(batch)} if batched else {}
+                    write_json(folder / f"{unit.stem}.json", sidecar | ({"frames": len(frames)} if len(frames) > 1 else {}))
+                    overall.update()
         finally:
             method.remove(pipe)
     overall.close()

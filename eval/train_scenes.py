@@ -246,6 +246,32 @@ matching, Euler) with true classifier-free guidance. Made for measuring caching 
 """
 
 
+@torch.no_grad()
+def sample(pipe, captions: list[str], steps: int, batch: int = 20) -> torch.Tensor:
+    """Images ``(n, 3, 64, 64)`` in [0, 1] for ``captions``, batch ``i`` from seed ``i``."""
+    images = []
+    for start in range(0, len(captions), batch):
+        chunk = captions[start : start + batch]
+        call = dict(CALL, negative_prompt=[""] * len(chunk), num_inference_steps=steps, output_type="pt")
+        images.append(pipe(chunk, generator=torch.Generator().manual_seed(start // batch), **call).images)
+    return torch.cat(images)
+
+
+def checkpoint_pipeline(work: Path):
+    """The pipeline with the EMA weights of the last checkpoint in ``work``: to watch a training in progress."""
+    from diffusers import AutoencoderKL
+
+    pipe = build_pipeline(AutoencoderKL.from_pretrained(work / "vae").eval())
+    saved = torch.load(work / "checkpoint.pt", weights_only=True)
+    parameters = [*pipe.transformer.parameters(), *pipe.text_encoder_2.parameters()]
+    for parameter, value in zip(parameters, saved["ema"]["shadow_params"], strict=True):
+        parameter.data.copy_(value)
+    pipe.transformer.eval()
+    pipe.text_encoder_2.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, saved["step"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(digits.REFERENCE_DIR))

@@ -209,3 +209,24 @@ def test_prompt_metrics_of_a_finished_sweep(finished, tmp_path):
     expected = metrics.CLIPScorer.from_pretrained(clip).cosines(images.float() / 255, evaluator.prompts())
     assert value == pytest.approx(metrics.CLIPScorer.aggregate(expected))
     assert evaluator.prompts()[:3] == ["zero", "zero", "1"]  # prompt-major, one per seed, as the images
+
+
+@pytest.mark.parametrize("pipeline, prompts", [("tiny-dit", ["zero", "1", "one"]), ("tiny-flux", ["a fox", "a red cat", "snow"])])
+def test_batched_generation_gives_the_images_of_one_by_one(pipeline, prompts, tmp_path):
+    """``batch_size`` puts a method's images through the pipeline together, each with its own seed; they match
+    the one-by-one images to the last bits (FLUX with true guidance: a negative prompt per image)."""
+    from ditcache.eval.sweep_metrics import ImageFiles
+
+    call = {"negative_prompt": "", "true_cfg_scale": 2.0} if pipeline == "tiny-flux" else {}
+    images = {}
+    for batch_size in (1, 4):
+        config = sweep.SweepConfig(pipeline=pipeline, methods=["fora:2"], prompts=prompts, seeds=[0, 1], steps=3, call=call,
+                                   metrics=["psnr"], grid_prompts=1, batch_size=batch_size, height=32 if call else None,
+                                   width=32 if call else None)
+        rows = sweep.run(config, tmp_path / str(batch_size), "cpu", quiet=True)
+        assert [row["images"] for row in rows] == [6, 6]
+        files = sorted((tmp_path / str(batch_size) / "images").glob("*/*.png"), key=lambda p: (p.parent.name.split("-")[0], p.name))
+        sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in files]
+        assert all(s.get("batch", 1) == (1 if batch_size == 1 else (4 if i % 6 < 4 else 2)) for i, s in enumerate(sidecars))
+        images[batch_size] = ImageFiles(files)[:].int()
+    assert (images[1] - images[4]).abs().max() <= 2
