@@ -211,7 +211,6 @@ def train(out: Path, work: Path, steps: int, vae_steps: int) -> dict:
     log = {"steps": steps, "vae_steps": vae_steps, "final_loss": sum(state["losses"][-200:]) / len(state["losses"][-200:]),
            "minutes": state["seconds"] / 60, "binding_separation_t5_frozen": separation_before,
            "binding_separation_t5_trained": binding_separation(_t5_encoder(pipe), captions)}
-    (folder / "README.md").write_text(MODEL_CARD.format(**log, scenes=SCENES, batch=BATCH, seed=SEED))
     return log
 
 
@@ -242,8 +241,28 @@ matching, Euler) with true classifier-free guidance. Made for measuring caching 
   `runs/train_scenes/`).
 - **Use**: `FluxPipeline.from_pretrained(path)("a red 3 at the top left and a blue 7 at the bottom right",
   negative_prompt="", true_cfg_scale=3.0, height=64, width=64, num_inference_steps=50, max_sequence_length=32)`
-- **Judge**: `ditcache.eval.scenes.judge(images, captions)`.
+- **Judge** (`ditcache.eval.scenes.judge`; uncached, the first {judged} held-out evaluation captions, one image
+  each, true guidance 3.0): {judge_lines}
+  The judge itself reads real held-out scenes at 96.3% per object, 89.1% per whole caption.
 """
+
+JUDGED_STEPS = (20, 28, 50)
+
+
+def judge_model(pipe, count: int = 100) -> dict:
+    """The uncached model's judged accuracy at the step counts users run, on ``count`` held-out captions."""
+    _, captions = scenes.make_scenes(count, scenes.EVAL_SEED, held_out=True)
+    verdicts = {steps: scenes.judge(sample(pipe, captions, steps), captions) for steps in JUDGED_STEPS}
+    return {f"judge_{steps}_steps": vars(verdict) for steps, verdict in verdicts.items()} | {"judged": count}
+
+
+def write_card(folder: Path, log: dict) -> None:
+    lines = "; ".join(
+        f"{steps} steps: {100 * v['object_accuracy']:.1f}% of objects, {100 * v['prompt_accuracy']:.1f}% of whole captions "
+        f"(digit {100 * v['digit_accuracy']:.1f}%, colour {100 * v['colour_accuracy']:.1f}%)"
+        for steps in JUDGED_STEPS if (v := log.get(f"judge_{steps}_steps"))
+    )
+    (folder / "README.md").write_text(MODEL_CARD.format(**log, judge_lines=lines + ".", scenes=SCENES, batch=BATCH, seed=SEED))
 
 
 @torch.no_grad()
@@ -278,16 +297,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="runs/train_scenes", help="resumable work in progress (ignored by git)")
     parser.add_argument("--steps", type=int, default=6000, help="training steps of the transformer and T5")
     parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--judged", type=int, default=100, help="held-out captions the model card's accuracy is measured on")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if (out / NAME / "model_index.json").exists():
-        print(f"{out / NAME} exists; remove it to retrain.")
-        return
-    log = train(out, Path(args.work), args.steps, args.vae_steps)
     log_path = out / "training_log.json"
     entries = json.loads(log_path.read_text()) if log_path.exists() else {}
-    entries[NAME] = log
-    log_path.write_text(json.dumps(entries, indent=2))
+    if not (out / NAME / "model_index.json").exists():
+        entries[NAME] = train(out, Path(args.work), args.steps, args.vae_steps)
+        log_path.write_text(json.dumps(entries, indent=2))
+    log = entries[NAME]
+    if "judged" not in log:  # a stage of its own: the card's accuracy
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(out / NAME)
+        pipe.set_progress_bar_config(disable=True)
+        log |= judge_model(pipe, args.judged)
+        log_path.write_text(json.dumps(entries, indent=2))
+    write_card(out / NAME, log)
     print(json.dumps(log, indent=2))
 
 

@@ -76,16 +76,17 @@ def test_binding_separation_tells_a_bag_of_words_from_an_order_aware_encoding():
 def test_training_resumes_where_it_stopped_and_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_scenes, "SCENES", 256)
     monkeypatch.setattr(train_scenes, "CHECKPOINT_EVERY", 2)
-    train_scenes.main(["--out", str(tmp_path / "straight"), "--work", str(tmp_path / "a"), "--steps", "4", "--vae-steps", "2"])
-    train_scenes.main(["--out", str(tmp_path / "half"), "--work", str(tmp_path / "b"), "--steps", "2", "--vae-steps", "2"])
-    train_scenes.main(["--out", str(tmp_path / "resumed"), "--work", str(tmp_path / "b"), "--steps", "4", "--vae-steps", "2"])
+    train_scenes.main(["--out", str(tmp_path / "straight"), "--work", str(tmp_path / "a"), "--steps", "4", "--vae-steps", "2", "--judged", "2"])
+    train_scenes.main(["--out", str(tmp_path / "half"), "--work", str(tmp_path / "b"), "--steps", "2", "--vae-steps", "2", "--judged", "2"])
+    train_scenes.main(["--out", str(tmp_path / "resumed"), "--work", str(tmp_path / "b"), "--steps", "4", "--vae-steps", "2", "--judged", "2"])
     from diffusers import FluxPipeline
 
     straight = FluxPipeline.from_pretrained(tmp_path / "straight" / train_scenes.NAME)
     resumed = FluxPipeline.from_pretrained(tmp_path / "resumed" / train_scenes.NAME)
     for a, b in zip(straight.transformer.state_dict().values(), resumed.transformer.state_dict().values()):
         assert torch.equal(a, b)
-    assert "256 image tokens" in (tmp_path / "resumed" / train_scenes.NAME / "README.md").read_text()
+    card = (tmp_path / "resumed" / train_scenes.NAME / "README.md").read_text()
+    assert "256 image tokens" in card and "50 steps: " in card and "of whole captions" in card
     ids = train_scenes.t5_ids(resumed, ["a red 3 at the top left and a blue 7 at the bottom right"])
     torch.testing.assert_close(resumed.text_encoder_2(ids)[0], resumed._get_t5_prompt_embeds(
         "a red 3 at the top left and a blue 7 at the bottom right", max_sequence_length=scenes.TEXT_TOKENS))
