@@ -161,9 +161,10 @@ class Evaluator:
         if name == SCENES_FID:
             from .digits import DigitFeatures
 
-            real, captions = scenes.make_scenes(1000, scenes.EVAL_SEED, held_out=True)
+            if "scenes_real" not in self._models:  # the held-out real scenes' cut-outs, made once per sweep
+                self._models["scenes_real"] = scenes.cut_outs(*scenes.make_scenes(1000, scenes.EVAL_SEED, held_out=True))
             generated = scenes.cut_outs(metrics.as_float(images[0 : len(images)]), self.prompts())
-            distances = metrics.feature_distances(generated, scenes.cut_outs(real, captions), feature=DigitFeatures(self._model(name)))
+            distances = metrics.feature_distances(generated, self._models["scenes_real"], feature=DigitFeatures(self._model(name)))
             return {SCENES_FID: distances["fid"]}
         options, folder = self.options.get("fid", {}), self.reference()
         if folder is None:
