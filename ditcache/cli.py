@@ -111,6 +111,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder; rerun the same command to resume")
     parser.add_argument("--allow-changed", action="store_true", help="go on in a folder made by a different configuration")
     parser.add_argument("--device", help=_device_help + "; under accelerate launch, each process's own")
+    parser.add_argument("--steps", type=_at_least(1), help="the configuration's steps, overridden (one config, several step counts)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
 
 

@@ -79,7 +79,7 @@ def run_from_arguments(args: argparse.Namespace) -> None:
     if not path.is_file():
         raise cli.CommandError(f"no sweep configuration at {path}")
     try:
-        config = load_config(path)
+        config = load_config(path, **({"steps": args.steps} if args.steps is not None else {}))
     except (ValueError, KeyError, TypeError, yaml.YAMLError) as error:
         raise cli.CommandError(f"{path}: {error}") from None
     if args.quiet:

@@ -155,7 +155,8 @@ def load_prompts(source, base: Path) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
-def load_config(path: str | os.PathLike) -> SweepConfig:
+def load_config(path: str | os.PathLike, **overrides) -> SweepConfig:
+    """The sweep a YAML file describes, with ``overrides`` of its fields (``steps=20``)."""
     import yaml
 
     path = Path(path)
@@ -167,6 +168,6 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
     unknown = sorted(set(raw) - set(SweepConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(SweepConfig.__dataclass_fields__)}")
-    return SweepConfig(**raw)
+    return SweepConfig(**(raw | overrides))
 
 

@@ -230,3 +230,12 @@ def test_batched_generation_gives_the_images_of_one_by_one(pipeline, prompts, tm
         assert all(s.get("batch", 1) == (1 if batch_size == 1 else (4 if i % 6 < 4 else 2)) for i, s in enumerate(sidecars))
         images[batch_size] = ImageFiles(files)[:].int()
     assert (images[1] - images[4]).abs().max() <= 2
+
+
+def test_one_config_runs_at_several_step_counts(tmp_path):
+    from ditcache import cli
+
+    args = cli.build_parser().parse_args(["sweep", str(write_config(tmp_path)), "--output", str(tmp_path / "o"), "--steps", "20"])
+    config = sweep.load_config(args.config, steps=args.steps)
+    assert config.steps == 20 and sweep.load_config(args.config).steps == CONFIG["steps"]
+    assert config.folder("fora:2") != sweep.load_config(args.config).folder("fora:2")
