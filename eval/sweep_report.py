@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .sweep_config import DIGITS_FID, PLOT_AXES, SweepConfig
+from .sweep_config import DIGITS_FID, PLOT_AXES, SCENES_FID, SweepConfig
 from .sweep_generation import Unit, atomic_write, write_json
 
 TIMING_COLUMNS = ("latency_s", "speedup")  # the only columns that differ between two runs of a sweep
@@ -26,9 +26,23 @@ def write_results(output: Path, rows: list[dict]) -> None:
     write_json(output / "results.json", rows)
 
 
+LOWER_IS_BETTER = ("lpips", "fid", "kid_mean", DIGITS_FID, SCENES_FID)
+
+
 def quality_columns(rows: list[dict]) -> list[str]:
-    columns = ("psnr", "ssim", "lpips", "clip_score", "image_reward", "digits_accuracy", "fid", "kid_mean", DIGITS_FID)
+    columns = ("psnr", "ssim", "lpips", "clip_score", "image_reward", "digits_accuracy", "scenes_accuracy",
+               "scenes_accuracy_prompt", "fid", "kid_mean", DIGITS_FID, SCENES_FID)
     return [c for c in columns if any(c in row for row in rows)]
+
+
+def pareto_front(points: list[tuple[float, float]], lower_is_better: bool = False) -> list[tuple[float, float]]:
+    """The points no other point beats in both speedup and quality, by rising speedup."""
+    front, best = [], None
+    for speedup, value in sorted(points, key=lambda p: (-p[0], p[1] if lower_is_better else -p[1])):
+        if best is None or (value < best if lower_is_better else value > best):
+            front.append((speedup, value))
+            best = value
+    return front[::-1]
 
 
 def method_family(method: str) -> str:
@@ -39,7 +53,8 @@ def method_family(method: str) -> str:
 
 def plot_speed_quality(output: Path, rows: list[dict], x: str = "speedup") -> None:
     """One panel per quality metric: its value against the speedup (``x``: wall clock or FLOPs), a point
-    per method, the methods of one family (see ``method_family``) joined from fast to slow."""
+    per method, the methods of one family (see ``method_family``) joined from fast to slow, and the Pareto
+    front of all of them (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,6 +75,8 @@ def plot_speed_quality(output: Path, rows: list[dict], x: str = "speedup") -> No
             for speedup, value, label in points:
                 ax.annotate(label.split(":")[1] if label.count(":") else label, (speedup, value), fontsize=6,
                             xytext=(2, 2), textcoords="offset points", color=style["color"])
+        front = pareto_front([(row[x], row[column]) for row in rows if column in row], column in LOWER_IS_BETTER)
+        ax.plot(*zip(*front), color="black", linestyle="--", linewidth=0.8, alpha=0.6, label="Pareto front")
         ax.set(xlabel=PLOT_AXES[x], ylabel=column, title=f"{column} vs {PLOT_AXES[x].split(' (')[0]}")
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5), title="method (N: the number on each point)", title_fontsize=6)

@@ -239,3 +239,11 @@ def test_one_config_runs_at_several_step_counts(tmp_path):
     config = sweep.load_config(args.config, steps=args.steps)
     assert config.steps == 20 and sweep.load_config(args.config).steps == CONFIG["steps"]
     assert config.folder("fora:2") != sweep.load_config(args.config).folder("fora:2")
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats():
+    from ditcache.eval.sweep_report import pareto_front
+
+    points = [(1.0, 40.0), (2.0, 35.0), (2.0, 30.0), (3.0, 36.0), (4.0, 20.0), (1.5, 38.0)]
+    assert pareto_front(points) == [(1.0, 40.0), (1.5, 38.0), (3.0, 36.0), (4.0, 20.0)]
+    assert pareto_front([(1.0, 5.0), (2.0, 3.0), (3.0, 4.0)], lower_is_better=True) == [(2.0, 3.0), (3.0, 4.0)]
