@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -37,6 +38,34 @@ def linears_flops(module: nn.Module, rows: int) -> int:
 def attention_core_flops(batch: int, heads: int, queries: int, keys: int, head_dim: int) -> int:
     """``softmax(Q K^T) V``: two batched products."""
     return 4 * batch * heads * queries * keys * head_dim
+
+
+@dataclass(frozen=True)
+class BranchCost:
+    """What one branch of a block computes, declared by its adapter: the modules each computed row runs
+    through (every ``nn.Linear`` inside counts; per token group where one attention serves two, as FLUX's
+    double-stream blocks), the modules each key row of another sequence runs through (a cross-attention's
+    text), and the attention core ``(heads, head_dim)``, over all the rows, or the rows against the keys."""
+
+    rows: dict[str, tuple[nn.Module, ...]]
+    keys: tuple[nn.Module, ...] = ()
+    attention: tuple[int, int] | None = None
+
+    def flops(self, batch: int, rows: dict[str, int], keys: int = 0, project_keys: bool = True,
+              sequences: tuple[int, int] | None = None) -> int:
+        """One call's FLOPs: ``rows`` computed per sample and token group, ``keys`` key rows of the other
+        sequence (0: the attention is over the rows themselves), ``project_keys`` False when they were
+        projected on an earlier call; ``sequences = (count, length)`` when the attention runs over separate
+        sequences instead of one per sample (OpenSora's frames or positions)."""
+        computed = sum(rows.get(group, 0) for group in self.rows)
+        if not computed:
+            return 0
+        flops = sum(linears_flops(module, batch * rows.get(group, 0)) for group, modules in self.rows.items() for module in modules)
+        flops += sum(linears_flops(module, batch * keys) for module in self.keys) if project_keys else 0
+        if self.attention is not None:
+            count, length = sequences or (batch, computed)
+            flops += attention_core_flops(count, self.attention[0], length, keys or length, self.attention[1])
+        return flops
 
 
 def _layer_call_flops(layer: nn.Module, output: torch.Tensor) -> int:

@@ -17,7 +17,7 @@ from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forw
 from .. import scores as S
 from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
-from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..flops import BranchCost, linears_flops
 from ..merging import unmerge
 from ..state import BlockCache, RunState
 from .base import (
@@ -45,6 +45,12 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         if block.pos_embed is not None or block.only_cross_attention or hasattr(block, "fuser"):
             raise TypeError(f"{name}: positional embeddings, only_cross_attention and GLIGEN are not supported.")
         self.zero = block.norm_type == "ada_norm_zero"
+        attn, cross = block.attn1, block.attn2
+        self.costs = {
+            "attn": BranchCost({"image": (attn,)}, attention=(attn.heads, attn.inner_dim // attn.heads)),
+            "mlp": BranchCost({"image": (block.ff,)}),
+        } | ({"cross_attn": BranchCost({"image": (cross.to_q, cross.to_out[0])}, keys=(cross.to_k, cross.to_v),
+                                       attention=(cross.heads, cross.inner_dim // cross.heads))} if cross is not None else {})
         self.branch_groups = {"cross_attn": "image", "mlp": "image"} if block.attn2 is not None else {"mlp": "image"}
 
     def readable_scores(self) -> tuple[tuple[str, ...], str]:
@@ -244,19 +250,10 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         block = self.block
         batch, tokens, _ = shape
         rows = rows if rows is not None else {"attn": tokens, "cross_attn": tokens, "mlp": tokens}
+        text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else tokens
         flops = linears_flops(block.norm1, batch) if self.zero and modulation else 0
-        attn, attn_rows = block.attn1, rows.get("attn", 0)
-        if attn_rows:
-            flops += linears_flops(attn, batch * attn_rows)
-            flops += attention_core_flops(batch, attn.heads, attn_rows, attn_rows, attn.inner_dim // attn.heads)
-        if block.attn2 is not None:
-            cross, cross_rows = block.attn2, rows.get("cross_attn", 0)
-            if cross_rows:
-                text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else tokens
-                flops += (linear_flops(cross.to_q, batch * cross_rows) + linear_flops(cross.to_out[0], batch * cross_rows))
-                flops += linear_flops(cross.to_k, batch * text) + linear_flops(cross.to_v, batch * text)
-                flops += attention_core_flops(batch, cross.heads, cross_rows, text, cross.inner_dim // cross.heads)
-        return flops + linears_flops(block.ff, batch * rows.get("mlp", 0))
+        return flops + sum(cost.flops(batch, {"image": rows.get(branch, 0)}, text if branch == "cross_attn" else 0)
+                           for branch, cost in self.costs.items())
 
 
 def _bias(encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:

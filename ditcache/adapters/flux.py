@@ -19,7 +19,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from .. import scores as S
 from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
-from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..flops import BranchCost, linear_flops, linears_flops
 from ..merging import TokenMatch, merge, unmerge
 from ..state import BlockCache, RunState
 from .base import BlockAdapter, capture_outputs, gated_residual, step_table
@@ -85,21 +85,13 @@ def _modulation(run: RunState, key: str, norm, temb: torch.Tensor, chunks: int) 
     return scheduled if scheduled is not None else norm.linear(norm.silu(temb)).chunk(chunks, dim=1)
 
 
-def _qkv_flops(attn, image_rows: int, text_rows: int) -> int:
-    """Input and output projections of a FLUX attention (fused or not)."""
-    if attn.fused_projections:
-        flops = linear_flops(attn.to_qkv, image_rows)
-        if text_rows:
-            flops += linear_flops(attn.to_added_qkv, text_rows)
-    else:
-        flops = sum(linear_flops(layer, image_rows) for layer in (attn.to_q, attn.to_k, attn.to_v))
-        if text_rows:
-            flops += sum(linear_flops(layer, text_rows) for layer in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if not attn.pre_only:
-        flops += linear_flops(attn.to_out[0], image_rows)
-    if text_rows:
-        flops += linear_flops(attn.to_add_out, text_rows)
-    return flops
+def _attention_cost(attn, joint: bool) -> BranchCost:
+    """A FLUX attention's projections per token group (fused or not, read on each call) and its joint core."""
+    fused = attn.fused_projections
+    rows = {"image": ((attn.to_qkv,) if fused else (attn.to_q, attn.to_k, attn.to_v)) + (() if attn.pre_only else (attn.to_out[0],))}
+    if joint:
+        rows["text"] = ((attn.to_added_qkv,) if fused else (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)) + (attn.to_add_out,)
+    return BranchCost(rows, attention=(attn.heads, attn.head_dim))
 
 
 def _merged_rotary(rotary, match: TokenMatch, text: int):
@@ -137,6 +129,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
         self.branch_groups = {"mlp": "image", "context_mlp": "text"}
+        self.costs = {"mlp": BranchCost({"image": (block.ff,)}), "context_mlp": BranchCost({"text": (block.ff_context,)})}
 
     def forward(
         self,
@@ -242,17 +235,16 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
         rows = rows if rows is not None else {"attn": image, "mlp": image, "context_mlp": text}
         flops = linears_flops(block.norm1.linear, batch) + linears_flops(block.norm1_context.linear, batch) if modulation else 0
         if "attn" in rows:
-            attn, attended = block.attn, rows["attn"]
-            flops += _qkv_flops(attn, batch * attended, batch * text)
-            flops += attention_core_flops(batch, attn.heads, attended + text, attended + text, attn.head_dim)
-        flops += linears_flops(block.ff, batch * rows["mlp"])
-        return flops + linears_flops(block.ff_context, batch * rows["context_mlp"])
+            flops += _attention_cost(block.attn, joint=True).flops(batch, {"image": rows["attn"], "text": text})
+        return flops + sum(self.costs[branch].flops(batch, {group: rows[branch]}) for branch, group in self.branch_groups.items())
 
 
 class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxSingleTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
         self.branch_groups = {"single_mlp": "joint"}
+        # the MLP's input projection and the output projection over cat(attention, MLP), per computed row
+        self.costs = {"mlp": BranchCost({"image": (block.proj_mlp,)}), "out": BranchCost({"image": (block.proj_out,)})}
 
     def forward(
         self,
@@ -334,6 +326,5 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
         rows = rows if rows is not None else {"attn": tokens, "mlp": tokens, "out": tokens}
         flops = linears_flops(block.norm.linear, batch) if modulation else 0
         if "attn" in rows:
-            flops += _qkv_flops(block.attn, batch * rows["attn"], 0)
-            flops += attention_core_flops(batch, block.attn.heads, rows["attn"], rows["attn"], block.attn.head_dim)
-        return flops + linear_flops(block.proj_mlp, batch * rows["mlp"]) + linear_flops(block.proj_out, batch * rows["out"])
+            flops += _attention_cost(block.attn, joint=False).flops(batch, {"image": rows["attn"]})
+        return flops + sum(cost.flops(batch, {"image": rows[branch]}) for branch, cost in self.costs.items())

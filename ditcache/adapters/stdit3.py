@@ -15,7 +15,7 @@ import torch
 
 from .. import scores as S
 from ..config import EngineSettings
-from ..flops import attention_core_flops, linear_flops, linears_flops
+from ..flops import BranchCost
 from ..models.stdit3 import STDiT3Block, modulate
 from ..state import BlockCache, RunState
 from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows, scatter_rows
@@ -26,6 +26,12 @@ class STDiT3BlockAdapter(BlockAdapter):
 
     def __init__(self, block: STDiT3Block, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
+        attn, cross = block.attn, block.cross_attn
+        self.costs = {
+            "attn": BranchCost({"image": (attn,)}, attention=(attn.heads, attn.head_dim)),
+            "cross_attn": BranchCost({"image": (cross.q_linear, cross.proj)}, keys=(cross.kv_linear,), attention=(cross.heads, cross.head_dim)),
+            "mlp": BranchCost({"image": (block.mlp,)}),
+        }
         if settings.merging is not None and "cross_attn" in settings.merging.branches:
             raise ValueError(f"{name}: STDiT3 merges tokens for self-attention and the MLP only; set merge_crossattn=False.")
         if settings.merging is not None and "attn" in settings.merging.branches and settings.score in ("attention", "k_norm", "v_norm"):
@@ -199,16 +205,8 @@ class STDiT3BlockAdapter(BlockAdapter):
         block = self.block
         batch, tokens, _ = shape
         rows = rows if rows is not None else {"attn": tokens, "cross_attn": tokens, "mlp": tokens}
-        attn, cross = block.attn, block.cross_attn
-        flops = 0
-        attn_rows = rows.get("attn", 0)
-        if attn_rows:  # spatial: per frame (merged frames are shorter); temporal: per position
-            groups, length = (batch * tokens // frames, frames) if block.temporal else (batch * frames, attn_rows // frames)
-            flops += linears_flops(attn, batch * attn_rows) + attention_core_flops(groups, attn.heads, length, length, attn.head_dim)
-        cross_rows = rows.get("cross_attn", 0)
-        if cross_rows:
-            text = y.shape[1]
-            flops += linear_flops(cross.q_linear, batch * cross_rows) + linear_flops(cross.proj, batch * cross_rows)
-            flops += linear_flops(cross.kv_linear, batch * text) if text_projected else 0
-            flops += attention_core_flops(batch, cross.heads, cross_rows, text, cross.head_dim)
-        return flops + linears_flops(block.mlp, batch * rows.get("mlp", 0))
+        attn_rows = rows.get("attn", 0)  # spatial: per frame (merged frames are shorter); temporal: per position
+        sequences = (batch * tokens // frames, frames) if block.temporal else (batch * frames, attn_rows // frames)
+        flops = self.costs["attn"].flops(batch, {"image": attn_rows}, sequences=sequences)
+        flops += self.costs["cross_attn"].flops(batch, {"image": rows.get("cross_attn", 0)}, y.shape[1], project_keys=text_projected)
+        return flops + self.costs["mlp"].flops(batch, {"image": rows.get("mlp", 0)})
