@@ -39,6 +39,7 @@ SCENES = 24_000
 LATENT_SIZE = scenes.CANVAS // 2
 BATCH = 32
 CHECKPOINT_EVERY = 200
+COOLDOWN = 1500
 CALL = {"negative_prompt": "", "true_cfg_scale": 3.0, "height": scenes.CANVAS, "width": scenes.CANVAS,
         "max_sequence_length": scenes.TEXT_TOKENS}
 """How the model is called (true classifier-free guidance); ``num_inference_steps`` is the caller's."""
@@ -167,7 +168,9 @@ def train(out: Path, work: Path, steps: int, vae_steps: int) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         ema.load_state_dict(saved["ema"])
         state = {key: saved[key] for key in state}
-    warmup = lambda step: min(1.0, (step + 1) / 200)  # noqa: E731
+    # 200 warm-up steps, constant, then linearly to 0 over the last COOLDOWN steps: a longer run is the
+    # shorter one continued until its cool-down starts
+    rate = lambda step: 5e-4 * min(1.0, (step + 1) / 200, (steps - step) / COOLDOWN)  # noqa: E731
     image_ids = pipe._prepare_latent_image_ids(1, LATENT_SIZE // 2, LATENT_SIZE // 2, "cpu", torch.float32)
     text_ids = torch.zeros(scenes.TEXT_TOKENS, 3)
     empty = len(data["t5_ids"]) - 1
@@ -188,7 +191,7 @@ def train(out: Path, work: Path, steps: int, vae_steps: int) -> dict:
                          encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids).sample
         loss = nn.functional.mse_loss(pipe._unpack_latents(velocity, scenes.CANVAS, scenes.CANVAS, pipe.vae_scale_factor), target)
         for group in optimizer.param_groups:
-            group["lr"] = 5e-4 * warmup(step)
+            group["lr"] = rate(step)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -234,7 +237,7 @@ matching, Euler) with true classifier-free guidance. Made for measuring caching 
 - **Why the T5 is trained**: swapping two objects' colours in a caption moves the frozen random T5's token
   average by {binding_separation_t5_frozen:.3f} of the distance to another caption; after training,
   by {binding_separation_t5_trained:.3f} (`train_scenes.binding_separation`, 300 held-out captions).
-- **Training**: rectified flow (velocity, t ~ U(0, 1)), AdamW lr 5e-4 (200 warm-up steps), batch {batch},
+- **Training**: rectified flow (velocity, t ~ U(0, 1)), AdamW lr 5e-4 (200 warm-up steps, linearly to 0 over the last 1500), batch {batch},
   {steps} steps, EMA 0.999, 10% caption dropout, seed {seed}; final loss (mean of the last 200 steps)
   {final_loss:.4f}; {minutes:.0f} minutes on a 2-core CPU.
 - **Command**: `python -m ditcache.eval.train_reference --out eval/reference_models` (resumable; work in
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(digits.REFERENCE_DIR))
     parser.add_argument("--work", default="runs/train_scenes", help="resumable work in progress (ignored by git)")
-    parser.add_argument("--steps", type=int, default=6000, help="training steps of the transformer and T5")
+    parser.add_argument("--steps", type=int, default=9500, help="training steps of the transformer and T5")
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--judged", type=int, default=100, help="held-out captions the model card's accuracy is measured on")
     args = parser.parse_args(argv)

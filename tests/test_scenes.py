@@ -76,6 +76,7 @@ def test_binding_separation_tells_a_bag_of_words_from_an_order_aware_encoding():
 def test_training_resumes_where_it_stopped_and_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_scenes, "SCENES", 256)
     monkeypatch.setattr(train_scenes, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(train_scenes, "COOLDOWN", 1)  # the shorter run stops before its cool-down would begin
     train_scenes.main(["--out", str(tmp_path / "straight"), "--work", str(tmp_path / "a"), "--steps", "4", "--vae-steps", "2", "--judged", "2"])
     train_scenes.main(["--out", str(tmp_path / "half"), "--work", str(tmp_path / "b"), "--steps", "2", "--vae-steps", "2", "--judged", "2"])
     train_scenes.main(["--out", str(tmp_path / "resumed"), "--work", str(tmp_path / "b"), "--steps", "4", "--vae-steps", "2", "--judged", "2"])
