@@ -103,3 +103,16 @@ def test_a_sweep_reports_the_judge_and_scenes_fid(tmp_path):
     for row in rows:
         assert 0.0 <= row["scenes_accuracy"] <= 1.0 and 0.0 <= row["scenes_accuracy_prompt"] <= row["scenes_accuracy"]
         assert row["scenes_fid"] > 0
+
+
+def test_a_planted_training_checkpoint_is_refused_without_running_its_code(tmp_path):
+    import pickle
+
+    from diffusers import AutoencoderKL
+
+    from ditcache.eval import digits
+    from test_safe_loading import assert_refused_without_running, plant
+
+    AutoencoderKL.from_pretrained(digits.reference_pipeline_path(digits.TEXT_MODEL) / "vae").save_pretrained(tmp_path / "vae")
+    plant(tmp_path / "checkpoint.pt", tmp_path / "ran")
+    assert_refused_without_running(lambda: train_scenes.checkpoint_pipeline(tmp_path), tmp_path / "ran", pickle.UnpicklingError)
