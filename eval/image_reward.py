@@ -82,25 +82,20 @@ _VIT_NAMES = (("cls_token", "embeddings.class_embedding"), ("pos_embed", "embedd
               ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"), ("attn.proj", "self_attn.projection"))
 
 
-def _vit_name_in_transformers(key: str) -> str:
-    if key.startswith("norm."):
-        return "post_layernorm." + key.removeprefix("norm.")
-    for released, ours in _VIT_NAMES:
-        key = key.replace(released, ours)
+def _vit_name(key: str, released: bool) -> str:
+    """A ViT weight's name in transformers' ``BlipVisionModel`` (``released=False``) or in the release."""
+    pairs = [(ours, theirs) for theirs, ours in _VIT_NAMES] if released else _VIT_NAMES
+    final, renamed = ("post_layernorm.", "norm.") if released else ("norm.", "post_layernorm.")
+    if key.startswith(final):
+        return renamed + key.removeprefix(final)
+    for old, new in pairs:
+        key = key.replace(old, new)
     return key
 
 
-def _vit_name_released(key: str) -> str:
-    if key.startswith("post_layernorm."):
-        return "norm." + key.removeprefix("post_layernorm.")
-    for released, ours in _VIT_NAMES:
-        key = key.replace(ours, released)
-    return key
-
-
-def _rename(state_dict: dict, prefix: str, rename) -> None:
+def _rename(state_dict: dict, prefix: str, released: bool) -> None:
     for key in [key for key in state_dict if key.startswith(prefix)]:
-        state_dict[prefix + rename(key[len(prefix):])] = state_dict.pop(key)
+        state_dict[prefix + _vit_name(key[len(prefix):], released)] = state_dict.pop(key)
 
 
 def _vision_model(sizes: VisionSizes) -> BlipVisionModel:
@@ -109,8 +104,8 @@ def _vision_model(sizes: VisionSizes) -> BlipVisionModel:
         hidden_size=sizes.width, intermediate_size=sizes.mlp_width, num_hidden_layers=sizes.depth,
         num_attention_heads=sizes.heads, image_size=sizes.image_size, patch_size=sizes.patch_size, layer_norm_eps=1e-6,
         hidden_act="gelu", attention_dropout=0.0))
-    model.register_state_dict_post_hook(lambda _m, state_dict, prefix, _meta: _rename(state_dict, prefix, _vit_name_released))
-    model.register_load_state_dict_pre_hook(lambda _m, state_dict, prefix, *_: _rename(state_dict, prefix, _vit_name_in_transformers))
+    model.register_state_dict_post_hook(lambda _m, state_dict, prefix, _meta: _rename(state_dict, prefix, released=True))
+    model.register_load_state_dict_pre_hook(lambda _m, state_dict, prefix, *_: _rename(state_dict, prefix, released=False))
     return model
 
 
