@@ -117,12 +117,16 @@ class DiffusersCache:
         if self.name == "dbcache":
             self._apply_cache_dit(pipe, steps, call or {})
             return
-        self._step, self._last_timestep, self._steps = 0, None, steps
-        self._spec = spec_for(transformer)
+        self._steps, self._spec = steps, spec_for(transformer)
+        self._attach(pipe, steps, self._mag_ratios(pipe, steps, call) if self.name == "magcache" else None)
+
+    def _attach(self, pipe, steps: int, mag_ratios: torch.Tensor | None) -> None:
+        """Apply diffusers' cache, remembering the hooks it added, and the pre-hook that sets its context."""
+        transformer = getattr(pipe, "transformer", pipe)
+        self._step, self._last_timestep = 0, None
         before = _hook_names(transformer)
-        self._apply_config(pipe, steps, self._mag_ratios(pipe, steps, call) if self.name == "magcache" else None)
-        after = _hook_names(transformer)
-        self._added = {m: names - before.get(m, set()) for m, names in after.items()}
+        self._apply_config(pipe, steps, mag_ratios)
+        self._added = {m: names - before.get(m, set()) for m, names in _hook_names(transformer).items()}
         self._handle = transformer.register_forward_pre_hook(self._set_context, with_kwargs=True)
 
     def remove(self, pipe) -> None:
@@ -156,17 +160,13 @@ class DiffusersCache:
         transformer = getattr(pipe, "transformer", pipe)
         if call is None:
             return FLUX_MAG_RATIOS if spec_for(transformer).family == "flux" else torch.ones(steps)
-        before = _hook_names(transformer)
-        self._apply_config(pipe, steps, None)
-        self._added = {m: names - before.get(m, set()) for m, names in _hook_names(transformer).items()}
-        self._handle = transformer.register_forward_pre_hook(self._set_context, with_kwargs=True)
+        self._attach(pipe, steps, None)  # calibration mode: no step skipped, the ratios printed at the end
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
                 pipe(**call)
         finally:
             self.remove(pipe)
-            self._step, self._last_timestep = 0, None
         runs = [json.loads(line) for line in printed.getvalue().splitlines() if line.startswith("[") and line.endswith("]")]
         if not runs:
             raise RuntimeError("MagCache's calibration printed no ratios")
