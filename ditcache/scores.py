@@ -21,6 +21,9 @@ SCORES: dict[str, tuple[str, ...]] = {
 }
 """Each score and the projections it reads: the taps an adapter must capture for it."""
 
+SELF_ATTENTION_SCORES = tuple(name for name, reads in SCORES.items() if reads and not any(r.startswith("cross_") for r in reads))
+"""The scores read from a block's own attention: with ``random``, all a block without cross-attention can give."""
+
 
 def token_scores(
     score: str,

@@ -16,7 +16,6 @@ from torch import nn
 
 from .. import scores as S
 from ..config import EngineSettings
-from ..scores import SCORES
 from ..merging import TokenMatch, bipartite_match, merge, unmerge
 from ..state import BlockCache, RunState, SelectionEvent
 
@@ -136,7 +135,7 @@ class BlockAdapter:
 
     def readable_scores(self) -> tuple[tuple[str, ...], str]:
         """The scores this block's taps can give, and why any other cannot (checked when the cache is applied)."""
-        return tuple(SCORES), ""
+        return tuple(S.SCORES), ""
 
     def forward(self, run: RunState, cache: BlockCache, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError

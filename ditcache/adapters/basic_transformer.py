@@ -56,7 +56,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     def readable_scores(self) -> tuple[tuple[str, ...], str]:
         if self.block.attn2 is not None:
             return super().readable_scores()
-        return ("attention", "k_norm", "v_norm", "random"), "needs cross-attention blocks (PixArt); this model has none"
+        return (*S.SELF_ATTENTION_SCORES, "random"), "needs cross-attention blocks (PixArt); this model has none"
 
     # -- diffusers' math, piece by piece -------------------------------------------------------
     def _modulation(self, run, hidden_states, timestep, class_labels):

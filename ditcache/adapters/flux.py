@@ -114,7 +114,7 @@ class _FluxMerging:
     to score."""
 
     def readable_scores(self) -> tuple[tuple[str, ...], str]:
-        return ("attention", "k_norm", "v_norm", "random"), (
+        return (*S.SELF_ATTENTION_SCORES, "random"), (
             "needs cross-attention blocks (PixArt, OpenSora); FLUX attends to text and image jointly")
 
     def batch_match(self, run: RunState, image_tokens: torch.Tensor) -> TokenMatch | None:

@@ -29,7 +29,6 @@ from ..state import BlockCache, RunState
 from . import TransformerAdapter
 from .base import capture_outputs, split_heads
 
-ATTENTION_SCORES = ("attention", "k_norm", "v_norm")  # read from the attention a spec names
 
 
 class _AttentionInputs(TorchFunctionMode):
@@ -69,7 +68,7 @@ class BlockTokens:
         self._selections: tuple[int, dict] = (-1, {})  # (transformer call, group -> selected tokens)
 
     def scores_from(self, branch: str) -> bool:
-        return branch == self.attention and self.settings.score in ATTENTION_SCORES
+        return branch == self.attention and self.settings.score in S.SELF_ATTENTION_SCORES
 
     def scored_call(self, run: RunState, cache: BlockCache, compute) -> tuple[object, int]:
         """Run the scored attention (a full step), keeping its sequence's token scores; the output and
@@ -286,7 +285,7 @@ class GenericTransformerAdapter(TransformerAdapter):
             raise ValueError(f"{name} has no token-wise path yet: it is cached by layer (FORAConfig, with or without forecast_order).")
         if settings.method == "toca" and settings.score != "random":
             scored = ", ".join(self.spec.attention_sequences) or "none"
-            if settings.score not in ATTENTION_SCORES:
+            if settings.score not in S.SELF_ATTENTION_SCORES:
                 raise ValueError(
                     f"score={settings.score!r} is not available on the generic path ({name}): it reads a cross-attention "
                     "the specs do not name; use 'attention', 'k_norm', 'v_norm' or 'random'."

@@ -34,7 +34,7 @@ class STDiT3BlockAdapter(BlockAdapter):
         }
         if settings.merging is not None and "cross_attn" in settings.merging.branches:
             raise ValueError(f"{name}: STDiT3 merges tokens for self-attention and the MLP only; set merge_crossattn=False.")
-        if settings.merging is not None and "attn" in settings.merging.branches and settings.score in ("attention", "k_norm", "v_norm"):
+        if settings.merging is not None and "attn" in settings.merging.branches and settings.score in S.SELF_ATTENTION_SCORES:
             raise ValueError(
                 f"score={settings.score!r} reads self-attention projections, which token merging changes on STDiT3; "
                 "use score='cross_attention_entropy' (the OpenSora preset's) or 'random'."
