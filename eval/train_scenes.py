@@ -99,14 +99,21 @@ def binding_separation(encode, captions: list[str]) -> float:
     return float(((base - moved).norm(dim=-1) / (base - other).norm(dim=-1).clamp_min(1e-12)).mean())
 
 
+@torch.no_grad()
+def _latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents (posterior modes) of ``images`` in [0, 1], unscaled."""
+    return torch.cat([vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mode() for i in range(0, len(images), 256)])
+
+
 def make_data(work: Path, vae_steps: int):
     """Stage 1 and 2: the scenes, the fine-tuned VAE, and every scene's latents and token ids."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file, save_file
 
     data_path, vae_folder = work / "scenes.safetensors", work / "vae"
+    images = latents = None
     if not (vae_folder / "config.json").exists():
-        images, _ = scenes.make_scenes(SCENES, seed=0)
+        images, captions = scenes.make_scenes(SCENES, seed=0)
         vae = AutoencoderKL.from_pretrained(digits.reference_pipeline_path(digits.TEXT_MODEL) / "vae")
         generator = torch.Generator().manual_seed(SEED)
         optimizer = torch.optim.AdamW(vae.parameters(), lr=5e-4)
@@ -120,26 +127,24 @@ def make_data(work: Path, vae_steps: int):
             loss.backward()
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        vae.eval()
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mode() for i in range(0, SCENES, 256)])
+        latents = _latents(vae.eval(), images)
         vae.register_to_config(scaling_factor=float(1 / latents.std()))
         vae.save_pretrained(vae_folder)
         data_path.unlink(missing_ok=True)
     vae = AutoencoderKL.from_pretrained(vae_folder).eval()
     if not data_path.exists():
-        images, captions = scenes.make_scenes(SCENES, seed=0)
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mode() for i in range(0, SCENES, 256)])
+        if images is None:
+            images, captions = scenes.make_scenes(SCENES, seed=0)
+            latents = _latents(vae, images)
         pipe = build_pipeline(vae)
         save_file({"latents": latents * vae.config.scaling_factor, "t5_ids": t5_ids(pipe, captions + [""]),
                    "pooled": pooled(pipe, captions + [""])}, str(data_path))
     return vae, load_file(str(data_path))
 
 
-def _batch(step: int, generator_seed: int = SEED):
+def _batch(step: int):
     """The indices, noise, times and guidance drops of step ``step``: from the step alone (resumable)."""
-    generator = torch.Generator().manual_seed(generator_seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed(SEED * 1_000_003 + step)
     index = torch.randint(0, SCENES, (BATCH,), generator=generator)
     noise = torch.randn(BATCH, 4, LATENT_SIZE, LATENT_SIZE, generator=generator)
     t = torch.rand(BATCH, generator=generator)
