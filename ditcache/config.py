@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+from .control import ErrorControl
 from .schedule import PRESETS, REFERENCE_PRESETS, CacheSchedule, Preset
 from .scores import SCORES
 
@@ -24,7 +25,8 @@ MAX_FORECAST_ORDER = 4  # TaylorSeer's DiT setting
 # Steps (cache_interval, full_steps_at_start) and token sizes (spatial_grid, ToMe's sx and sy): far above
 # any real setting, so that a typo fails when the config is made rather than at run time.
 MAX_SIZE = 10_000
-MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+MAX_SEED = 2**64 - 1
+DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps  # the largest seed torch.Generator.manual_seed takes
 
 
 def family_preset(schedule: str, family: str) -> Preset:
@@ -38,6 +40,20 @@ def family_preset(schedule: str, family: str) -> Preset:
     if schedule in PRESETS:
         return PRESETS[schedule]
     return PRESETS.get(family, PRESETS["generic"])
+
+
+def _check_control(config) -> None:
+    if config.tolerance is not None:
+        _check_float("tolerance", config.tolerance, 0.0)
+    _check_int("max_interval", config.max_interval, 1, MAX_SIZE)
+
+
+def _control(config, interval: int, random_share: float) -> ErrorControl | None:
+    """The controller of a config with a tolerance; None without one, and with ``tolerance=0``, which makes
+    every step full: uncached, bit for bit."""
+    if not config.tolerance:
+        return None
+    return ErrorControl(config.tolerance, config.max_interval, min(interval, config.max_interval), random_share)
 
 
 def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
@@ -106,11 +122,12 @@ class EngineSettings:
     seed: int
     merging: MergeSettings | None = None
     forecast_order: int = 0
+    control: ErrorControl | None = None
 
     @property
     def caches(self) -> bool:
-        """Whether any step is partial, so that branch outputs are worth keeping."""
-        return self.schedule.cache_interval > 1
+        """Whether any step may be partial, so that branch outputs are worth keeping."""
+        return self.schedule.cache_interval > 1 or self.control is not None
 
     @property
     def recomputes_tokens(self) -> bool:
@@ -144,6 +161,14 @@ class ToCaConfig:
             forecast for the step, extrapolated from the divided differences of the last K + 1 full steps
             (see :class:`ditcache.state.BlockCache`); the tokens a partial step recomputes take their
             fresh values on that step.
+
+        tolerance: error control (``ditcache.control``): instead of a fixed interval, the next full step
+            comes when the cached branch outputs' relative RMS error, measured on the recomputed tokens and
+            extrapolated, would pass this tolerance (>= 0; 0 makes every step full). ``cache_interval``
+            is then the interval before the first measurement. ``None``: the fixed interval.
+        max_interval: with a tolerance, the most steps between two full steps.
+        random_share: with a tolerance, the share of each partial step's recomputed tokens drawn at random
+            rather than by score, on which the error is measured without bias (0: on all recomputed tokens).
     """
 
     cache_interval: int | None = None
@@ -156,9 +181,14 @@ class ToCaConfig:
     full_steps_at_start: int | None = None
     seed: int = 0
     forecast_order: int = 0
+    tolerance: float | None = None
+    max_interval: int = DEFAULT_MAX_INTERVAL
+    random_share: float = 0.25
 
     def __post_init__(self) -> None:
         _normalise(self)
+        _check_control(self)
+        _check_float("random_share", self.random_share, 0.0, 1.0)
         if self.cache_interval is not None:
             _check_int("cache_interval", self.cache_interval, 1, MAX_SIZE)
         if self.cache_ratio is not None:
@@ -178,7 +208,7 @@ class ToCaConfig:
     def resolve(self, family: str) -> EngineSettings:
         preset = family_preset(self.schedule, family)
         schedule = preset.schedule(
-            cache_interval=_default(self.cache_interval, preset.cache_interval),
+            cache_interval=1 if self.tolerance == 0 else _default(self.cache_interval, preset.cache_interval),
             cache_ratio=_default(self.cache_ratio, preset.cache_ratio),
             full_steps_at_start=_default(self.full_steps_at_start, preset.full_steps_at_start),
             constant=self.schedule == "constant",
@@ -192,6 +222,7 @@ class ToCaConfig:
             spatial_grid=_default(self.spatial_grid, preset.spatial_grid),
             seed=self.seed,
             forecast_order=self.forecast_order,
+            control=_control(self, schedule.cache_interval, self.random_share),
         )
 
 
@@ -206,15 +237,29 @@ class FORAConfig:
             (see :class:`ToCaConfig`).
         schedule: ``"auto"`` (the detected model's default full-step rule) or ``"reference"`` (the
             published FORA runs' rule: on FLUX only step 0 is forced full).
+        tolerance, max_interval: error control, as in :class:`ToCaConfig`; without a probe the error is
+            measured on full steps only (the error a reuse would have made there).
+        probe_ratio: with a tolerance, the share of tokens that partial steps compute afresh, drawn at
+            random, to measure the error between full steps (their fresh values are kept; their FLOPs
+            counted), in [0, 1).
     """
 
     cache_interval: int = 3
     full_steps_at_start: int | None = None
     forecast_order: int = 0
     schedule: str = "auto"
+    tolerance: float | None = None
+    max_interval: int = DEFAULT_MAX_INTERVAL
+    probe_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _normalise(self)
+        _check_control(self)
+        _check_float("probe_ratio", self.probe_ratio, 0.0, 1.0)
+        if self.probe_ratio >= 1.0:
+            raise ValueError(f"`probe_ratio` must be a number in [0, 1), got {self.probe_ratio!r}.")
+        if self.probe_ratio > 0 and self.tolerance is None:
+            raise ValueError("`probe_ratio` measures the error for error control: give a `tolerance` with it.")
         _check_int("cache_interval", self.cache_interval, 1, MAX_SIZE)
         if self.full_steps_at_start is not None:
             _check_int("full_steps_at_start", self.full_steps_at_start, 1, MAX_SIZE)
@@ -223,10 +268,12 @@ class FORAConfig:
 
     def resolve(self, family: str) -> EngineSettings:
         preset = family_preset(self.schedule, family)
-        schedule = preset.fora_schedule(self.cache_interval, self.full_steps_at_start)
+        interval = 1 if self.tolerance == 0 else self.cache_interval
+        schedule = replace(preset.fora_schedule(interval, self.full_steps_at_start), recompute=self.probe_ratio)
         return EngineSettings(
-            method="fora", schedule=schedule, score=None, frequency_weight=0.0, spatial_bonus=0.0, spatial_grid=1, seed=0,
-            forecast_order=self.forecast_order,
+            method="fora", schedule=schedule, score="random" if self.probe_ratio else None, frequency_weight=0.0,
+            spatial_bonus=0.0, spatial_grid=1, seed=0, forecast_order=self.forecast_order,
+            control=_control(self, schedule.cache_interval, 1.0),
         )
 
 

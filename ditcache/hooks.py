@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -137,7 +138,7 @@ class StepHook(ModelHook):
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
         else:
             run.begin_step(timestep)
-        if run.schedule is not None and run.settings.schedule.cache_interval > 1:
+        if run.schedule is not None and run.settings.caches:
             self.model.prepare_run(run, call.arguments)
         run.call_serial += 1
         run.in_call = True
@@ -359,7 +360,17 @@ def cache_stats(target) -> CacheStats:
     if not runs:
         raise RuntimeError("the cached model has not run yet; cache_stats describes a completed run.")
     latest = runs[-1]  # an expert the last pipeline call did not use holds an older call's run: left out
-    return CacheStats.joined([run.completed_stats for run in runs if run is latest or (run.completed_marker is not None and run.completed_marker is latest.completed_marker)])
+    parts = [run for run in runs if run is latest or (run.completed_marker is not None and run.completed_marker is latest.completed_marker)]
+    return CacheStats.joined([_with_every_error(run) for run in parts])
+
+
+def _with_every_error(run: RunState) -> CacheStats:
+    """A run's stats with every measured error read (a run on a bare transformer has no known end, where a
+    pipeline's run reads them all on its last step)."""
+    stats = run.completed_stats
+    if run.meter is None or not stats.forecast_errors:
+        return stats
+    return replace(stats, forecast_errors=run.meter.errors(stats.steps, wait=True))
 
 
 @contextmanager

@@ -129,3 +129,19 @@ def spatial_bonus(scores: torch.Tensor, grid: tuple[int, int], cell: int, bonus:
 def top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` highest-scoring tokens of each row."""
     return scores.topk(count, dim=-1, sorted=False).indices
+
+
+def random_count(count: int, share: float) -> int:
+    """How many of ``count`` chosen tokens are drawn at random (at least one when ``share`` > 0)."""
+    return min(count, max(1, round(share * count))) if share > 0 and count else 0
+
+
+def top_and_random_tokens(scores: torch.Tensor, count: int, drawn: int, generator: torch.Generator) -> torch.Tensor:
+    """``count - drawn`` highest-scoring tokens of each row, then ``drawn`` others drawn uniformly at random:
+    the random ones last, so that an error measured on them is unbiased for the tokens left cached."""
+    top = top_tokens(scores, count - drawn)
+    if not drawn:
+        return top
+    noise = torch.rand(scores.shape, generator=generator, device=generator.device).to(scores.device)
+    noise.scatter_(1, top, -1.0)  # below any draw: the top tokens are not drawn twice
+    return torch.cat([top, top_tokens(noise, drawn)], dim=1)

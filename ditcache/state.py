@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import EngineSettings
+from .control import ErrorMeter
 
 _RUN_STARTS = itertools.count()  # orders the runs of several transformers (Wan 2.2's experts)
 
@@ -32,6 +33,9 @@ class CacheStats:
         full_step_indices: which steps were full.
         merged_fraction: with token merging, the mean share of image tokens merged away in the merged
             branches; 0 without.
+        full_step_reasons: why each full step was full (``ditcache.control.FULL_STEP_REASONS``).
+        forecast_errors: with a ``tolerance``, each step's measured relative error of the cached branch
+            outputs (nan where nothing was measured: the first step, steps recomputing nothing).
     """
 
     steps: int = 0
@@ -43,6 +47,8 @@ class CacheStats:
     cache_bytes: int = 0
     full_step_indices: tuple[int, ...] = ()
     merged_fraction: float = 0.0
+    full_step_reasons: tuple[str, ...] = ()
+    forecast_errors: tuple[float, ...] = ()
 
     @classmethod
     def joined(cls, parts: list["CacheStats"]) -> "CacheStats":
@@ -60,6 +66,8 @@ class CacheStats:
             flops=sum(part.flops for part in parts), flops_full=sum(part.flops_full for part in parts),
             cache_bytes=sum(part.cache_bytes for part in parts), full_step_indices=tuple(indices),
             merged_fraction=max(part.merged_fraction for part in parts),
+            full_step_reasons=tuple(reason for part in parts for reason in part.full_step_reasons),
+            forecast_errors=tuple(error for part in parts for error in part.forecast_errors),
         )
 
     @property
@@ -155,7 +163,8 @@ class SelectionEvent:
     (the image grid row by row for image tokens).
 
     ``selection_score = score + frequency + bonus``: the L2-normalised base score of the last full step,
-    the cache-frequency term and the spatial bonus; the ``tokens`` are its top entries.
+    the cache-frequency term and the spatial bonus; the ``tokens`` are its top entries (under error
+    control with a random share, followed by the randomly drawn ones).
     """
 
     step: int
@@ -165,6 +174,7 @@ class SelectionEvent:
     score: torch.Tensor
     frequency: torch.Tensor
     bonus: torch.Tensor
+    error: float | None = None  # under error control: the relative error measured on the recomputed rows
 
 
 @dataclass(frozen=True)
@@ -211,8 +221,10 @@ class RunState:
         self.arguments: dict = {}  # the current transformer call's arguments, by name
         self.generator: torch.Generator | None = None
         self.merge_generator: torch.Generator | None = None  # random destinations of token merging
+        self.meter: ErrorMeter | None = None  # with a tolerance: the measured errors
         self.outside_flops: int | None = None
         self._full_step_indices: list[int] = []
+        self._full_step_reasons: list[str] = []
         self._flops = 0
         self._flops_full = 0
         self._recompute_sum = 0.0
@@ -238,7 +250,9 @@ class RunState:
         self.first_timestep = timestep
         self.schedule = schedule
         self.guidance_batch = guidance_batch
-        if self.settings.schedule.needs_step_count:
+        if self.settings.control is not None:
+            self.meter = ErrorMeter(signature.device)
+        elif self.settings.schedule.needs_step_count:
             if schedule is None:
                 warnings.warn(
                     "the grid full-step rule needs the run's step count, which a bare transformer does not "
@@ -259,13 +273,26 @@ class RunState:
         self.last_timestep = timestep
         self.progress = self._progress(timestep)
         self.steps_since_full += 1
-        if self.full_step_plan is not None:
+        schedule, reason = self.settings.schedule, "interval"
+        if self.step < schedule.full_steps_at_start:
+            self.is_full, reason = True, "start"
+        elif self.meter is not None:
+            interval, reason = self.settings.control.interval(self.meter.latest(self.step, self._forecast_order()))
+            self.is_full = self.steps_since_full >= interval
+        elif self.full_step_plan is not None:
             self.is_full = self.step >= len(self.full_step_plan) or self.full_step_plan[self.step]
         else:
-            self.is_full = self.settings.schedule.is_full_step(self.step, self.steps_since_full, self.progress)
+            self.is_full = schedule.is_full_step(self.step, self.steps_since_full, self.progress)
+        if self.meter is not None:  # what this step measures: the forecast made from the full steps before it
+            self.meter.open_step(self.step, self.steps_since_full, self._forecast_order())
         if self.is_full:
             self.steps_since_full = 0
             self._full_step_indices.append(self.step)
+            self._full_step_reasons.append(reason)
+
+    def _forecast_order(self) -> int:
+        """The order of the forecasts the caches hold now: lower until enough full steps were stored."""
+        return max(min(self.settings.forecast_order, len(self._full_step_indices) - 1), 0)
 
     @property
     def full_steps_done(self) -> int:
@@ -338,4 +365,6 @@ class RunState:
             cache_bytes=self._cache_bytes,
             full_step_indices=tuple(self._full_step_indices),
             merged_fraction=self._merged_sum / self._merged_count if self._merged_count else 0.0,
+            full_step_reasons=tuple(self._full_step_reasons),
+            forecast_errors=self.meter.errors(steps, wait=self.run_finished) if self.meter is not None else (),
         )

@@ -61,6 +61,17 @@ class Method:
             self.peer.remove(pipe)
 
 
+# Trailing ``key=value`` options of fora/toca specs: the config field each sets, and its type.
+OPTIONS = {
+    "order": ("forecast_order", int),
+    "tol": ("tolerance", float),
+    "max": ("max_interval", int),
+    "probe": ("probe_ratio", float),
+    "share": ("random_share", float),
+}
+ONLY = {"probe": "fora", "share": "toca"}
+
+
 def parse_method(spec: str) -> Method:
     """``uncached``, ``fora:N[:schedule]``, ``toca:N:R[:score[:schedule]]`` (schedule defaults to constant
     for ToCa; ``auto`` takes the model's preset, for the score or the schedule, ``reference`` the
@@ -69,7 +80,10 @@ def parse_method(spec: str) -> Method:
     self-attention, and on the MLP with ``mlp``), a caching method and ToMe joined by ``+``
     (``toca:4:0.9+tome:0.5``), or one of diffusers' caches: ``fbc[:threshold]``,
     ``taylorseer[:interval[:order]]``, ``magcache[:threshold]``, ``pab[:block_skip_range]``. Every value
-    is checked here, so that a bad spec fails before any run, with an error naming it."""
+    is checked here, so that a bad spec fails before any run, with an error naming it. Error control takes
+    trailing options too: ``:tol=X`` (the tolerance), ``:max=M`` (the longest interval; N is then the
+    interval before the first measurement), ``:probe=P`` (FORA's probe share), ``:share=S`` (ToCa's random
+    share), e.g. ``toca:4:0.9:v_norm:order=1:tol=0.1``."""
     try:
         return _parse_method(spec)
     except ValueError as error:
@@ -84,8 +98,12 @@ def _parse_method(spec: str) -> Method:
         return Method(spec, config=[part.config for part in parts])
     name, *params = spec.split(":")
     forecast = {}
-    if params and params[-1].startswith("order=") and name in ("fora", "toca"):
-        forecast = {"forecast_order": int(params.pop()[len("order="):])}
+    while params and "=" in params[-1] and name in ("fora", "toca"):
+        key, _, value = params.pop().partition("=")
+        if key not in OPTIONS or (key in ONLY and ONLY[key] != name):
+            raise ValueError(f"unknown option {key!r} for {name}; known: {', '.join(k for k in OPTIONS if ONLY.get(k, name) == name)}.")
+        setting, kind = OPTIONS[key]
+        forecast[setting] = kind(value)
     if name == "tome" and 1 <= len(params) <= 2 and params[1:] in ([], ["mlp"]):
         return Method(spec, config=ToMeConfig(ratio=float(params[0]), merge_mlp=params[1:] == ["mlp"], seed=0))
     if name == "uncached" and not params:

@@ -73,6 +73,10 @@ def test_bad_sweep_configs_fail_before_any_work():
         ("fora:x", "invalid literal for int()"),
         ("toca:3:high", "could not convert string to float"),
         ("fora:3:order=9", "`forecast_order` must be an integer in [0, 4]"),
+        ("fora:3:tol=-1", "`tolerance` must be a number >= 0.0"),
+        ("toca:3:0.9:probe=0.1", "unknown option 'probe' for toca"),
+        ("fora:3:probe=0.1", "`probe_ratio` measures the error for error control"),
+        ("fora:3:speed=2", "unknown option 'speed'"),
         ("toca:4:0.9+tome:x", "could not convert string to float"),
     ],
 )
@@ -84,6 +88,16 @@ def test_bad_method_specs_fail_when_the_config_is_read(spec, problem, tmp_path, 
     with pytest.raises(CommandError, match="method"):  # `ditcache sweep` prints it as one line
         sweep.main([str(write_config(tmp_path, methods=["fora:2", spec])), "--output", str(tmp_path / "out"), "--quiet"])
     assert not (tmp_path / "out").exists()
+
+
+def test_error_control_specs_set_their_fields():
+    from ditcache import FORAConfig, ToCaConfig
+    from ditcache.eval.speed import parse_method
+
+    assert parse_method("toca:4:0.9:v_norm:order=1:tol=0.1:max=8:share=0.5").config == ToCaConfig(
+        cache_interval=4, cache_ratio=0.9, score="v_norm", schedule="constant", forecast_order=1, tolerance=0.1,
+        max_interval=8, random_share=0.5)
+    assert parse_method("fora:3:tol=0.2:probe=0.05").config == FORAConfig(cache_interval=3, tolerance=0.2, probe_ratio=0.05)
 
 
 def test_peer_specs_keep_their_values():

@@ -8,7 +8,7 @@ tokens only.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -67,6 +67,7 @@ class Selection:
 
     index: torch.Tensor
     flat: torch.Tensor
+    measured_from: int = 0  # the rows from which on were drawn at random: the error estimate reads those
 
     @property
     def count(self) -> int:
@@ -144,11 +145,39 @@ class BlockAdapter:
         """The block's call as its hook (``hooks.AdapterHook``) makes it; the adapter replaces the block's math."""
         return self.forward(run, run.block_cache(self.name), *args, **kwargs)
 
+    @property
+    def measured_branches(self) -> tuple[str, ...]:
+        """The branches whose cached value's error is measured: those partial steps recompute rows of."""
+        return tuple(self.branch_groups)
+
     def keep(self, run: RunState, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
         """Store a full step's branch output when partial steps will reuse it (with its divided
-        differences when the settings forecast)."""
+        differences when the settings forecast); under error control, first measure the error the
+        cached value would have made on this step."""
         if self.settings.caches:
+            if run.meter is not None and branch in cache.branches and branch in self.measured_branches:
+                self._measure_whole(run, cache, branch, output)
             cache.store(branch, output.contiguous(), run.step, self.settings.forecast_order)
+
+    @torch.compiler.disable
+    def _measure_whole(self, run: RunState, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
+        cached = cache.current(branch, run.step)
+        forecast_flops = 2 * len(cache.differences.get(branch, ())) * cached.numel()
+        run.add_flops(forecast_flops + run.meter.add(cached, output), 0)
+
+    @torch.compiler.disable
+    def measure(self, run: RunState, cached: torch.Tensor, selection: "Selection", fresh: torch.Tensor) -> None:
+        """Under error control, add the error of the recomputed rows' cached value (or forecast) ``cached``
+        (the whole branch, before the fresh rows are written in) against their fresh values to the step's
+        measurement; with a random share, of the randomly drawn rows only."""
+        if run.meter is None:
+            return
+        start = selection.measured_from
+        cached_rows, fresh_rows = gather_rows(cached, selection)[:, start:], fresh[:, start:]
+        run.add_flops(run.meter.add(cached_rows, fresh_rows), 0)
+        if run.recorder is not None and run.recorder and run.recorder[-1].step == run.step:
+            error = torch.linalg.vector_norm(fresh_rows - cached_rows) / torch.linalg.vector_norm(fresh_rows).clamp_min(1e-30)
+            run.recorder[-1] = replace(run.recorder[-1], error=float(error))
 
     def reuse(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
         """The value of ``branch`` on this partial step: its last output, or its forecast."""
@@ -271,7 +300,9 @@ class BlockAdapter:
         if frames * grid[0] * grid[1] == tokens:  # the bonus needs the group to be the image token grid
             per_frame = score.reshape(-1, grid[0] * grid[1])
             score = S.spatial_bonus(per_frame, grid, settings.spatial_grid, settings.spatial_bonus).view_as(score)
-        index = S.top_tokens(score, count)
+        control = settings.control
+        drawn = S.random_count(count, control.random_share) if control is not None else 0
+        index = S.top_and_random_tokens(score, count, drawn, run.generator)
         if run.recorder is not None:
             bonus = score - (base + frequency)  # exactly zero off the boosted tokens
             run.recorder.append(SelectionEvent(run.step, self.name, branch, *(t.cpu() for t in (index, base, frequency, bonus))))
@@ -282,4 +313,4 @@ class BlockAdapter:
         offsets = self._row_offsets.get(key)
         if offsets is None:
             offsets = self._row_offsets[key] = torch.arange(0, index.shape[0] * tokens, tokens, device=index.device)[:, None]
-        return Selection(index, (index + offsets).reshape(-1))
+        return Selection(index, (index + offsets).reshape(-1), count - drawn if drawn else 0)

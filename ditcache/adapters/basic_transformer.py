@@ -183,6 +183,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
                     cross_rows = block.attn2(
                         rows, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **attn_kwargs
                     )
+                self.measure(run, cross, selection, cross_rows)
                 scatter_rows(cross, selection, cross_rows)
                 if refresh:
                     self._refresh_entropy_rows(run, cache, taps["query"], selection.index, encoder_attention_mask)
@@ -196,7 +197,9 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         else:
             norm = self.block.norm3 if self.zero else self.block.norm2
             rows = gather_modulate(hidden_states, selection.flat, selection.count, scale_mlp, shift_mlp, norm.eps, norm.weight, norm.bias)
-            hidden_states = scatter_gate_residual(hidden_states, gate_mlp, mlp, block.ff(rows), selection.flat)
+            fresh = block.ff(rows)
+            self.measure(run, mlp, selection, fresh)
+            hidden_states = scatter_gate_residual(hidden_states, gate_mlp, mlp, fresh, selection.flat)
             recomputed["mlp"] = selection.count
 
         self._account_partial(run, hidden_states.shape, encoder_hidden_states, recomputed)

@@ -226,7 +226,9 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
         rows = gather_modulate(
             hidden_states, selection.flat, selection.count, scale[:, None], shift[:, None], norm.eps, norm.weight, norm.bias
         )
-        return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, ff(rows), selection.flat), selection.count
+        fresh = ff(rows)
+        self.measure(run, output, selection, fresh)
+        return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, fresh, selection.flat), selection.count
 
     def _flops(self, batch: int, image: int, text: int, rows: dict[str, int] | None, modulation: bool = True) -> int:
         """FLOPs of one call; ``rows`` maps branches to the tokens they computed (a missing ``attn``: the
@@ -243,6 +245,9 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxSingleTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
         self.branch_groups = {"single_mlp": "joint"}
+        # Partial steps recompute the fused output projection's rows (their attention half forecast, the MLP
+        # half fresh); a full step measures the same output, both halves fresh.
+        self.measured = ("output",)
         # the MLP's input projection and the output projection over cat(attention, MLP), per computed row
         self.costs = {"mlp": BranchCost({"image": (block.proj_mlp,)}), "out": BranchCost({"image": (block.proj_out,)})}
 
@@ -313,11 +318,16 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
         )
         attn_rows = self.reuse_rows(run, cache, "attn", selection)
         new_rows = block.proj_out(torch.cat([attn_rows, block.act_mlp(block.proj_mlp(rows))], dim=2))
+        self.measure(run, output, selection, new_rows)
         return scatter_gate_residual(hidden_states, gate.unsqueeze(1), output, new_rows, selection.flat)
 
     @torch.compiler.disable
     def _account_partial(self, run, batch, tokens, recomputed) -> None:
         self.add_call_flops(run, (batch, tokens), {"mlp": recomputed, "out": recomputed}, not _scheduled(run))
+
+    @property
+    def measured_branches(self) -> tuple[str, ...]:
+        return self.measured
 
     def _flops(self, batch: int, tokens: int, rows: dict[str, int] | None, modulation: bool = True) -> int:
         """FLOPs of one call; ``rows`` maps ``attn``, ``mlp`` (the MLP's input projection) and ``out``

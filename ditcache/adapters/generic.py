@@ -126,9 +126,14 @@ class BlockTokens:
             base = cache.normalized_scores[group] = S.l2_normalize(self._group_scores(run, cache, group, tokens))
         since = cache.since_recompute[group]
         score = base.to(since.device) + S.frequency_term(since, self.settings.frequency_weight, self.settings.schedule.cache_interval)
-        index = S.top_tokens(score, count)
+        index = S.top_and_random_tokens(score, count, self.drawn(count), run.generator)
         since.add_(1).scatter_(1, index, 0)
         return torch.cat([index, index]) if run.guidance_batch else index
+
+    def drawn(self, count: int) -> int:
+        """How many of ``count`` chosen tokens are drawn at random (last in the selection)."""
+        control = self.settings.control
+        return S.random_count(count, control.random_share) if control is not None else 0
 
     def _group_scores(self, run: RunState, cache: BlockCache, group: str, tokens: int) -> torch.Tensor:
         rows = cache.since_recompute[group].shape[0]
@@ -153,13 +158,14 @@ class BranchAdapter:
     """
 
     def __init__(self, module: nn.Module, block_name: str, branch: str, settings: EngineSettings,
-                 tokens: BlockTokens, group: str | None = None):
+                 tokens: BlockTokens, group: str | None = None, measured: bool = False):
         self.module = module
         self.block_name = block_name
         self.branch = branch
         self.settings = settings
         self.tokens = tokens
         self.group = group if settings.recomputes_tokens else None  # the token group it recomputes, if any
+        self.measured = measured  # under error control, whether full steps measure its kept value's error
         self._flops: dict[tuple, int] = {}  # FLOPs of one call, per input shapes
         self._calls: tuple[int, int] = (-1, -1)  # (transformer call, times this branch ran in it)
 
@@ -201,6 +207,9 @@ class BranchAdapter:
         order = self.settings.forecast_order
         for index, tensor in enumerate(tensors):
             key = f"{branch}.{index}"
+            if run.meter is not None and self.measured and key in cache.branches:
+                cached = cache.current(key, run.step)
+                run.add_flops(2 * len(cache.differences.get(key, ())) * cached.numel() + run.meter.add(cached, tensor), 0)
             cache.store(key, tensor, run.step, order)
             cache.versions[key] = None if tensor.is_inference() else tensor._version
         return output
@@ -247,6 +256,11 @@ class BranchAdapter:
         row_args, row_kwargs = ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, name: rows})
         fresh, flops = self._measured(("rows", tuple(rows.shape)), lambda: compute(*row_args, **row_kwargs))
         run.add_flops(flops, 0)
+        if run.meter is not None:
+            drawn = self.tokens.drawn(index.shape[1])
+            start = index.shape[1] - drawn if drawn else 0
+            cached_rows = value.gather(1, index[:, start:, None].expand(-1, -1, value.shape[-1]))
+            run.add_flops(run.meter.add(cached_rows, fresh[:, start:].to(value.dtype)), 0)
         value.scatter_(1, index[..., None].expand(-1, -1, value.shape[-1]), fresh.to(value.dtype))
         stored = cache.branches[f"{key}.0"]
         if cache.versions[f"{key}.0"] is not None:
@@ -307,7 +321,10 @@ class GenericTransformerAdapter(TransformerAdapter):
             for branch in self.spec.branches.get(kind, ()):
                 module = getattr(block, branch, None)
                 if module is not None:
-                    adapters.append(BranchAdapter(module, name, branch, settings, tokens, groups.get(branch)))
+                    # the error measured is that of the per-token branches, which partial steps measure too;
+                    # of every branch on a model that has none
+                    measured = branch in groups or not self.spec.partial_branches
+                    adapters.append(BranchAdapter(module, name, branch, settings, tokens, groups.get(branch), measured))
         if not adapters:
             raise TypeError(f"the spec of {type(self.transformer).__name__} names no branch its blocks have.")
         return adapters

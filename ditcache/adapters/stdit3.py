@@ -134,7 +134,9 @@ class STDiT3BlockAdapter(BlockAdapter):
         selection = self.select(run, cache, "cross_attn", tokens)
         if selection is not None:
             query = block.cross_attn.queries(gather_rows(x, selection))
-            scatter_rows(cross, selection, block.cross_attn.attend(query, cache.text_keys, cache.text_values, mask))
+            fresh = block.cross_attn.attend(query, cache.text_keys, cache.text_values, mask)
+            self.measure(run, cross, selection, fresh)
+            scatter_rows(cross, selection, fresh)
             if self.settings.score == "cross_attention_entropy":
                 self._refresh_entropy_rows(run, cache, query, selection.index, mask)
             recomputed["cross_attn"] = selection.count
@@ -144,7 +146,9 @@ class STDiT3BlockAdapter(BlockAdapter):
         selection = self.select(run, cache, "mlp", tokens)
         if selection is not None:
             rows = modulate(block.norm2(gather_rows(x, selection)), shift_mlp, scale_mlp)
-            scatter_rows(mlp, selection, block.mlp(rows))
+            fresh = block.mlp(rows)
+            self.measure(run, mlp, selection, fresh)
+            scatter_rows(mlp, selection, fresh)
             recomputed["mlp"] = selection.count
         x = x + gate_mlp * mlp
         run.add_flops(self._flops(x.shape, y, frames, recomputed, text_projected=False), self._flops(x.shape, y, frames, None))

@@ -1,0 +1,145 @@
+"""Error-controlled caching: the error of a cached value, measured where fresh values exist, chooses the
+next full step.
+
+On a partial step the recomputed tokens are computed exactly while their cached value (or its forecast)
+is known too: their difference estimates the cache's error for the whole branch at no extra compute,
+without bias for the part of them drawn at random. On a full step every token is fresh, and the
+difference to the forecast is the error that skipping the step would have made. ``ErrorMeter`` sums
+both on the device, one step at a time; ``ErrorControl`` turns the latest measurement into the next
+interval as an adaptive ODE solver chooses its step size: a forecast of order ``q`` errs like
+``k ** (q + 1)`` at ``k`` steps from its last full step, so a relative error ``e`` measured at ``k``
+reaches the tolerance at ``N = k * (tolerance / e) ** (1 / (q + 1))``.
+
+Decisions use measurements made ``DECISION_LAG`` steps earlier or more: when step ``s`` is decided, step
+``s - 1`` may still be running on the GPU, and waiting for it would leave the GPU idle while the host
+prepares step ``s``. Step ``s - 2`` is done by then (step ``s - 1`` was queued after it), so reading its
+measurement costs no stall.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DECISION_LAG = 2
+
+FULL_STEP_REASONS = {
+    "start": "one of the first steps, always full",
+    "interval": "the fixed interval (or the interval before any measurement) came round",
+    "error": "the measured error, extrapolated to this step, passed the tolerance",
+    "max_interval": "the error was under the tolerance, but max_interval steps had passed",
+}
+
+
+@dataclass(frozen=True)
+class ErrorControl:
+    """The controller's settings (from a config's ``tolerance``).
+
+    Args:
+        tolerance: the relative RMS error of the cached branch outputs that a partial step may reach.
+        max_interval: the most steps between two full steps.
+        initial_interval: the interval used before the first measurement is known.
+        random_share: share of each partial step's recomputed tokens drawn at random instead of by
+            score; the estimate reads those rows only, when there are any.
+    """
+
+    tolerance: float
+    max_interval: int
+    initial_interval: int
+    random_share: float
+
+    def interval(self, measurement: "Measurement | None") -> tuple[float, str]:
+        """The interval the latest measurement allows, and the reason a full step at that interval has."""
+        if measurement is None:
+            return float(min(self.initial_interval, self.max_interval)), "interval"
+        error = measurement.error
+        if error == 0:
+            return float(self.max_interval), "max_interval"
+        interval = measurement.since_full * (self.tolerance / error) ** (1 / (measurement.order + 1))
+        if interval >= self.max_interval:
+            return float(self.max_interval), "max_interval"
+        return max(interval, 1.0), "error"
+
+
+@dataclass
+class Measurement:
+    """One step's measurement: ``sums`` = (squared error, squared fresh value) on the device, summed over
+    the measured rows of every block and branch (and guidance stream) of the step."""
+
+    step: int
+    since_full: int  # steps from the last full step before it (to the one before, for a full step)
+    order: int  # the forecast order its cached values had
+    sums: torch.Tensor
+    copied: torch.Tensor | None = None  # a host copy in flight (CUDA)
+    event: object | None = None
+    _error: float | None = None
+
+    @property
+    def error(self) -> float:
+        """The relative RMS error; reads the device value (waits for it) the first time."""
+        if self._error is None:
+            if self.event is not None:
+                self.event.synchronize()
+            squared_error, squared_value = (self.copied if self.copied is not None else self.sums).tolist()
+            self._error = math.sqrt(squared_error / squared_value) if squared_value > 0 else 0.0
+        return self._error
+
+
+class ErrorMeter:
+    """Per-step error sums on the device; host reads only of finished steps (``host_reads`` counts them)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.measurements: list[Measurement] = []
+        self.host_reads: list[tuple[int, int]] = []  # (step read, step deciding), for tests
+        self._open: tuple[int, int, int] | None = None
+        self._sums: torch.Tensor | None = None
+
+    def open_step(self, step: int, since_full: int, order: int) -> None:
+        self.close_step()
+        self._open = (step, since_full, order)
+
+    def close_step(self) -> None:
+        """File the open step's sums, if anything was measured, and start their copy to the host."""
+        if self._sums is not None:
+            measurement = Measurement(*self._open, sums=self._sums)
+            if self._sums.device.type == "cuda":
+                measurement.copied = self._sums.to("cpu", non_blocking=True)
+                measurement.event = torch.cuda.Event()
+                measurement.event.record()
+            self.measurements.append(measurement)
+        self._sums = None
+
+    def add(self, cached: torch.Tensor, fresh: torch.Tensor) -> int:
+        """Add the rows' squared error and squared fresh values to this step's sums, on the device; the
+        FLOPs it costs."""
+        dtype = torch.promote_types(fresh.dtype, torch.float32)  # half-precision rows summed in float32
+        sums = torch.stack([
+            torch.linalg.vector_norm(fresh - cached, dtype=dtype).square(),
+            torch.linalg.vector_norm(fresh, dtype=dtype).square(),
+        ])
+        self._sums = sums if self._sums is None else self._sums + sums
+        return 5 * fresh.numel()
+
+    def latest(self, deciding: int, order: int) -> Measurement | None:
+        """The latest measurement of a step at least ``DECISION_LAG`` steps before ``deciding``, of a
+        forecast of ``order`` (one of a lower order, made before enough full steps were stored, says
+        little about the forecast now in force)."""
+        for measurement in reversed(self.measurements):
+            if measurement.step <= deciding - DECISION_LAG and measurement.order >= order:
+                if measurement._error is None:
+                    self.host_reads.append((measurement.step, deciding))
+                return measurement
+        return None
+
+    def errors(self, steps: int, wait: bool) -> tuple[float, ...]:
+        """Each step's relative error (nan where nothing was measured); ``wait`` reads every step's value
+        (the run's end), else only those already read."""
+        values = [math.nan] * steps
+        pending = [Measurement(*self._open, sums=self._sums)] if self._sums is not None and wait else []
+        for measurement in [*self.measurements, *pending]:
+            if measurement.step < steps and (wait or measurement._error is not None):
+                values[measurement.step] = measurement.error
+        return tuple(values)

@@ -1,0 +1,174 @@
+"""Error-controlled caching: the measured error of cached values, and the schedule that follows it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, record_selections, remove_cache
+from ditcache.control import DECISION_LAG, ErrorControl, ErrorMeter, Measurement
+from ditcache.state import BlockCache, CallSignature, RunState
+
+from test_engine import run_dit, run_pixart
+from test_generic import build, run
+
+STEPS = 30
+
+
+def polynomial(step: int, degree: int) -> torch.Tensor:
+    """A (1, 64, 4) feature map whose entries are degree-``degree`` polynomials of the step."""
+    coefficients = torch.linspace(0.5, 1.5, 256, dtype=torch.float64).view(1, 64, 4)
+    return sum(coefficients ** (k + 1) * (step / STEPS) ** k for k in range(degree + 1))
+
+
+def synthetic_run(features, config, steps: int = STEPS):
+    """The engine's bookkeeping of one cached branch whose fresh value at each step is ``features(step)``:
+    full steps measure the forecast against the fresh value and store it, partial steps measure a quarter of
+    the rows, as the block adapters do."""
+    run = RunState(config.resolve("generic"))
+    run.start(CallSignature(1, (64,), torch.float64, torch.device("cpu")), steps - 1.0, tuple(range(steps - 1, -1, -1)), False)
+    cache, rows = BlockCache(), torch.arange(0, 64, 4)
+    for step in range(steps):
+        run.begin_step(steps - 1.0 - step)
+        fresh = features(step)
+        if run.is_full:
+            if "branch" in cache.branches:
+                run.meter.add(cache.current("branch", step), fresh)
+            cache.store("branch", fresh, step, config.forecast_order)
+        else:
+            run.meter.add(cache.current("branch", step)[:, rows], fresh[:, rows])
+    run.end_call()
+    return run.stats()
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_polynomial_features_need_no_full_step_beyond_the_first_and_the_longest_interval(order):
+    config = FORAConfig(cache_interval=6, max_interval=6, forecast_order=order, full_steps_at_start=order + 1, tolerance=1e-6)
+    stats = synthetic_run(lambda step: polynomial(step, order), config)
+    start = tuple(range(order + 1))
+    assert stats.full_step_indices == start + tuple(range(order + 6, STEPS, 6))
+    assert stats.full_step_reasons == ("start",) * (order + 1) + ("max_interval",) * (len(stats.full_step_indices) - order - 1)
+    measured = [error for error in stats.forecast_errors[order + 1:]]
+    assert max(measured) < 1e-12  # exact forecasts: nothing to correct
+
+
+def test_a_jump_triggers_a_full_step_as_soon_as_its_measurement_is_read():
+    jump = 17
+
+    def features(step):
+        return polynomial(step, 1) + (0.5 if step >= jump else 0.0)
+
+    config = FORAConfig(cache_interval=6, max_interval=6, forecast_order=1, full_steps_at_start=2, tolerance=0.01)
+    stats = synthetic_run(features, config)
+    assert stats.full_step_indices[:4] == (0, 1, 7, 13)  # exact forecasts until the jump
+    assert stats.forecast_errors[jump] > 0.1 and stats.forecast_errors[jump - 1] < 1e-12
+    # measured at the jump, read DECISION_LAG steps later: the first step it can decide is full
+    first_after = next(index for index in stats.full_step_indices if index > jump)
+    assert first_after == jump + DECISION_LAG
+    assert stats.full_step_reasons[stats.full_step_indices.index(first_after)] == "error"
+
+
+def test_the_controller_follows_the_step_size_formula():
+    control = ErrorControl(tolerance=0.1, max_interval=8, initial_interval=3, random_share=0.25)
+    assert control.interval(None) == (3.0, "interval")
+    at = lambda error, since, order: Measurement(0, since, order, torch.tensor([error**2, 1.0], dtype=torch.float64))  # noqa: E731
+    assert control.interval(at(0.4, 2, 1))[0] == pytest.approx(2 * (0.1 / 0.4) ** 0.5)
+    assert control.interval(at(0.05, 2, 0)) == (4.0, "error")
+    assert control.interval(at(0.001, 2, 0)) == (8.0, "max_interval")
+    assert control.interval(at(0.0, 2, 0)) == (8.0, "max_interval")
+    assert control.interval(at(5.0, 1, 0)) == (1.0, "error")  # never below one step
+
+
+def test_a_step_is_decided_from_measurements_the_device_finished_before():
+    """The host reads a measurement only ``DECISION_LAG`` steps after its step, at most one per step: on a
+    GPU the stream then holds the step in between, and never waits for the host."""
+    meter = ErrorMeter(torch.device("cpu"))
+    for step in range(6):
+        meter.open_step(step, 1, 0)
+        meter.add(torch.zeros(3), torch.ones(3) * (step + 1))
+        assert meter.latest(step + 1, 0) is (meter.measurements[step - 1] if step >= 1 else None)
+    meter.close_step()
+    assert all(deciding - read >= DECISION_LAG for read, deciding in meter.host_reads)
+
+
+def test_tolerance_zero_equals_uncached_bit_for_bit(dit_pipe, pixart_pipe, flux_pipe):
+    from test_flux import run_flux
+
+    for pipe, call in ((dit_pipe, run_dit), (pixart_pipe, run_pixart), (flux_pipe, run_flux)):
+        baseline = call(pipe)
+        for config in (ToCaConfig(tolerance=0), FORAConfig(tolerance=0, forecast_order=2)):
+            apply_cache(pipe, config)
+            np.testing.assert_array_equal(call(pipe), baseline)
+            assert cache_stats(pipe).partial_steps == 0
+        remove_cache(pipe)
+
+
+def test_error_control_on_a_real_run_reports_why_each_step_was_full(flux_pipe, monkeypatch):
+    from test_flux import run_flux
+
+    meters = []
+    monkeypatch.setattr("ditcache.state.ErrorMeter", lambda device: meters.append(ErrorMeter(device)) or meters[-1])
+    apply_cache(flux_pipe, ToCaConfig(schedule="constant", cache_ratio=0.5, score="random", tolerance=0.3, max_interval=4))
+    with record_selections(flux_pipe) as events:
+        run_flux(flux_pipe, steps=12)
+    stats = cache_stats(flux_pipe)
+    assert stats.partial_steps > 0 and len(stats.full_step_reasons) == stats.full_steps
+    assert set(stats.full_step_reasons) <= {"start", "interval", "error", "max_interval"}
+    assert len(stats.forecast_errors) == stats.steps and math.isnan(stats.forecast_errors[0])
+    assert all(math.isfinite(error) and error > 0 for error in stats.forecast_errors[1:])  # full and partial steps measure
+    assert events and all(event.error is not None and event.error >= 0 for event in events)
+    (meter,) = meters
+    reads = meter.host_reads
+    assert reads and all(deciding - read >= DECISION_LAG for read, deciding in reads)
+    assert len({deciding for _, deciding in reads}) == len(reads)
+
+
+def test_the_random_share_of_the_recomputed_tokens_comes_last_and_is_measured(dit_pipe):
+    apply_cache(dit_pipe, ToCaConfig(cache_interval=3, cache_ratio=0.5, schedule="constant", score="k_norm", tolerance=0.5, random_share=0.5))
+    with record_selections(dit_pipe) as events:
+        run_dit(dit_pipe)
+    for event in events:
+        count = event.tokens.shape[1]
+        top = event.tokens[:, : count - count // 2]
+        total = event.score + event.frequency + event.bonus
+        assert total.gather(1, top).min() >= total.topk(top.shape[1]).values.min() - 1e-6
+        assert event.error is not None
+    remove_cache(dit_pipe)
+
+
+def test_fora_measures_on_full_steps_and_on_its_probe():
+    model = build("sd3")
+    apply_cache(model, FORAConfig(tolerance=0.2, cache_interval=3))
+    run(model, "sd3")
+    plain = cache_stats(model)
+    assert math.isfinite(plain.forecast_errors[1])
+    partial = [step for step in range(plain.steps) if step not in plain.full_step_indices]
+    assert partial and all(math.isnan(plain.forecast_errors[step]) for step in partial)
+
+    apply_cache(model, FORAConfig(tolerance=0.2, cache_interval=3, probe_ratio=0.25))
+    run(model, "sd3")
+    probed = cache_stats(model)
+    partial = [step for step in range(probed.steps) if step not in probed.full_step_indices]
+    assert partial and all(math.isfinite(probed.forecast_errors[step]) for step in partial)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(tolerance=-0.1), "`tolerance`"),
+        (dict(tolerance=math.nan), "`tolerance`"),
+        (dict(tolerance=0.1, max_interval=0), "`max_interval`"),
+        (dict(tolerance=0.1, random_share=1.5), "`random_share`"),
+    ],
+)
+def test_bad_control_settings_are_refused_when_the_config_is_made(change, message):
+    with pytest.raises(ValueError, match=message):
+        ToCaConfig(**change)
+
+
+def test_a_probe_without_a_tolerance_is_refused():
+    with pytest.raises(ValueError, match="`probe_ratio`"):
+        FORAConfig(probe_ratio=0.1)
+    with pytest.raises(ValueError, match="`probe_ratio`"):
+        FORAConfig(tolerance=0.1, probe_ratio=1.0)
