@@ -331,13 +331,13 @@ def remove_cache(target):
             for name in (BLOCK_HOOK, CONSTANT_HOOK, TABLE_HOOK, BRANCH_HOOK):
                 registry.remove_hook(name, recurse=False)
             if not registry.hooks:
-                _drop_empty_registry(module)
+                drop_empty_registry(module)
         if hasattr(transformer, "_diffusers_hook"):
             transformer._diffusers_hook.invalidate_child_registries_cache()
     return target
 
 
-def _drop_empty_registry(module: nn.Module) -> None:
+def drop_empty_registry(module: nn.Module) -> None:
     """Leave a module as it was before any hook: no registry, no instance-level ``forward``."""
     del module._diffusers_hook
     if module.__dict__.get("forward") == type(module).forward.__get__(module):

@@ -38,6 +38,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
+from ditcache.hooks import drop_empty_registry
 from ditcache.specs import spec_for
 
 PEERS = ("fbc", "taylorseer", "magcache", "pab", "dbcache")
@@ -127,6 +128,8 @@ class DiffusersCache:
         before = _hook_names(transformer)
         self._apply_config(pipe, steps, mag_ratios)
         self._added = {m: names - before.get(m, set()) for m, names in _hook_names(transformer).items()}
+        # a registry kept from an earlier cache may list the blocks' registries as they were then
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
         self._handle = transformer.register_forward_pre_hook(self._set_context, with_kwargs=True)
 
     def remove(self, pipe) -> None:
@@ -134,11 +137,15 @@ class DiffusersCache:
             import cache_dit
 
             cache_dit.disable_cache(pipe)
+            self._restore_forwards(pipe.transformer)
             return
         for module, names in self._added.items():
             for name in names:
                 module._diffusers_hook.remove_hook(name, recurse=False)
         HookRegistry.check_if_exists_or_initialize(getattr(pipe, "transformer", pipe)).invalidate_child_registries_cache()
+        for module in self._added:
+            if not module._diffusers_hook.hooks:
+                drop_empty_registry(module)  # as before the cache: no registry, no instance-level forward
         self._handle.remove()
 
     def _apply_cache_dit(self, pipe, steps: int, call: dict) -> None:
@@ -153,7 +160,28 @@ class DiffusersCache:
         )
         order = self.options["taylorseer_order"]
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+        self._forwards = {module: module.__dict__.get("forward") for module in pipe.transformer.modules()}
+        self._registries = {module for module in pipe.transformer.modules() if hasattr(module, "_diffusers_hook")}
+        self._children = {module: list(module._modules.items()) for module in pipe.transformer.modules()}
         cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+
+    def _restore_forwards(self, transformer) -> None:
+        """Undo what ``disable_cache`` leaves: the forwards cache-dit patched on the transformer and its blocks
+        (same results, but another cache hooked on later would see cache-dit's calls instead of diffusers'), the
+        empty hook registries it made, and the order of the transformer's block lists, which it re-registers (a
+        cache hooked on later takes the first block it finds for the first block run)."""
+        for module in transformer.modules():
+            before = self._forwards.get(module)
+            if module.__dict__.get("forward") is not before:
+                if before is None:
+                    del module.forward
+                else:
+                    module.forward = before
+            if hasattr(module, "_diffusers_hook") and module not in self._registries and not module._diffusers_hook.hooks:
+                drop_empty_registry(module)
+            if module in self._children and list(module._modules.items()) != self._children[module]:
+                module._modules = dict(self._children[module])
+        transformer.__dict__.pop("_is_patched", None)
 
     def _mag_ratios(self, pipe, steps: int, call: dict | None) -> torch.Tensor:
         """MagCache's ratios for this model: measured by diffusers' calibration over one ``call``."""

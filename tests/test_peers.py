@@ -53,6 +53,11 @@ def test_cache_dit_dbcache_runs_and_leaves_nothing_behind(pipe, spec):
     method.remove(pipe)
     assert not torch.equal(cached, uncached) and torch.isfinite(cached).all()
     assert torch.equal(images(pipe), uncached)
+    assert not [name for name, module in pipe.transformer.named_modules() if "forward" in module.__dict__]
+    fbc = parse_method("fbc:0.2")  # another cache hooked on after it sees diffusers' own calls
+    fbc.apply(pipe, STEPS, CALL)
+    assert torch.isfinite(images(pipe)).all()
+    fbc.remove(pipe)
 
 
 def test_a_peer_without_its_package_is_skipped_by_name(monkeypatch):
