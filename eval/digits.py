@@ -110,7 +110,7 @@ def accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Te
 
 
 def reference_pipeline_path(name: str) -> Path:
-    """Folder of a committed reference pipeline: ``digits-dit`` or ``digits-flux``."""
+    """Folder of a committed reference pipeline: ``digits-dit``, ``digits-flux`` or ``digits-scenes``."""
     path = REFERENCE_DIR / name
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no reference model {name!r} in {REFERENCE_DIR}; train it with python -m ditcache.eval.train_reference")
