@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, remove_cache
 from ditcache.eval import scenes, train_scenes
 
 
@@ -116,3 +117,36 @@ def test_a_planted_training_checkpoint_is_refused_without_running_its_code(tmp_p
     AutoencoderKL.from_pretrained(digits.reference_pipeline_path(digits.TEXT_MODEL) / "vae").save_pretrained(tmp_path / "vae")
     plant(tmp_path / "checkpoint.pt", tmp_path / "ran")
     assert_refused_without_running(lambda: train_scenes.checkpoint_pipeline(tmp_path), tmp_path / "ran", pickle.UnpicklingError)
+
+
+# (config, least PSNR in dB against uncached, least FLOPs speedup), at 20 steps on the first 20 held-out
+# captions: bars about 3 dB and 0.15x under the measurement (eval/BENCHMARKS.md, "The 256-token reference").
+SCENES_BARS = [
+    (FORAConfig(cache_interval=3), 31.0, 2.3),
+    (ToCaConfig(cache_interval=3, cache_ratio=0.9, schedule="constant", score="v_norm"), 31.0, 2.1),
+    (ToCaConfig(cache_interval=4, cache_ratio=0.9, schedule="constant", score="v_norm", forecast_order=1), 25.5, 2.4),
+]
+
+
+@pytest.mark.slow
+def test_the_scenes_reference_draws_the_named_colours_in_place_and_caches_with_quality():
+    from diffusers import FluxPipeline
+
+    from ditcache.eval import digits, metrics
+
+    pipe = FluxPipeline.from_pretrained(digits.reference_pipeline_path(train_scenes.NAME))
+    pipe.set_progress_bar_config(disable=True)
+    _, captions = scenes.make_scenes(20, scenes.EVAL_SEED, held_out=True)
+    uncached = train_scenes.sample(pipe, captions, 20)
+    verdict = scenes.judge(uncached, captions)
+    # colours in the named places, and digits above chance (10%): what this model follows (its card)
+    assert verdict.colour_accuracy >= 0.95 and verdict.object_accuracy >= 0.2, verdict
+    for config, least_psnr, least_speedup in SCENES_BARS:
+        apply_cache(pipe, config)
+        cached = train_scenes.sample(pipe, captions, 20)
+        speedup = cache_stats(pipe).flops_speedup
+        psnr = float(metrics.psnr(cached, uncached).mean())
+        assert speedup >= least_speedup and least_psnr <= psnr < 60, (config, speedup, psnr)
+        assert scenes.judge(cached, captions).colour_accuracy >= verdict.colour_accuracy - 0.05, config
+    remove_cache(pipe)
+    torch.testing.assert_close(train_scenes.sample(pipe, captions, 20), uncached, rtol=0, atol=0)
