@@ -25,8 +25,8 @@ MAX_FORECAST_ORDER = 4  # TaylorSeer's DiT setting
 # Steps (cache_interval, full_steps_at_start) and token sizes (spatial_grid, ToMe's sx and sy): far above
 # any real setting, so that a typo fails when the config is made rather than at run time.
 MAX_SIZE = 10_000
-MAX_SEED = 2**64 - 1
-DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps  # the largest seed torch.Generator.manual_seed takes
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps
 
 
 def family_preset(schedule: str, family: str) -> Preset:
@@ -161,7 +161,6 @@ class ToCaConfig:
             forecast for the step, extrapolated from the divided differences of the last K + 1 full steps
             (see :class:`ditcache.state.BlockCache`); the tokens a partial step recomputes take their
             fresh values on that step.
-
         tolerance: error control (``ditcache.control``): instead of a fixed interval, the next full step
             comes when the cached branch outputs' relative RMS error, measured on the recomputed tokens and
             extrapolated, would pass this tolerance (>= 0; 0 makes every step full). ``cache_interval``

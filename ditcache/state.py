@@ -324,6 +324,14 @@ class RunState:
             self.caches[key] = BlockCache()
         return self.caches[key]
 
+    @torch.compiler.disable
+    def measure_kept(self, cache: BlockCache, key: str, fresh: torch.Tensor) -> None:
+        """On a full step, before ``fresh`` is stored under ``key``: the error its kept value (or forecast)
+        would have made on this step, added to the step's measurement with what it costs."""
+        cached = cache.current(key, self.step)
+        forecast_flops = 2 * len(cache.differences.get(key, ())) * cached.numel()
+        self.add_flops(forecast_flops + self.meter.add(cached, fresh), 0)
+
     # -- accounting ----------------------------------------------------------------------------
     # Bookkeeping runs outside compiled graphs: its Python counters must not become guards.
     @torch.compiler.disable

@@ -156,14 +156,8 @@ class BlockAdapter:
         cached value would have made on this step."""
         if self.settings.caches:
             if run.meter is not None and branch in cache.branches and branch in self.measured_branches:
-                self._measure_whole(run, cache, branch, output)
+                run.measure_kept(cache, branch, output)
             cache.store(branch, output.contiguous(), run.step, self.settings.forecast_order)
-
-    @torch.compiler.disable
-    def _measure_whole(self, run: RunState, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
-        cached = cache.current(branch, run.step)
-        forecast_flops = 2 * len(cache.differences.get(branch, ())) * cached.numel()
-        run.add_flops(forecast_flops + run.meter.add(cached, output), 0)
 
     @torch.compiler.disable
     def measure(self, run: RunState, cached: torch.Tensor, selection: "Selection", fresh: torch.Tensor) -> None:

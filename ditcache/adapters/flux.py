@@ -245,9 +245,6 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def __init__(self, block: FluxSingleTransformerBlock, name: str, layer_position: float, settings: EngineSettings):
         super().__init__(block, name, layer_position, settings)
         self.branch_groups = {"single_mlp": "joint"}
-        # Partial steps recompute the fused output projection's rows (their attention half forecast, the MLP
-        # half fresh); a full step measures the same output, both halves fresh.
-        self.measured = ("output",)
         # the MLP's input projection and the output projection over cat(attention, MLP), per computed row
         self.costs = {"mlp": BranchCost({"image": (block.proj_mlp,)}), "out": BranchCost({"image": (block.proj_out,)})}
 
@@ -327,7 +324,9 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
 
     @property
     def measured_branches(self) -> tuple[str, ...]:
-        return self.measured
+        """Partial steps recompute the fused output projection's rows (their attention half forecast, the MLP
+        half fresh); a full step measures the same output, both halves fresh."""
+        return ("output",)
 
     def _flops(self, batch: int, tokens: int, rows: dict[str, int] | None, modulation: bool = True) -> int:
         """FLOPs of one call; ``rows`` maps ``attn``, ``mlp`` (the MLP's input projection) and ``out``

@@ -208,8 +208,7 @@ class BranchAdapter:
         for index, tensor in enumerate(tensors):
             key = f"{branch}.{index}"
             if run.meter is not None and self.measured and key in cache.branches:
-                cached = cache.current(key, run.step)
-                run.add_flops(2 * len(cache.differences.get(key, ())) * cached.numel() + run.meter.add(cached, tensor), 0)
+                run.measure_kept(cache, key, tensor)
             cache.store(key, tensor, run.step, order)
             cache.versions[key] = None if tensor.is_inference() else tensor._version
         return output
