@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from .control import ErrorControl
+from .forecast import FORECASTERS, NEWTON, Forecaster
 from .schedule import PRESETS, REFERENCE_PRESETS, CacheSchedule, Preset
 from .scores import SCORES
 
@@ -40,6 +41,22 @@ def family_preset(schedule: str, family: str) -> Preset:
     if schedule in PRESETS:
         return PRESETS[schedule]
     return PRESETS.get(family, PRESETS["generic"])
+
+
+def _check_forecast(config) -> None:
+    _check_int("forecast_order", config.forecast_order, 0, MAX_FORECAST_ORDER)
+    _check_choice("forecaster", config.forecaster, FORECASTERS)
+    _check_float("hermite_scale", config.hermite_scale, 0.0, 1.0)
+    if config.hermite_scale == 0:
+        raise ValueError("`hermite_scale` must be a number in (0, 1], got 0.0.")
+    if config.forecaster == "hermite" and config.forecast_order == 0:
+        raise ValueError("`forecaster='hermite'` forecasts from differences: give a `forecast_order` in [1, 4].")
+    if config.forecaster == "bdf2_heun" and config.forecast_order != 2:
+        raise ValueError(f"`forecaster='bdf2_heun'` uses the last three full steps: `forecast_order` must be 2, got {config.forecast_order}.")
+
+
+def _forecaster(config) -> Forecaster:
+    return NEWTON if config.forecaster == "newton" else Forecaster(config.forecaster, config.hermite_scale)
 
 
 def _check_control(config) -> None:
@@ -122,6 +139,7 @@ class EngineSettings:
     seed: int
     merging: MergeSettings | None = None
     forecast_order: int = 0
+    forecaster: Forecaster = NEWTON
     control: ErrorControl | None = None
 
     @property
@@ -161,6 +179,10 @@ class ToCaConfig:
             forecast for the step, extrapolated from the divided differences of the last K + 1 full steps
             (see :class:`ditcache.state.BlockCache`); the tokens a partial step recomputes take their
             fresh values on that step.
+        forecaster: how the differences forecast (``ditcache.forecast``): ``"newton"`` (the interpolating
+            polynomial), ``"hermite"`` (HiCache's scaled Hermite basis) or ``"bdf2_heun"`` (FoCa's BDF2
+            predictor and Heun corrector; ``forecast_order=2``).
+        hermite_scale: HiCache's scale sigma of the Hermite basis, in (0, 1].
         tolerance: error control (``ditcache.control``): instead of a fixed interval, the next full step
             comes when the cached branch outputs' relative RMS error, measured on the recomputed tokens and
             extrapolated, would pass this tolerance (>= 0; 0 makes every step full). ``cache_interval``
@@ -180,6 +202,8 @@ class ToCaConfig:
     full_steps_at_start: int | None = None
     seed: int = 0
     forecast_order: int = 0
+    forecaster: str = "newton"
+    hermite_scale: float = 0.5
     tolerance: float | None = None
     max_interval: int = DEFAULT_MAX_INTERVAL
     random_share: float = 0.25
@@ -202,7 +226,7 @@ class ToCaConfig:
         if self.full_steps_at_start is not None:
             _check_int("full_steps_at_start", self.full_steps_at_start, 1, MAX_SIZE)
         _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER)
+        _check_forecast(self)
 
     def resolve(self, family: str) -> EngineSettings:
         preset = family_preset(self.schedule, family)
@@ -221,6 +245,7 @@ class ToCaConfig:
             spatial_grid=_default(self.spatial_grid, preset.spatial_grid),
             seed=self.seed,
             forecast_order=self.forecast_order,
+            forecaster=_forecaster(self),
             control=_control(self, schedule.cache_interval, self.random_share),
         )
 
@@ -234,6 +259,7 @@ class FORAConfig:
         full_steps_at_start: how many first steps are always full; ``None`` takes the preset's.
         forecast_order: 0 reuses the last full-step outputs; 1 to 4 their Taylor forecast for the step
             (see :class:`ToCaConfig`).
+        forecaster, hermite_scale: the forecast's form, as in :class:`ToCaConfig`.
         schedule: ``"auto"`` (the detected model's default full-step rule) or ``"reference"`` (the
             published FORA runs' rule: on FLUX only step 0 is forced full).
         tolerance, max_interval: error control, as in :class:`ToCaConfig`; without a probe the error is
@@ -246,6 +272,8 @@ class FORAConfig:
     cache_interval: int = 3
     full_steps_at_start: int | None = None
     forecast_order: int = 0
+    forecaster: str = "newton"
+    hermite_scale: float = 0.5
     schedule: str = "auto"
     tolerance: float | None = None
     max_interval: int = DEFAULT_MAX_INTERVAL
@@ -262,7 +290,7 @@ class FORAConfig:
         _check_int("cache_interval", self.cache_interval, 1, MAX_SIZE)
         if self.full_steps_at_start is not None:
             _check_int("full_steps_at_start", self.full_steps_at_start, 1, MAX_SIZE)
-        _check_int("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER)
+        _check_forecast(self)
         _check_choice("schedule", self.schedule, FORA_SCHEDULES)
 
     def resolve(self, family: str) -> EngineSettings:
@@ -272,7 +300,7 @@ class FORAConfig:
         return EngineSettings(
             method="fora", schedule=schedule, score="random" if self.probe_ratio else None, frequency_weight=0.0,
             spatial_bonus=0.0, spatial_grid=1, seed=0, forecast_order=self.forecast_order,
-            control=_control(self, schedule.cache_interval, 1.0),
+            forecaster=_forecaster(self), control=_control(self, schedule.cache_interval, 1.0),
         )
 
 

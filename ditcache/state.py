@@ -14,6 +14,7 @@ import torch
 
 from .config import EngineSettings
 from .control import ErrorMeter
+from .forecast import Forecaster
 
 _RUN_STARTS = itertools.count()  # orders the runs of several transformers (Wan 2.2's experts)
 
@@ -122,28 +123,25 @@ class BlockCache:
         self.differences[branch] = differences
         self.nodes[branch] = [step, *nodes][: order + 1]
 
-    def current(self, branch: str, step: int) -> torch.Tensor:
+    def current(self, branch: str, step: int, forecaster: Forecaster) -> torch.Tensor:
         """The value a partial step uses for a branch. Without differences: the stored tensor itself
-        (recomputed rows written into it persist). With them: a new tensor, the forecast at ``step``
-        (recomputed rows written into it serve this step only)."""
+        (recomputed rows written into it persist). With them: a new tensor, ``forecaster``'s forecast at
+        ``step`` (recomputed rows written into it serve this step only)."""
         value, differences = self.branches[branch], self.differences.get(branch)
         if not differences:
             return value
-        factor, nodes = 1.0, self.nodes[branch]
-        for difference, node in zip(differences, nodes):
-            factor *= step - node
+        for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
             value = torch.add(value, difference, alpha=factor)
         return value
 
-    def forecast_terms(self, branch: str, step: int, flat: torch.Tensor) -> torch.Tensor | None:
+    def forecast_terms(self, branch: str, step: int, flat: torch.Tensor, forecaster: Forecaster) -> torch.Tensor | None:
         """The forecast's increment over the stored value, on the rows ``flat`` only (None without
         differences)."""
         differences = self.differences.get(branch)
         if not differences:
             return None
-        factor, terms = 1.0, None
-        for difference, node in zip(differences, self.nodes[branch]):
-            factor *= step - node
+        terms = None
+        for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
             rows = difference.view(-1, difference.shape[-1]).index_select(0, flat) * factor
             terms = rows if terms is None else terms + rows
         return terms
@@ -328,7 +326,7 @@ class RunState:
     def measure_kept(self, cache: BlockCache, key: str, fresh: torch.Tensor) -> None:
         """On a full step, before ``fresh`` is stored under ``key``: the error its kept value (or forecast)
         would have made on this step, added to the step's measurement with what it costs."""
-        cached = cache.current(key, self.step)
+        cached = cache.current(key, self.step, self.settings.forecaster)
         forecast_flops = 2 * len(cache.differences.get(key, ())) * cached.numel()
         self.add_flops(forecast_flops + self.meter.add(cached, fresh), 0)
 

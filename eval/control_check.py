@@ -1,10 +1,11 @@
-"""Error control against fixed intervals on the 64-token FLUX reference, in one process: a quick table of PSNR
-against uncached and FLOPs speedup, with the full steps each run took.
+"""Forecasters and error control against fixed intervals on a reference model, in one process: a quick table
+of PSNR against uncached and FLOPs speedup, with the full steps each run took.
 
-    python -m ditcache.eval.control_check --steps 50
+    python -m ditcache.eval.control_check --model digits-flux --steps 50
+    python -m ditcache.eval.control_check --model digits-dit --steps 20 --methods fora:4:order=1 fora:4:order=2:fc=bdf2_heun
 
-The sweeps (``ditcache sweep``, methods ``fora:N:tol=T``) give the full comparison with the judges and peers;
-this is the fast look that chooses their tolerance grid.
+Methods are sweep specs (``ditcache.eval.speed.parse_method``). The sweeps (``ditcache sweep``) give the full
+comparison with the judges and peers; this is the fast look that chooses their grids.
 """
 
 from __future__ import annotations
@@ -13,42 +14,54 @@ import argparse
 
 import torch
 
-from ditcache import FORAConfig, apply_cache, cache_stats, remove_cache
-from ditcache.eval import digits, metrics
+from ditcache import cache_stats
+from ditcache.eval import digits, metrics, scenes, train_scenes
+from ditcache.eval.speed import parse_method
 
-INTERVALS = (3, 5, 8)
-TOLERANCES = (0.1, 0.2, 0.4, 0.8)
+FORECASTS = ("order=0", "order=1", "order=2", "order=1:fc=hermite", "order=2:fc=hermite", "order=2:fc=bdf2_heun")
+DEFAULT_METHODS = tuple(f"fora:{n}:{forecast}" for n in (3, 5, 8) for forecast in FORECASTS) + tuple(
+    f"fora:3:{forecast}:tol={t}:max=12" for forecast in ("order=0", "order=1", "order=2:fc=bdf2_heun") for t in (0.1, 0.2, 0.4, 0.8)
+)
+MODELS = ("digits-flux", "digits-dit", train_scenes.NAME)
+
+
+def reference_images(name: str, steps: int):
+    """The reference model ``name`` and a function drawing its fixed evaluation batch (8 images; 4 scenes)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(digits.reference_pipeline_path(name))
+    pipe.set_progress_bar_config(disable=True)
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    if name == "digits-dit":
+        return pipe, lambda: pipe(class_labels=list(range(8)), num_inference_steps=steps, guidance_scale=3.0,
+                                  generator=generator(), output_type="pt").images
+    if name == "digits-flux":
+        call = dict(digits.TEXT_MODEL_CALL, negative_prompt=[""] * 8, num_inference_steps=steps, output_type="pt")
+        return pipe, lambda: pipe([digits.prompt(label) for label in range(8)], generator=generator(), **call).images
+    _, captions = scenes.make_scenes(4, scenes.EVAL_SEED, held_out=True)
+    call = dict(train_scenes.CALL, negative_prompt=[""] * 4, num_inference_steps=steps, output_type="pt")
+    return pipe, lambda: pipe(captions, generator=generator(), **call).images
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="digits-flux")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--max-interval", type=int, default=12)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     args = parser.parse_args(argv)
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(digits.reference_pipeline_path(digits.TEXT_MODEL))
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [digits.prompt(label) for label in range(8)]
-    call = dict(digits.TEXT_MODEL_CALL, negative_prompt=[""] * len(prompts), num_inference_steps=args.steps, output_type="pt")
-
-    def images():
-        return pipe(prompts, generator=torch.Generator().manual_seed(0), **call).images
-
+    methods = [parse_method(spec) for spec in args.methods]  # every spec checked before any run
+    pipe, images = reference_images(args.model, args.steps)
     with torch.no_grad():
         uncached = images()
-        configs = [FORAConfig(cache_interval=n, forecast_order=k) for n in INTERVALS for k in (0, 1)]
-        configs += [FORAConfig(tolerance=t, forecast_order=k, max_interval=args.max_interval) for k in (0, 1) for t in TOLERANCES]
-        print(f"{args.steps} steps, {len(prompts)} prompts, seed 0\n")
+        print(f"{args.model}, {args.steps} steps, seed 0\n")
         print("| method | PSNR (dB) | FLOPs speedup | full steps |\n|---|---|---|---|")
-        for config in configs:
-            apply_cache(pipe, config)
+        for method in methods:
+            method.apply(pipe, args.steps)
             cached = images()
             stats = cache_stats(pipe)
-            remove_cache(pipe)
-            name = f"fora:{config.cache_interval}" if config.tolerance is None else f"fora:tol={config.tolerance}:max={config.max_interval}"
+            method.remove(pipe)
             psnr = float(metrics.psnr(cached, uncached).mean())
-            print(f"| {name}:order={config.forecast_order} | {psnr:.2f} | {stats.flops_speedup:.2f} | {list(stats.full_step_indices)} |", flush=True)
+            print(f"| `{method.spec}` | {psnr:.2f} | {stats.flops_speedup:.2f} | {list(stats.full_step_indices)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ class Method:
 # Trailing ``key=value`` options of fora/toca specs: the config field each sets, and its type.
 OPTIONS = {
     "order": ("forecast_order", int),
+    "fc": ("forecaster", str),
+    "sigma": ("hermite_scale", float),
     "tol": ("tolerance", float),
     "max": ("max_interval", int),
     "probe": ("probe_ratio", float),
@@ -83,7 +85,8 @@ def parse_method(spec: str) -> Method:
     is checked here, so that a bad spec fails before any run, with an error naming it. Error control takes
     trailing options too: ``:tol=X`` (the tolerance), ``:max=M`` (the longest interval; N is then the
     interval before the first measurement), ``:probe=P`` (FORA's probe share), ``:share=S`` (ToCa's random
-    share), e.g. ``toca:4:0.9:v_norm:order=1:tol=0.1``."""
+    share), e.g. ``toca:4:0.9:v_norm:order=1:tol=0.1``; and the forecast's form: ``:fc=hermite``
+    (``:sigma=X`` its scale) or ``:fc=bdf2_heun`` (with ``:order=2``)."""
     try:
         return _parse_method(spec)
     except ValueError as error:

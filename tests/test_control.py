@@ -34,10 +34,10 @@ def synthetic_run(features, config, steps: int = STEPS):
         fresh = features(step)
         if run.is_full:
             if "branch" in cache.branches:
-                run.meter.add(cache.current("branch", step), fresh)
+                run.meter.add(cache.current("branch", step, run.settings.forecaster), fresh)
             cache.store("branch", fresh, step, config.forecast_order)
         else:
-            run.meter.add(cache.current("branch", step)[:, rows], fresh[:, rows])
+            run.meter.add(cache.current("branch", step, run.settings.forecaster)[:, rows], fresh[:, rows])
     run.end_call()
     return run.stats()
 

@@ -98,6 +98,11 @@ def test_error_control_specs_set_their_fields():
         cache_interval=4, cache_ratio=0.9, score="v_norm", schedule="constant", forecast_order=1, tolerance=0.1,
         max_interval=8, random_share=0.5)
     assert parse_method("fora:3:tol=0.2:probe=0.05").config == FORAConfig(cache_interval=3, tolerance=0.2, probe_ratio=0.05)
+    assert parse_method("fora:4:order=2:fc=bdf2_heun").config == FORAConfig(cache_interval=4, forecast_order=2, forecaster="bdf2_heun")
+    assert parse_method("fora:4:order=1:fc=hermite:sigma=0.7").config == FORAConfig(
+        cache_interval=4, forecast_order=1, forecaster="hermite", hermite_scale=0.7)
+    with pytest.raises(ValueError, match="`forecast_order` must be 2"):
+        parse_method("fora:4:order=1:fc=bdf2_heun")
 
 
 def test_peer_specs_keep_their_values():

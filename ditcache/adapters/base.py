@@ -181,7 +181,7 @@ class BlockAdapter:
 
     @torch.compiler.disable  # the step enters as a Python number: keep it out of compiled graphs
     def _forecast(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
-        value = cache.current(branch, run.step)
+        value = cache.current(branch, run.step, self.settings.forecaster)
         run.add_flops(2 * len(cache.differences[branch]) * value.numel(), 0)
         return value
 
@@ -194,7 +194,7 @@ class BlockAdapter:
 
     @torch.compiler.disable
     def _forecast_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
-        terms = cache.forecast_terms(branch, run.step, selection.flat)
+        terms = cache.forecast_terms(branch, run.step, selection.flat, self.settings.forecaster)
         run.add_flops(2 * len(cache.differences[branch]) * terms.numel(), 0)
         return terms
 

@@ -234,7 +234,7 @@ class BranchAdapter:
                     f"{self.block_name}.{self.branch}: the block changed this branch's output in place after it was "
                     "kept, so reusing it would be wrong; this branch cannot be cached on the generic path."
                 )
-            value = cache.current(key, run.step)
+            value = cache.current(key, run.step, self.settings.forecaster)
             forecast_flops += 2 * len(cache.differences.get(key, ())) * value.numel()
             tensors.append(value)
         run.add_flops(forecast_flops, flops)
