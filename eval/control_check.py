@@ -20,7 +20,7 @@ from ditcache.eval.speed import parse_method
 
 FORECASTS = ("order=0", "order=1", "order=2", "order=1:fc=hermite", "order=2:fc=hermite", "order=2:fc=bdf2_heun")
 DEFAULT_METHODS = tuple(f"fora:{n}:{forecast}" for n in (3, 5, 8) for forecast in FORECASTS) + tuple(
-    f"fora:3:{forecast}:tol={t}:max=12" for forecast in ("order=0", "order=1", "order=2:fc=bdf2_heun") for t in (0.1, 0.2, 0.4, 0.8)
+    f"fora:3:{forecast}:tol={t}:max=12" for forecast in ("order=0", "order=1", "order=1:fc=hermite", "order=2:fc=bdf2_heun") for t in (0.1, 0.2, 0.4, 0.8)
 )
 MODELS = ("digits-flux", "digits-dit", train_scenes.NAME)
 
