@@ -10,6 +10,12 @@ interval as an adaptive ODE solver chooses its step size: a forecast of order ``
 ``k ** (q + 1)`` at ``k`` steps from its last full step, so a relative error ``e`` measured at ``k``
 reaches the tolerance at ``N = k * (tolerance / e) ** (1 / (q + 1))``.
 
+The interval comes from the latest full step's measurement: the error of a whole interval, the quantity the
+tolerance bounds. Partial steps' measurements since then only shorten it. Extrapolated from one or two
+steps after a full step they overshoot (the forecast is nearly exact there, and its error grows faster
+than ``k ** (q + 1)`` further out): letting them lengthen the interval cost 9 dB at equal FLOPs on the
+64-token FLUX reference (eval/BENCHMARKS.md).
+
 Decisions use measurements made ``DECISION_LAG`` steps earlier or more: when step ``s`` is decided, step
 ``s - 1`` may still be running on the GPU, and waiting for it would leave the GPU idle while the host
 prepares step ``s``. Step ``s - 2`` is done by then (step ``s - 1`` was queued after it), so reading its
@@ -50,10 +56,14 @@ class ErrorControl:
     initial_interval: int
     random_share: float
 
-    def interval(self, measurement: "Measurement | None") -> tuple[float, str]:
-        """The interval the latest measurement allows, and the reason a full step at that interval has."""
-        if measurement is None:
-            return float(min(self.initial_interval, self.max_interval)), "interval"
+    def interval(self, measurements: "list[Measurement]") -> tuple[float, str]:
+        """The interval the measurements allow, and the reason a full step at that interval has: the full
+        step's (or, before any, the initial interval), shortened where a partial step's allows less."""
+        full = [self._interval(measurement) for measurement in measurements if measurement.full]
+        base = full[0] if full else (float(min(self.initial_interval, self.max_interval)), "interval")
+        return min([base, *(self._interval(measurement) for measurement in measurements if not measurement.full)], key=lambda pair: pair[0])
+
+    def _interval(self, measurement: "Measurement") -> tuple[float, str]:
         error = measurement.error
         if error == 0:
             return float(self.max_interval), "max_interval"
@@ -71,6 +81,7 @@ class Measurement:
     step: int
     since_full: int  # steps from the last full step before it (to the one before, for a full step)
     order: int  # the forecast order its cached values had
+    full: bool  # made on a full step: the error of the whole interval before it
     sums: torch.Tensor
     copied: torch.Tensor | None = None  # a host copy in flight (CUDA)
     event: object | None = None
@@ -97,9 +108,9 @@ class ErrorMeter:
         self._open: tuple[int, int, int] | None = None
         self._sums: torch.Tensor | None = None
 
-    def open_step(self, step: int, since_full: int, order: int) -> None:
+    def open_step(self, step: int, since_full: int, order: int, full: bool) -> None:
         self.close_step()
-        self._open = (step, since_full, order)
+        self._open = (step, since_full, order, full)
 
     def close_step(self) -> None:
         """File the open step's sums, if anything was measured, and start their copy to the host."""
@@ -123,16 +134,19 @@ class ErrorMeter:
         self._sums = sums if self._sums is None else self._sums + sums
         return 5 * fresh.numel()
 
-    def latest(self, deciding: int, order: int) -> Measurement | None:
-        """The latest measurement of a step at least ``DECISION_LAG`` steps before ``deciding``, of a
-        forecast of ``order`` (one of a lower order, made before enough full steps were stored, says
-        little about the forecast now in force)."""
+    def deciding(self, deciding: int, order: int) -> list[Measurement]:
+        """The measurements that decide step ``deciding``: of steps at least ``DECISION_LAG`` before it, of a
+        forecast of ``order`` (one of a lower order, made before enough full steps were stored, says little
+        about the forecast now in force), the latest full step's and the partial steps' after it."""
+        chosen = []
         for measurement in reversed(self.measurements):
             if measurement.step <= deciding - DECISION_LAG and measurement.order >= order:
                 if measurement._error is None:
                     self.host_reads.append((measurement.step, deciding))
-                return measurement
-        return None
+                chosen.append(measurement)
+                if measurement.full:
+                    break
+        return chosen
 
     def errors(self, steps: int, wait: bool) -> tuple[float, ...]:
         """Each step's relative error (nan where nothing was measured); ``wait`` reads every step's value

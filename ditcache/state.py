@@ -275,14 +275,14 @@ class RunState:
         if self.step < schedule.full_steps_at_start:
             self.is_full, reason = True, "start"
         elif self.meter is not None:
-            interval, reason = self.settings.control.interval(self.meter.latest(self.step, self._forecast_order()))
+            interval, reason = self.settings.control.interval(self.meter.deciding(self.step, self._forecast_order()))
             self.is_full = self.steps_since_full >= interval
         elif self.full_step_plan is not None:
             self.is_full = self.step >= len(self.full_step_plan) or self.full_step_plan[self.step]
         else:
             self.is_full = schedule.is_full_step(self.step, self.steps_since_full, self.progress)
         if self.meter is not None:  # what this step measures: the forecast made from the full steps before it
-            self.meter.open_step(self.step, self.steps_since_full, self._forecast_order())
+            self.meter.open_step(self.step, self.steps_since_full, self._forecast_order(), self.is_full)
         if self.is_full:
             self.steps_since_full = 0
             self._full_step_indices.append(self.step)

@@ -48,7 +48,8 @@ def test_polynomial_features_need_no_full_step_beyond_the_first_and_the_longest_
     stats = synthetic_run(lambda step: polynomial(step, order), config)
     start = tuple(range(order + 1))
     assert stats.full_step_indices == start + tuple(range(order + 6, STEPS, 6))
-    assert stats.full_step_reasons == ("start",) * (order + 1) + ("max_interval",) * (len(stats.full_step_indices) - order - 1)
+    # the first interval is the initial one: no full step has measured a whole interval before it
+    assert stats.full_step_reasons == ("start",) * (order + 1) + ("interval",) + ("max_interval",) * (len(stats.full_step_indices) - order - 2)
     measured = [error for error in stats.forecast_errors[order + 1:]]
     assert max(measured) < 1e-12  # exact forecasts: nothing to correct
 
@@ -71,23 +72,31 @@ def test_a_jump_triggers_a_full_step_as_soon_as_its_measurement_is_read():
 
 def test_the_controller_follows_the_step_size_formula():
     control = ErrorControl(tolerance=0.1, max_interval=8, initial_interval=3, random_share=0.25)
-    assert control.interval(None) == (3.0, "interval")
-    at = lambda error, since, order: Measurement(0, since, order, torch.tensor([error**2, 1.0], dtype=torch.float64))  # noqa: E731
-    assert control.interval(at(0.4, 2, 1))[0] == pytest.approx(2 * (0.1 / 0.4) ** 0.5)
-    assert control.interval(at(0.05, 2, 0)) == (4.0, "error")
-    assert control.interval(at(0.001, 2, 0)) == (8.0, "max_interval")
-    assert control.interval(at(0.0, 2, 0)) == (8.0, "max_interval")
-    assert control.interval(at(5.0, 1, 0)) == (1.0, "error")  # never below one step
+    assert control.interval([]) == (3.0, "interval")
+    at = lambda error, since, order, full=True: Measurement(0, since, order, full, torch.tensor([error**2, 1.0], dtype=torch.float64))  # noqa: E731
+    assert control.interval([at(0.4, 2, 1)])[0] == pytest.approx(2 * (0.1 / 0.4) ** 0.5)
+    assert control.interval([at(0.05, 2, 0)]) == (4.0, "error")
+    assert control.interval([at(0.001, 2, 0)]) == (8.0, "max_interval")
+    assert control.interval([at(0.0, 2, 0)]) == (8.0, "max_interval")
+    assert control.interval([at(5.0, 1, 0)]) == (1.0, "error")  # never below one step
+    # a partial step's measurement shortens the full step's interval, never lengthens it
+    assert control.interval([at(0.001, 1, 0, full=False), at(0.05, 2, 0)]) == (4.0, "error")
+    assert control.interval([at(0.1, 1, 0, full=False), at(0.05, 2, 0)]) == (1.0, "error")
+    assert control.interval([at(0.001, 1, 0, full=False)]) == (3.0, "interval")  # before any full step's
+    assert control.interval([at(0.1, 1, 0, full=False)]) == (1.0, "error")
 
 
 def test_a_step_is_decided_from_measurements_the_device_finished_before():
     """The host reads a measurement only ``DECISION_LAG`` steps after its step, at most one per step: on a
     GPU the stream then holds the step in between, and never waits for the host."""
     meter = ErrorMeter(torch.device("cpu"))
-    for step in range(6):
-        meter.open_step(step, 1, 0)
+    for step in range(8):
+        meter.open_step(step, 1, 0, full=step % 3 == 0)
         meter.add(torch.zeros(3), torch.ones(3) * (step + 1))
-        assert meter.latest(step + 1, 0) is (meter.measurements[step - 1] if step >= 1 else None)
+        # decided from step - 1 back to the latest full step's measurement (steps 0, 3, 6)
+        readable = [m for m in meter.measurements if m.step <= step + 1 - DECISION_LAG]
+        expected = readable[3 * ((len(readable) - 1) // 3):][::-1]
+        assert meter.deciding(step + 1, 0) == expected
     meter.close_step()
     assert all(deciding - read >= DECISION_LAG for read, deciding in meter.host_reads)
 
