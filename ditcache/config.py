@@ -28,6 +28,8 @@ MAX_FORECAST_ORDER = 4  # TaylorSeer's DiT setting
 MAX_SIZE = 10_000
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps
+DITCACHE_TOLERANCE = 0.2  # preset("ditcache")'s default: about 4.6-5x fewer FLOPs at 43-47 dB at 50 steps
+DITCACHE_MAX_INTERVAL = 12
 
 
 def family_preset(schedule: str, family: str) -> Preset:
@@ -394,13 +396,20 @@ NAMED_PRESETS = {
     # The published method of each family (full steps, ratios, score), resolved when applied.
     "toca-reference": lambda: ToCaConfig(schedule="reference"),
     "fora-reference": lambda: FORAConfig(schedule="reference"),
+    # ditcache's own, for every family (block adapters and the generic path): whole branches reused between
+    # full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control from the
+    # error each full step measures of the interval before it. `tolerance` is the knob: speed vs fidelity.
+    # Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache").
+    "ditcache": lambda: FORAConfig(cache_interval=3, forecast_order=2, forecaster="bdf2_heun", tolerance=DITCACHE_TOLERANCE,
+                                   max_interval=DITCACHE_MAX_INTERVAL),
 }
 
 
 def preset(name: str, **changes) -> CacheConfig:
     """A named setting (``"toca"``, ``"fora"``, ``"tome"``, ``"toca-taylor"``, ``"fora-taylor"``,
-    ``"toca-reference"``, ``"fora-reference"``) with
-    ``changes`` to its fields, e.g. ``preset("fora-taylor", cache_interval=4)``."""
+    ``"toca-reference"``, ``"fora-reference"``, ``"ditcache"``) with ``changes`` to its fields, e.g.
+    ``preset("fora-taylor", cache_interval=4)`` or ``preset("ditcache", tolerance=0.4)`` (faster, less
+    faithful; 0 is uncached)."""
     _check_choice("name", name, tuple(NAMED_PRESETS))
     return replace(NAMED_PRESETS[name](), **changes)
 

@@ -11,10 +11,10 @@ interval as an adaptive ODE solver chooses its step size: a forecast of order ``
 reaches the tolerance at ``N = k * (tolerance / e) ** (1 / (q + 1))``.
 
 The interval comes from the latest full step's measurement: the error of a whole interval, the quantity the
-tolerance bounds. Partial steps' measurements since then only shorten it. Extrapolated from one or two
-steps after a full step they overshoot (the forecast is nearly exact there, and its error grows faster
-than ``k ** (q + 1)`` further out): letting them lengthen the interval cost 9 dB at equal FLOPs on the
-64-token FLUX reference (eval/BENCHMARKS.md).
+tolerance bounds. A partial step's measurement (ToCa's recomputed tokens, FORA's probe) makes the next step
+full when it passes the tolerance itself, and is not extrapolated: the errors measured a few steps after a
+full step do not grow like ``k ** (q + 1)``, so that, extrapolated, they chose intervals too long (9 dB lost
+at equal FLOPs on the 64-token FLUX reference) or, taken as bounds, too short (eval/BENCHMARKS.md).
 
 Decisions use measurements made ``DECISION_LAG`` steps earlier or more: when step ``s`` is decided, step
 ``s - 1`` may still be running on the GPU, and waiting for it would leave the GPU idle while the host
@@ -58,10 +58,12 @@ class ErrorControl:
 
     def interval(self, measurements: "list[Measurement]") -> tuple[float, str]:
         """The interval the measurements allow, and the reason a full step at that interval has: the full
-        step's (or, before any, the initial interval), shortened where a partial step's allows less."""
+        step's (or, before any, the initial interval); one step when a partial step measured an error past
+        the tolerance."""
+        if any(not measurement.full and measurement.error > self.tolerance for measurement in measurements):
+            return 1.0, "error"
         full = [self._interval(measurement) for measurement in measurements if measurement.full]
-        base = full[0] if full else (float(min(self.initial_interval, self.max_interval)), "interval")
-        return min([base, *(self._interval(measurement) for measurement in measurements if not measurement.full)], key=lambda pair: pair[0])
+        return full[0] if full else (float(min(self.initial_interval, self.max_interval)), "interval")
 
     def _interval(self, measurement: "Measurement") -> tuple[float, str]:
         error = measurement.error

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, cli, remove_cache
+from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, cli, preset, remove_cache
 from ditcache.flops import count_flops
 from ditcache.timing import Clock
 from ditcache.specs import SPECS
@@ -86,7 +86,8 @@ def parse_method(spec: str) -> Method:
     trailing options too: ``:tol=X`` (the tolerance), ``:max=M`` (the longest interval; N is then the
     interval before the first measurement), ``:probe=P`` (FORA's probe share), ``:share=S`` (ToCa's random
     share), e.g. ``toca:4:0.9:v_norm:order=1:tol=0.1``; and the forecast's form: ``:fc=hermite``
-    (``:sigma=X`` its scale) or ``:fc=bdf2_heun`` (with ``:order=2``)."""
+    (``:sigma=X`` its scale) or ``:fc=bdf2_heun`` (with ``:order=2``). ``ditcache[:tolerance]`` is
+    ``preset("ditcache")``, options as FORA's (e.g. ``ditcache:0.4:max=16``)."""
     try:
         return _parse_method(spec)
     except ValueError as error:
@@ -101,7 +102,7 @@ def _parse_method(spec: str) -> Method:
         return Method(spec, config=[part.config for part in parts])
     name, *params = spec.split(":")
     forecast = {}
-    while params and "=" in params[-1] and name in ("fora", "toca"):
+    while params and "=" in params[-1] and name in ("fora", "toca", "ditcache"):
         key, _, value = params.pop().partition("=")
         if key not in OPTIONS or (key in ONLY and ONLY[key] != name):
             raise ValueError(f"unknown option {key!r} for {name}; known: {', '.join(k for k in OPTIONS if ONLY.get(k, name) == name)}.")
@@ -111,6 +112,9 @@ def _parse_method(spec: str) -> Method:
         return Method(spec, config=ToMeConfig(ratio=float(params[0]), merge_mlp=params[1:] == ["mlp"], seed=0))
     if name == "uncached" and not params:
         return Method(spec)
+    if name == "ditcache" and len(params) <= 1:
+        tolerance = {"tolerance": float(params[0])} if params else {}
+        return Method(spec, config=preset("ditcache", **tolerance, **forecast))
     if name == "fora" and len(params) in (1, 2):
         schedule = {"schedule": params[1]} if len(params) == 2 else {}
         return Method(spec, config=FORAConfig(cache_interval=int(params[0]), **schedule, **forecast))
@@ -122,7 +126,7 @@ def _parse_method(spec: str) -> Method:
     if name in PEERS:
         return Method(spec, peer=DiffusersCache(spec))
     raise ValueError(
-        "expected 'uncached', 'fora:N[:schedule][:order=K]', 'toca:N:R[:score[:schedule]][:order=K]', "
+        "expected 'uncached', 'ditcache[:tolerance]', 'fora:N[:schedule][:order=K]', 'toca:N:R[:score[:schedule]][:order=K]', "
         f"'tome:R[:mlp]' or one of {', '.join(PEERS)} with an optional ':value'."
     )
 

@@ -103,6 +103,12 @@ def test_error_control_specs_set_their_fields():
         cache_interval=4, forecast_order=1, forecaster="hermite", hermite_scale=0.7)
     with pytest.raises(ValueError, match="`forecast_order` must be 2"):
         parse_method("fora:4:order=1:fc=bdf2_heun")
+    from ditcache import preset
+
+    assert parse_method("ditcache").config == preset("ditcache")
+    assert parse_method("ditcache:0.4:max=16").config == preset("ditcache", tolerance=0.4, max_interval=16)
+    with pytest.raises(ValueError, match="unknown option 'share'"):
+        parse_method("ditcache:0.4:share=0.5")
 
 
 def test_peer_specs_keep_their_values():
