@@ -37,6 +37,7 @@ class CacheStats:
         full_step_reasons: why each full step was full (``ditcache.control.FULL_STEP_REASONS``).
         forecast_errors: with a ``tolerance``, each step's measured relative error of the cached branch
             outputs (nan where nothing was measured: the first step, steps recomputing nothing).
+        estimate_flops: with a ``tolerance``, what measuring the error cost (included in ``flops``).
     """
 
     steps: int = 0
@@ -50,6 +51,7 @@ class CacheStats:
     merged_fraction: float = 0.0
     full_step_reasons: tuple[str, ...] = ()
     forecast_errors: tuple[float, ...] = ()
+    estimate_flops: int = 0
 
     @classmethod
     def joined(cls, parts: list["CacheStats"]) -> "CacheStats":
@@ -69,6 +71,7 @@ class CacheStats:
             merged_fraction=max(part.merged_fraction for part in parts),
             full_step_reasons=tuple(reason for part in parts for reason in part.full_step_reasons),
             forecast_errors=tuple(error for part in parts for error in part.forecast_errors),
+            estimate_flops=sum(part.estimate_flops for part in parts),
         )
 
     @property
@@ -225,6 +228,7 @@ class RunState:
         self._full_step_reasons: list[str] = []
         self._flops = 0
         self._flops_full = 0
+        self._estimate_flops = 0
         self._recompute_sum = 0.0
         self._recompute_count = 0
         self._merged_sum = 0.0
@@ -328,7 +332,7 @@ class RunState:
         would have made on this step, added to the step's measurement with what it costs."""
         cached = cache.current(key, self.step, self.settings.forecaster)
         forecast_flops = 2 * len(cache.differences.get(key, ())) * cached.numel()
-        self.add_flops(forecast_flops + self.meter.add(cached, fresh), 0)
+        self.add_estimate_flops(forecast_flops + self.meter.add(cached, fresh))
 
     # -- accounting ----------------------------------------------------------------------------
     # Bookkeeping runs outside compiled graphs: its Python counters must not become guards.
@@ -336,6 +340,12 @@ class RunState:
     def add_flops(self, executed: int, uncached: int) -> None:
         self._flops += executed
         self._flops_full += uncached
+
+    @torch.compiler.disable
+    def add_estimate_flops(self, executed: int) -> None:
+        """FLOPs executed only to measure the error (error control)."""
+        self._flops += executed
+        self._estimate_flops += executed
 
     @torch.compiler.disable
     def add_recompute(self, fraction: float) -> None:
@@ -373,4 +383,5 @@ class RunState:
             merged_fraction=self._merged_sum / self._merged_count if self._merged_count else 0.0,
             full_step_reasons=tuple(self._full_step_reasons),
             forecast_errors=self.meter.errors(steps, wait=self.run_finished) if self.meter is not None else (),
+            estimate_flops=self._estimate_flops,
         )

@@ -54,14 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         uncached = images()
         print(f"{args.model}, {args.steps} steps, seed 0\n")
-        print("| method | PSNR (dB) | FLOPs speedup | full steps |\n|---|---|---|---|")
+        print("| method | PSNR (dB) | FLOPs speedup | estimate (% of FLOPs) | full steps |\n|---|---|---|---|---|")
         for method in methods:
             method.apply(pipe, args.steps)
             cached = images()
             stats = cache_stats(pipe)
             method.remove(pipe)
             psnr = float(metrics.psnr(cached, uncached).mean())
-            print(f"| `{method.spec}` | {psnr:.2f} | {stats.flops_speedup:.2f} | {list(stats.full_step_indices)} |", flush=True)
+            share = 100 * stats.estimate_flops / stats.flops if stats.flops else 0.0
+            print(f"| `{method.spec}` | {psnr:.2f} | {stats.flops_speedup:.2f} | {share:.2f} | {list(stats.full_step_indices)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def test_error_control_on_a_real_run_reports_why_each_step_was_full(flux_pipe, m
     assert len(stats.forecast_errors) == stats.steps and math.isnan(stats.forecast_errors[0])
     assert all(math.isfinite(error) and error > 0 for error in stats.forecast_errors[1:])  # full and partial steps measure
     assert events and all(event.error is not None and event.error >= 0 for event in events)
+    assert 0 < stats.estimate_flops < 0.02 * stats.flops  # the estimate's cost, counted (at width 32 here)
     (meter,) = meters
     reads = meter.host_reads
     assert reads and all(deciding - read >= DECISION_LAG for read, deciding in reads)
