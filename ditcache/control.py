@@ -136,18 +136,22 @@ class ErrorMeter:
         self._sums = sums if self._sums is None else self._sums + sums
         return 5 * fresh.numel()
 
-    def deciding(self, deciding: int, order: int) -> list[Measurement]:
+    def deciding(self, deciding: int, order: int, last_full: int) -> list[Measurement]:
         """The measurements that decide step ``deciding``: of steps at least ``DECISION_LAG`` before it, of a
         forecast of ``order`` (one of a lower order, made before enough full steps were stored, says little
-        about the forecast now in force), the latest full step's and the partial steps' after it."""
+        about the forecast now in force), the latest full step's and those of the partial steps since the
+        last full step ``last_full`` (earlier ones measured a cache that step has replaced)."""
         chosen = []
         for measurement in reversed(self.measurements):
-            if measurement.step <= deciding - DECISION_LAG and measurement.order >= order:
-                if measurement._error is None:
-                    self.host_reads.append((measurement.step, deciding))
-                chosen.append(measurement)
-                if measurement.full:
-                    break
+            if measurement.step > deciding - DECISION_LAG or measurement.order < order:
+                continue
+            if not measurement.full and measurement.step < last_full:
+                continue
+            if measurement._error is None:
+                self.host_reads.append((measurement.step, deciding))
+            chosen.append(measurement)
+            if measurement.full:
+                break
         return chosen
 
     def errors(self, steps: int, wait: bool) -> tuple[float, ...]:

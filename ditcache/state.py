@@ -279,7 +279,8 @@ class RunState:
         if self.step < schedule.full_steps_at_start:
             self.is_full, reason = True, "start"
         elif self.meter is not None:
-            interval, reason = self.settings.control.interval(self.meter.deciding(self.step, self._forecast_order()))
+            measurements = self.meter.deciding(self.step, self._forecast_order(), self._full_step_indices[-1])
+            interval, reason = self.settings.control.interval(measurements)
             self.is_full = self.steps_since_full >= interval
         elif self.full_step_plan is not None:
             self.is_full = self.step >= len(self.full_step_plan) or self.full_step_plan[self.step]

@@ -93,11 +93,16 @@ def test_a_step_is_decided_from_measurements_the_device_finished_before():
     for step in range(8):
         meter.open_step(step, 1, 0, full=step % 3 == 0)
         meter.add(torch.zeros(3), torch.ones(3) * (step + 1))
-        # decided from step - 1 back to the latest full step's measurement (steps 0, 3, 6)
+        # decided from step - 1 back to the latest full step's measurement (steps 0, 3, 6), partial steps'
+        # only since the last full step
+        last_full = 3 * (step // 3)
         readable = [m for m in meter.measurements if m.step <= step + 1 - DECISION_LAG]
-        expected = readable[3 * ((len(readable) - 1) // 3):][::-1]
-        assert meter.deciding(step + 1, 0) == expected
+        expected = [m for m in readable[3 * ((len(readable) - 1) // 3):][::-1] if m.full or m.step >= last_full]
+        assert meter.deciding(step + 1, 0, last_full) == expected
     meter.close_step()
+    # a partial step's measurement from before the last full step no longer counts
+    assert [m.step for m in meter.deciding(9, 0, last_full=6)] == [7, 6]
+    assert [m.step for m in meter.deciding(9, 0, last_full=8)] == [6]
     assert all(deciding - read >= DECISION_LAG for read, deciding in meter.host_reads)
 
 
