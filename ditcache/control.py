@@ -62,8 +62,8 @@ class ErrorControl:
         the tolerance."""
         if any(not measurement.full and measurement.error > self.tolerance for measurement in measurements):
             return 1.0, "error"
-        full = [self._interval(measurement) for measurement in measurements if measurement.full]
-        return full[0] if full else (float(min(self.initial_interval, self.max_interval)), "interval")
+        full = next((measurement for measurement in measurements if measurement.full), None)
+        return self._interval(full) if full is not None else (float(min(self.initial_interval, self.max_interval)), "interval")
 
     def _interval(self, measurement: "Measurement") -> tuple[float, str]:
         error = measurement.error
@@ -107,7 +107,7 @@ class ErrorMeter:
         self.device = device
         self.measurements: list[Measurement] = []
         self.host_reads: list[tuple[int, int]] = []  # (step read, step deciding), for tests
-        self._open: tuple[int, int, int] | None = None
+        self._open: tuple[int, int, int, bool] | None = None  # step, since_full, order, full
         self._sums: torch.Tensor | None = None
 
     def open_step(self, step: int, since_full: int, order: int, full: bool) -> None:

@@ -189,25 +189,6 @@ def test_a_probe_without_a_tolerance_is_refused():
         FORAConfig(tolerance=0.1, probe_ratio=1.0)
 
 
-def _reference_call(name: str, steps: int):
-    """A call of the committed reference model ``name`` (eval/reference_models): pipeline, call."""
-    from diffusers import DiffusionPipeline
-
-    from ditcache.eval import digits, scenes, train_scenes
-
-    pipe = DiffusionPipeline.from_pretrained(digits.reference_pipeline_path(name))
-    pipe.set_progress_bar_config(disable=True)
-    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    if name == "digits-dit":
-        return pipe, lambda: pipe(class_labels=list(range(8)), num_inference_steps=steps, guidance_scale=3.0, generator=generator())
-    if name == "digits-flux":
-        call = dict(digits.TEXT_MODEL_CALL, negative_prompt=[""] * 8, num_inference_steps=steps)
-        return pipe, lambda: pipe([digits.prompt(label) for label in range(8)], generator=generator(), **call)
-    _, captions = scenes.make_scenes(4, scenes.EVAL_SEED, held_out=True)
-    call = dict(train_scenes.CALL, negative_prompt=[""] * 4, num_inference_steps=steps)
-    return pipe, lambda: pipe(captions, generator=generator(), **call)
-
-
 ESTIMATE_FACTOR = 1.5  # measured at most 1.24 (FLUX), 1.10 (DiT), 1.18 (scenes) at 20 and 50 steps
 
 
@@ -232,7 +213,9 @@ def test_the_estimate_matches_the_true_error_of_the_stale_tokens(name, monkeypat
         measure(self, run, cached, selection, fresh)
 
     monkeypatch.setattr(BlockAdapter, "measure", recording_measure)
-    pipe, call = _reference_call(name, steps=20)
+    from ditcache.eval.control_check import reference_images
+
+    pipe, call = reference_images(name, steps=20)
     apply_cache(pipe, ToCaConfig(schedule="constant", score="random", cache_ratio=0.0, forecast_order=1, cache_interval=4,
                                  tolerance=1e6, max_interval=4, frequency_weight=0.0, spatial_bonus=0.0))
     call()
