@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 
 import numpy as np
 
@@ -28,8 +29,8 @@ MAX_FORECAST_ORDER = 4  # TaylorSeer's DiT setting
 MAX_SIZE = 10_000
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps
-DITCACHE_TOLERANCE = 0.2  # preset("ditcache")'s default: about 4.6-5x fewer FLOPs at 43-47 dB at 50 steps
-DITCACHE_MAX_INTERVAL = 12
+DITCACHE_TOLERANCE = 0.2  # preset("ditcache")'s default: about 4.2-4.6x fewer FLOPs at 42-50 dB at 50 steps
+DITCACHE_MAX_INTERVAL = 12  # preset("ditcache")'s longest interval, or 3 initial intervals where longer
 
 
 def family_preset(schedule: str, family: str) -> Preset:
@@ -384,36 +385,27 @@ def resolve_configs(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig
     return replace(settings, merging=merging[0].merge_settings()) if merging else settings
 
 
-# Named settings. The Taylor variants forecast with order 1: on the reference DiT (DDIM, 20 steps) it beat
-# plain reuse by 4-9 dB PSNR at equal FLOPs and order 2 by 1-2 dB; on the reference FLUX (flow matching,
-# 20 steps) it lost 1-5 dB from N=3 on (eval/BENCHMARKS.md, "Forecasting"). Hence no default change.
-NAMED_PRESETS = {
-    "toca": lambda: ToCaConfig(),
-    "fora": lambda: FORAConfig(),
-    "tome": lambda: ToMeConfig(),
-    "toca-taylor": lambda: ToCaConfig(schedule="constant", score="v_norm", cache_ratio=0.9, forecast_order=1),
-    "fora-taylor": lambda: FORAConfig(forecast_order=1),
-    # The published method of each family (full steps, ratios, score), resolved when applied.
-    "toca-reference": lambda: ToCaConfig(schedule="reference"),
-    "fora-reference": lambda: FORAConfig(schedule="reference"),
-    # ditcache's own, for every family (block adapters and the generic path): whole branches reused between
-    # full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control from the
-    # error each full step measures of the interval before it. `tolerance` is the knob: speed vs fidelity.
-    # Before the first measurement, a full step every 2 steps: with 3, the first partial steps forecast from
-    # the first full steps alone, and that error capped the 256-token reference at 42 dB whatever the tolerance.
-    # Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache").
-    "ditcache": lambda: FORAConfig(cache_interval=2, forecast_order=2, forecaster="bdf2_heun", tolerance=DITCACHE_TOLERANCE,
-                                   max_interval=DITCACHE_MAX_INTERVAL),
-}
+def ditcache_initial_interval(tolerance: float) -> int:
+    """``preset("ditcache")``'s interval before the first measurement: ``2 sqrt(tolerance / 0.2)``, rounded,
+    at least 1. The first full steps are not controlled (the forecast of the order in force is measured from
+    the fourth full step on), so that with a fixed start a large tolerance only stretches the later
+    intervals; spacing the start like the controller spaces an order-1 forecast (the order in force over the
+    first steps) gained 3-9 dB at 5.6-6.4x on the 64-token references at 50 steps (eval/BENCHMARKS.md)."""
+    return max(round(2 * math.sqrt(tolerance / 0.2)), 1)
 
 
-def preset(name: str, **changes) -> CacheConfig:
-    """A named setting (``"toca"``, ``"fora"``, ``"tome"``, ``"toca-taylor"``, ``"fora-taylor"``,
-    ``"toca-reference"``, ``"fora-reference"``, ``"ditcache"``) with ``changes`` to its fields, e.g.
-    ``preset("fora-taylor", cache_interval=4)`` or ``preset("ditcache", tolerance=0.4)`` (faster, less
-    faithful; 0 is uncached)."""
-    _check_choice("name", name, tuple(NAMED_PRESETS))
-    return replace(NAMED_PRESETS[name](), **changes)
+def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORAConfig:
+    """ditcache's own cache, for every family (block adapters and the generic path): whole branches
+    reused between full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control
+    from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
+    against fidelity): it sets the controller's bound and the interval before its first measurement
+    (``ditcache_initial_interval``), one first full step on every family. ``changes`` override any field.
+    Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
+    _check_float("tolerance", tolerance, 0.0)
+    initial = ditcache_initial_interval(tolerance)
+    settings = dict(cache_interval=initial, full_steps_at_start=1, forecast_order=2, forecaster="bdf2_heun",
+                    max_interval=max(DITCACHE_MAX_INTERVAL, 3 * initial))
+    return FORAConfig(tolerance=tolerance, **settings | changes)
 
 
 def config_to_dict(config: CacheConfig | list[CacheConfig]) -> dict | list[dict]:
@@ -449,3 +441,28 @@ def _config_from_object(data: dict) -> CacheConfig:
 
 def _default(value, preset_value):
     return preset_value if value is None else value
+
+
+# Named settings. The Taylor variants forecast with order 1: on the reference DiT (DDIM, 20 steps) it beat
+# plain reuse by 4-9 dB PSNR at equal FLOPs and order 2 by 1-2 dB; on the reference FLUX (flow matching,
+# 20 steps) it lost 1-5 dB from N=3 on (eval/BENCHMARKS.md, "Forecasting"). Hence no default change.
+NAMED_PRESETS = {
+    "toca": ToCaConfig,
+    "fora": FORAConfig,
+    "tome": ToMeConfig,
+    "toca-taylor": partial(ToCaConfig, schedule="constant", score="v_norm", cache_ratio=0.9, forecast_order=1),
+    "fora-taylor": partial(FORAConfig, forecast_order=1),
+    # The published method of each family (full steps, ratios, score), resolved when applied.
+    "toca-reference": partial(ToCaConfig, schedule="reference"),
+    "fora-reference": partial(FORAConfig, schedule="reference"),
+    "ditcache": ditcache_config,
+}
+
+
+def preset(name: str, **changes) -> CacheConfig:
+    """A named setting (``"toca"``, ``"fora"``, ``"tome"``, ``"toca-taylor"``, ``"fora-taylor"``,
+    ``"toca-reference"``, ``"fora-reference"``, ``"ditcache"``) with ``changes`` to its fields, e.g.
+    ``preset("fora-taylor", cache_interval=4)`` or ``preset("ditcache", tolerance=0.4)`` (faster, less
+    faithful; 0 is uncached)."""
+    _check_choice("name", name, tuple(NAMED_PRESETS))
+    return NAMED_PRESETS[name](**changes)

@@ -46,7 +46,8 @@ class ErrorControl:
     Args:
         tolerance: the relative RMS error of the cached branch outputs that a partial step may reach.
         max_interval: the most steps between two full steps.
-        initial_interval: the interval used before the first measurement is known.
+        initial_interval: the interval used before the first measurement is known (at most
+            ``max_interval``).
         random_share: share of each partial step's recomputed tokens drawn at random instead of by
             score; the estimate reads those rows only, when there are any.
     """
@@ -63,7 +64,7 @@ class ErrorControl:
         if any(not measurement.full and measurement.error > self.tolerance for measurement in measurements):
             return 1.0, "error"
         full = next((measurement for measurement in measurements if measurement.full), None)
-        return self._interval(full) if full is not None else (float(min(self.initial_interval, self.max_interval)), "interval")
+        return self._interval(full) if full is not None else (float(self.initial_interval), "interval")
 
     def _interval(self, measurement: "Measurement") -> tuple[float, str]:
         error = measurement.error

@@ -335,6 +335,12 @@ class RunState:
         forecast_flops = 2 * len(cache.differences.get(key, ())) * cached.numel()
         self.add_estimate_flops(forecast_flops + self.meter.add(cached, fresh))
 
+    @torch.compiler.disable
+    def measure_rows(self, cached: torch.Tensor, fresh: torch.Tensor) -> None:
+        """On a partial step, recomputed rows' cached value (or forecast) ``cached`` against their fresh
+        values, added to the step's measurement with what it costs."""
+        self.add_estimate_flops(self.meter.add(cached, fresh))
+
     # -- accounting ----------------------------------------------------------------------------
     # Bookkeeping runs outside compiled graphs: its Python counters must not become guards.
     @torch.compiler.disable

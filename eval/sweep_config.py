@@ -89,9 +89,12 @@ class SweepConfig:
             raise ValueError(f"plot_x must be one of {', '.join(PLOT_AXES)}, got {self.plot_x!r}")
 
     def folder(self, method: str) -> str:
-        """Images of one method live here; the hash covers everything that changes their pixels."""
+        """Images (and metrics) of one method live here; the hash covers everything that changes their
+        pixels, the method's resolved config included: a preset changed since a sweep ran gets a new folder
+        rather than its old images."""
         batch = [self.batch_size] if self.batch_size > 1 else []  # batched images differ in their last bits
-        key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method, *batch])
+        resolved = repr(parse_method(method).config)
+        key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method, resolved, *batch])
         return f"{method.replace(':', '_')}-{digest(key)}"
 
 

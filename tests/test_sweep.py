@@ -266,6 +266,15 @@ def test_one_config_runs_at_several_step_counts(tmp_path):
     assert config.folder("fora:2") != sweep.load_config(args.config).folder("fora:2")
 
 
+def test_a_changed_preset_gets_a_new_image_folder(tmp_path, monkeypatch):
+    from ditcache import config as ditcache_config
+
+    config = sweep.load_config(write_config(tmp_path))
+    before = config.folder("ditcache:0.4"), config.folder("fora:2")
+    monkeypatch.setitem(ditcache_config.NAMED_PRESETS, "ditcache", lambda **changes: ditcache_config.ditcache_config(**changes, max_interval=7))
+    assert config.folder("ditcache:0.4") != before[0] and config.folder("fora:2") == before[1]
+
+
 def test_the_pareto_front_keeps_the_points_nothing_beats():
     from ditcache.eval.sweep_report import pareto_front
 

@@ -168,7 +168,7 @@ class BlockAdapter:
             return
         start = selection.measured_from
         cached_rows, fresh_rows = gather_rows(cached, selection)[:, start:], fresh[:, start:]
-        run.add_estimate_flops(run.meter.add(cached_rows, fresh_rows))
+        run.measure_rows(cached_rows, fresh_rows)
         if run.recorder is not None and run.recorder and run.recorder[-1].step == run.step:
             error = torch.linalg.vector_norm(fresh_rows - cached_rows) / torch.linalg.vector_norm(fresh_rows).clamp_min(1e-30)
             run.recorder[-1] = replace(run.recorder[-1], error=float(error))

@@ -259,7 +259,7 @@ class BranchAdapter:
             drawn = self.tokens.drawn(index.shape[1])
             start = index.shape[1] - drawn if drawn else 0
             cached_rows = value.gather(1, index[:, start:, None].expand(-1, -1, value.shape[-1]))
-            run.add_estimate_flops(run.meter.add(cached_rows, fresh[:, start:].to(value.dtype)))
+            run.measure_rows(cached_rows, fresh[:, start:].to(value.dtype))
         value.scatter_(1, index[..., None].expand(-1, -1, value.shape[-1]), fresh.to(value.dtype))
         stored = cache.branches[f"{key}.0"]
         if cache.versions[f"{key}.0"] is not None:
