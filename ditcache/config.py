@@ -387,11 +387,11 @@ def resolve_configs(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig
 
 def ditcache_initial_interval(tolerance: float) -> int:
     """``preset("ditcache")``'s interval before the first measurement: ``2 sqrt(tolerance / 0.2)``, rounded,
-    at least 2 (1 lost 1-2 dB at 2-4x on the reference DiT at 50 steps). The first full steps are not controlled (the forecast of the order in force is measured from
+    at least 1. The first full steps are not controlled (the forecast of the order in force is measured from
     the fourth full step on), so that with a fixed start a large tolerance only stretches the later
     intervals; spacing the start like the controller spaces an order-1 forecast (the order in force over the
     first steps) gained 3-9 dB at 5.6-6.4x on the 64-token references at 50 steps (eval/BENCHMARKS.md)."""
-    return max(round(2 * math.sqrt(tolerance / 0.2)), 2)
+    return max(round(2 * math.sqrt(tolerance / 0.2)), 1)
 
 
 def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORAConfig:

@@ -246,7 +246,7 @@ def test_the_ditcache_preset_runs_on_block_adapters_and_the_generic_path(dit_pip
     config = preset("ditcache")
     assert (config.forecaster, config.forecast_order, config.tolerance, config.full_steps_at_start) == ("bdf2_heun", 2, 0.2, 1)
     # the interval before the first measurement grows like sqrt(tolerance); the longest one with it
-    assert [preset("ditcache", tolerance=t).cache_interval for t in (0.03, 0.2, 0.4, 0.8, 1.6, 3.2)] == [2, 2, 3, 4, 6, 8]
+    assert [preset("ditcache", tolerance=t).cache_interval for t in (0.03, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)] == [1, 1, 2, 3, 4, 6, 8]
     assert preset("ditcache", tolerance=3.2).max_interval == 24 and preset("ditcache", tolerance=0.4).max_interval == 12
     assert preset("ditcache", tolerance=0.8, cache_interval=2).cache_interval == 2
     with pytest.raises(ValueError, match="tolerance"):
