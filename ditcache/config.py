@@ -399,11 +399,15 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     reused between full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
     against fidelity): it sets the controller's bound and the interval before its first measurement
-    (``ditcache_initial_interval``), one first full step on every family. ``changes`` override any field.
+    (``ditcache_initial_interval``; from 3 on, one first full step on every family). ``changes`` override
+    any field.
     Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
     _check_float("tolerance", tolerance, 0.0)
     initial = ditcache_initial_interval(tolerance)
-    settings = dict(cache_interval=initial, full_steps_at_start=1, forecast_order=2, forecaster="bdf2_heun",
+    # A long start replaces the family's first full steps (three on FLUX) by one: 3-11 dB at 5.6-6.4x on the
+    # 64-token FLUX reference; a short one keeps them: one cost the 256-token reference 5 dB at 4.5x.
+    start = 1 if initial >= 3 else None
+    settings = dict(cache_interval=initial, full_steps_at_start=start, forecast_order=2, forecaster="bdf2_heun",
                     max_interval=max(DITCACHE_MAX_INTERVAL, 3 * initial))
     return FORAConfig(tolerance=tolerance, **settings | changes)
 

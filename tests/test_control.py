@@ -244,7 +244,8 @@ def test_the_ditcache_preset_runs_on_block_adapters_and_the_generic_path(dit_pip
     from test_generic import run as run_generic
 
     config = preset("ditcache")
-    assert (config.forecaster, config.forecast_order, config.tolerance, config.full_steps_at_start) == ("bdf2_heun", 2, 0.2, 1)
+    assert (config.forecaster, config.forecast_order, config.tolerance, config.full_steps_at_start) == ("bdf2_heun", 2, 0.2, None)
+    assert preset("ditcache", tolerance=0.4).full_steps_at_start == 1
     # the interval before the first measurement grows like sqrt(tolerance); the longest one with it
     assert [preset("ditcache", tolerance=t).cache_interval for t in (0.03, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)] == [1, 1, 2, 3, 4, 6, 8]
     assert preset("ditcache", tolerance=3.2).max_interval == 24 and preset("ditcache", tolerance=0.4).max_interval == 12
