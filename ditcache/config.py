@@ -390,7 +390,8 @@ def ditcache_initial_interval(tolerance: float) -> int:
     at least 1. The first full steps are not controlled (the forecast of the order in force is measured from
     the fourth full step on), so that with a fixed start a large tolerance only stretches the later
     intervals; spacing the start like the controller spaces an order-1 forecast (the order in force over the
-    first steps) gained 3-9 dB at 5.6-6.4x on the 64-token references at 50 steps (eval/BENCHMARKS.md)."""
+    first steps) gained 3-11 dB at 5.6-6.4x on the 64-token references at 50 steps, and costs 2-3 dB beyond
+    3x at 20 steps (eval/BENCHMARKS.md, "The first interval")."""
     return max(round(2 * math.sqrt(tolerance / 0.2)), 1)
 
 
@@ -400,8 +401,7 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
     against fidelity): it sets the controller's bound and the interval before its first measurement
     (``ditcache_initial_interval``; from 3 on, one first full step on every family). ``changes`` override
-    any field.
-    Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
+    any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
     _check_float("tolerance", tolerance, 0.0)
     initial = ditcache_initial_interval(tolerance)
     # A long start replaces the family's first full steps (three on FLUX) by one: 3-11 dB at 5.6-6.4x on the
