@@ -73,8 +73,9 @@ class Unit:
 
 
 def units(config: SweepConfig) -> list[Unit]:
+    folders = {method: config.folder(method) for method in config.methods}  # one resolution per method
     return [
-        Unit(config.folder(method), method, index, seed)
+        Unit(folders[method], method, index, seed)
         for method in config.methods
         for index in range(len(config.prompts))
         for seed in config.seeds
