@@ -47,6 +47,15 @@ def test_the_wheel_holds_every_committed_reference_file_and_config(wheel):
 
 
 @pytest.mark.slow
+def test_the_wheel_installs_only_ditcache_with_its_mapped_subpackages(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"ditcache"}
+    for package in ("kernels", "pipelines", "eval"):
+        assert f"ditcache/{package}/__init__.py" in names, package
+    assert "ditcache/kernels/rows.py" in names and "ditcache/pipelines/toca_pipeline.py" in names
+
+
+@pytest.mark.slow
 def test_generate_runs_from_the_unpacked_wheel(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
