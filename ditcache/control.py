@@ -36,6 +36,7 @@ FULL_STEP_REASONS = {
     "interval": "the fixed interval (or the interval before any measurement) came round",
     "error": "the measured error, extrapolated to this step, passed the tolerance",
     "max_interval": "the error was under the tolerance, but max_interval steps had passed",
+    "non_finite": "the measured error was not finite (a NaN or infinite sample): nothing bounds it, so no step is skipped",
 }
 
 
@@ -61,6 +62,8 @@ class ErrorControl:
         """The interval the measurements allow, and the reason a full step at that interval has: the full
         step's (or, before any, the initial interval); one step when a partial step measured an error past
         the tolerance."""
+        if any(not math.isfinite(measurement.error) for measurement in measurements):
+            return 1.0, "non_finite"
         if any(not measurement.full and measurement.error > self.tolerance for measurement in measurements):
             return 1.0, "error"
         full = next((measurement for measurement in measurements if measurement.full), None)
@@ -92,12 +95,16 @@ class Measurement:
 
     @property
     def error(self) -> float:
-        """The relative RMS error; reads the device value (waits for it) the first time."""
+        """The relative RMS error (nan when a sum is not finite); reads the device value (waits for it) the
+        first time."""
         if self._error is None:
             if self.event is not None:
                 self.event.synchronize()
             squared_error, squared_value = (self.copied if self.copied is not None else self.sums).tolist()
-            self._error = math.sqrt(squared_error / squared_value) if squared_value > 0 else 0.0
+            if not (math.isfinite(squared_error) and math.isfinite(squared_value)):
+                self._error = math.nan
+            else:
+                self._error = math.sqrt(squared_error / squared_value) if squared_value > 0 else 0.0
         return self._error
 
 

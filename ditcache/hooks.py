@@ -30,6 +30,7 @@ TABLE_HOOK = "ditcache.step_table"
 BRANCH_HOOK = "ditcache.branch"
 # diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
 # same work twice, so ``apply_cache`` refuses a transformer that carries one.
+GROUP_OFFLOADING_HOOK = "group_offloading"  # diffusers' name for the hook that loads a group's weights
 FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache")
 
 
@@ -67,26 +68,47 @@ class StepHook(ModelHook):
         self._taken_over: dict[int, object] = {}  # thread -> marker (or last timestep) of the run it lost
         self._refused_markers: dict[int, object] = {}  # markers set by calls refused during this run, by id
 
+    # The bookkeeping around the forward runs outside compiled graphs (``torch.compiler.disable``): under a
+    # whole-model ``torch.compile`` its Python counters would become guards that change on every call.
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        measuring = self._begin(args, kwargs)
+        try:
+            output = self._measure_outside(module, args, kwargs) if measuring else self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self._fail()
+            raise
+        self._finish()
+        return output
+
+    @torch.compiler.disable
+    def _begin(self, args: tuple, kwargs: dict) -> bool:
+        """Read the call, start or continue the run; whether this call must measure the FLOPs outside the blocks."""
         run = self.run
         call = self.model.read_call(args, kwargs)
         with self._entry:
             self._enter(call)
         run.arguments = call.arguments
-        try:
-            if run.outside_flops is None:  # first call of a run: measure what runs outside the blocks
-                with record_layer_flops(module, lambda: not run.in_block, exclude=self.branches) as outside:
-                    output = self.fn_ref.original_forward(*args, **kwargs)
-                run.outside_flops = outside[0]
-            else:
-                output = self.fn_ref.original_forward(*args, **kwargs)
-        except BaseException:
-            run.reset()  # a failed call must not poison the next run
-            raise
+        return run.outside_flops is None
+
+    @torch.compiler.disable
+    def _measure_outside(self, module: nn.Module, args: tuple, kwargs: dict):
+        """The first call of a run, eager: its layers outside the blocks are counted once for the run."""
+        run = self.run
+        with record_layer_flops(module, lambda: not run.in_block, exclude=self.branches) as outside:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        run.outside_flops = outside[0]
+        return output
+
+    @torch.compiler.disable
+    def _fail(self) -> None:
+        self.run.reset()  # a failed call must not poison the next run
+
+    @torch.compiler.disable
+    def _finish(self) -> None:
+        run = self.run
         run.in_call = False
         run.arguments = {}  # hold none of the call's tensors between calls
         run.end_call()
-        return output
 
     def _enter(self, call) -> None:
         run, thread, timestep = self.run, threading.get_ident(), call.timestep
@@ -138,8 +160,6 @@ class StepHook(ModelHook):
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
         else:
             run.begin_step(timestep)
-        if run.schedule is not None and run.settings.caches:
-            self.model.prepare_run(run, call.arguments)
         run.call_serial += 1
         run.in_call = True
 
@@ -189,7 +209,9 @@ class RunConstantHook(ModelHook):
         if not run.in_call or run.in_block:
             return self.fn_ref.original_forward(*args, **kwargs)
         sources = self.sources(run, args, kwargs)
-        if any(source is None or source.is_inference() for source in sources):  # inference tensors keep no version
+        # inference tensors keep no version counter: under inference mode (or with inference-mode sources)
+        # nothing can tell a kept output from a changed one, so the call computes anew
+        if torch.is_inference_mode_enabled() or any(source is None or source.is_inference() for source in sources):
             return self.fn_ref.original_forward(*args, **kwargs)
         versions = [source._version for source in sources]
         key = f"{self.name}.{run.stream}"
@@ -216,8 +238,10 @@ def _versions(output) -> list[int]:
 
 class StepTableHook(ModelHook):
     """A submodule outside the blocks whose output at every step of the run was tabulated at its start
-    (FLUX's timestep embedding): served from the table. ``lookup(run)`` gives ``(output, FLOPs one call
-    costs)``, or None off the table's schedule; the FLOPs stay in the uncached count, as a call would."""
+    (FLUX's timestep embedding): served from the table. ``lookup(run, compute)`` gives ``(output, FLOPs one
+    call costs)``, or None off the table's schedule, and makes the table with ``compute``, the module's own
+    forward, on first use: inside the transformer's forward, under the call's LoRA scale. The FLOPs stay in
+    the uncached count, as a call would."""
 
     def __init__(self, run: RunState, lookup):
         super().__init__()
@@ -226,7 +250,13 @@ class StepTableHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         run = self.run
-        found = self.lookup(run) if run.in_call and not run.in_block else None
+        if not run.in_call or run.in_block:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        run.in_block = True  # the table's FLOPs are its own (added by lookup), not the call's work outside the blocks
+        try:
+            found = self.lookup(run, self.fn_ref.original_forward)
+        finally:
+            run.in_block = False
         if found is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         output, flops = found
@@ -263,10 +293,24 @@ def _split_target(target) -> tuple[list[nn.Module], DiffusionPipeline | None]:
         transformers = [module for module in transformers if isinstance(module, nn.Module)]
         if not transformers:
             raise TypeError(f"{type(target).__name__} has no `transformer` component; ditcache caches transformers.")
+        for module in transformers:
+            _refuse_compiled(module)
         return transformers, target
     if isinstance(target, nn.Module):
+        _refuse_compiled(target)
         return [target], None
     raise TypeError(f"apply_cache expects a diffusers pipeline or a transformer model, got {type(target).__name__}.")
+
+
+def _refuse_compiled(module: nn.Module) -> None:
+    """A transformer compiled as a whole before caching: its graphs were traced without ditcache's hooks."""
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            f"the transformer is compiled ({type(module._orig_mod).__name__} inside torch.compile's OptimizedModule): "
+            "apply ditcache before compiling, e.g. pipe.transformer = pipe.transformer._orig_mod; "
+            "ditcache.apply_cache(pipe, config); pipe.transformer = torch.compile(pipe.transformer), or compile the "
+            "blocks instead (regional compilation), after apply_cache."
+        )
 
 
 def _step_hook(transformer: nn.Module) -> StepHook | None:
@@ -289,6 +333,8 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
         model = transformer_adapter(transformer)
         settings = resolve_configs(config, model.family)
         prepared.append((transformer, model, settings, model.block_adapters(settings), model.branch_adapters(settings)))
+    for _, _, _, adapters, _ in prepared:
+        _refuse_block_offloading_beneath(adapters)
     for transformer, model, settings, adapters, branch_adapters in prepared:
         remove_cache(transformer)
         run = RunState(settings)
@@ -304,6 +350,20 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(StepTableHook(run, lookup), TABLE_HOOK)
         transformer._diffusers_hook.invalidate_child_registries_cache()
     return target
+
+
+def _refuse_block_offloading_beneath(adapters: list) -> None:
+    """A block adapter computes its block from the block's submodules, so a group-offloading hook on the
+    block itself, registered before ditcache's (and so run inside it), would never load the block's weights."""
+    for adapter in adapters:
+        registry = getattr(adapter.block, "_diffusers_hook", None)
+        if registry is not None and GROUP_OFFLOADING_HOOK in registry.hooks:
+            raise RuntimeError(
+                f"{adapter.name} carries block-level group offloading applied before ditcache: ditcache computes that "
+                "block from its submodules and would skip the hook that loads its weights. Apply the cache first, "
+                "then the offloading: remove it (or reload the model), call ditcache.apply_cache(...), then "
+                "apply_group_offloading(...) / enable_group_offload(...). Leaf-level offloading works in either order."
+            )
 
 
 def _refuse_foreign_caches(transformer: nn.Module) -> None:

@@ -38,6 +38,8 @@ class CacheStats:
         forecast_errors: with a ``tolerance``, each step's measured relative error of the cached branch
             outputs (nan where nothing was measured: the first step, steps recomputing nothing).
         estimate_flops: with a ``tolerance``, what measuring the error cost (included in ``flops``).
+        flops_uncounted: the branches whose FLOPs ``FlopCounterMode`` could not count (flex attention), so that
+            only their linear layers are in ``flops`` and ``flops_full``, each as ``"name: why"``.
     """
 
     steps: int = 0
@@ -52,6 +54,7 @@ class CacheStats:
     full_step_reasons: tuple[str, ...] = ()
     forecast_errors: tuple[float, ...] = ()
     estimate_flops: int = 0
+    flops_uncounted: tuple[str, ...] = ()
 
     @classmethod
     def joined(cls, parts: list["CacheStats"]) -> "CacheStats":
@@ -72,6 +75,7 @@ class CacheStats:
             full_step_reasons=tuple(reason for part in parts for reason in part.full_step_reasons),
             forecast_errors=tuple(error for part in parts for error in part.forecast_errors),
             estimate_flops=sum(part.estimate_flops for part in parts),
+            flops_uncounted=tuple(sorted({note for part in parts for note in part.flops_uncounted})),
         )
 
     @property
@@ -198,6 +202,7 @@ class RunState:
         self.started = -1  # when the last run started, among all runs (see _RUN_STARTS); kept by reset()
         self.recorder: list[SelectionEvent] | None = None  # set by ditcache.record_selections
         self.call_serial = 0  # counts every transformer call, across runs: tells one call from the next
+        self.flops_uncounted: dict[str, str] = {}  # branch -> why FlopCounterMode could not count it (kept across runs)
         self.reset()
 
     def reset(self) -> None:
@@ -391,4 +396,5 @@ class RunState:
             full_step_reasons=tuple(self._full_step_reasons),
             forecast_errors=self.meter.errors(steps, wait=self.run_finished) if self.meter is not None else (),
             estimate_flops=self._estimate_flops,
+            flops_uncounted=tuple(f"{name}: {why}" for name, why in sorted(self.flops_uncounted.items())),
         )

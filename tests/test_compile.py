@@ -46,8 +46,41 @@ def test_compiled_blocks_match_eager_and_stop_recompiling(make, run, config):
         eager = run(transformer)
         compile_blocks(transformer)
         run(transformer)  # warm-up: compiles the full and partial variants
-        graphs = counters["stats"]["unique_graphs"]
+        graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
         compiled = run(transformer)
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs  # compiled, then nothing new
+    assert counters["frames"]["total"] == frames  # and no frame recompiled
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, run, config",
+    [
+        (dit_transformer, dit_run, FORAConfig(cache_interval=2)),
+        (flux_transformer, flux_run, ToCaConfig(cache_interval=3, cache_ratio=0.75, schedule="constant")),
+    ],
+)
+@pytest.mark.slow
+def test_a_whole_model_compiled_after_caching_matches_eager_and_stops_recompiling(make, run, config):
+    """No guard on a per-call Python value: from the third run on, dynamo compiles no frame anew."""
+    torch._dynamo.reset()
+    counters.clear()
+    transformer = apply_cache(make(), config)
+    with torch.no_grad():
+        eager = run(transformer)
+        compiled_transformer = torch.compile(transformer)
+        run(compiled_transformer)
+        run(compiled_transformer)
+        frames = counters["frames"]["total"]
+        compiled = run(compiled_transformer)
+        run(compiled_transformer)
+    assert frames > 0 and counters["frames"]["total"] == frames
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_transformer_compiled_before_caching_is_refused_with_the_order_that_works():
+    compiled = torch.compile(dit_transformer())
+    with pytest.raises(TypeError, match=r"apply ditcache before compiling.*_orig_mod"):
+        apply_cache(compiled, FORAConfig(cache_interval=2))

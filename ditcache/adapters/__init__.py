@@ -60,18 +60,16 @@ class TransformerAdapter:
         """Hooks on branch submodules (the generic path, ``generic.py``); none where block adapters cache."""
         return []
 
-    def prepare_run(self, run, arguments: dict) -> None:
-        """Precompute per-step values for a run whose schedule is known, on every call of the run (a
-        model keeps what it made for a guidance stream in ``run.tables``); nothing by default."""
-
     def run_constants(self) -> dict[str, tuple[nn.Module, object]]:
         """Submodules outside the blocks whose output stays the same within a run, each with a function
         ``(run, args, kwargs) -> tensors it is made from`` (see ``hooks.RunConstantHook``); none by default."""
         return {}
 
     def step_tables(self) -> dict[str, tuple[nn.Module, object]]:
-        """Submodules outside the blocks whose output for each step ``prepare_run`` tabulated, each with
-        a function ``run -> (output, FLOPs one call costs) or None`` (see ``hooks.StepTableHook``); none by default."""
+        """Submodules outside the blocks whose output is tabulated for every step of a run whose schedule
+        is known, each with a function ``(run, compute) -> (output, FLOPs one call costs) or None`` that
+        makes the table with ``compute`` (the module's own forward) on first use (see
+        ``hooks.StepTableHook``); none by default."""
         return {}
 
     def read_call(self, args: tuple, kwargs: dict) -> CallInfo:
@@ -106,25 +104,6 @@ class BasicBlocksAdapter(TransformerAdapter):
 class FluxAdapter(TransformerAdapter):
     """FLUX.1: double-stream blocks, then single-stream blocks, on packed latents (the timestep is t / 1000)."""
 
-    def prepare_run(self, run, arguments: dict) -> None:
-        """The timestep embedding of every step of the run, for the blocks' modulation tables, made on
-        the first call of each guidance stream (each has its own pooled prompt)."""
-        transformer = self.transformer
-        guidance, pooled = arguments.get("guidance"), arguments.get("pooled_projections")
-        if pooled is None or f"temb.{run.stream}" in run.tables:
-            return
-        dtype, steps, batch = pooled.dtype, len(run.schedule), pooled.shape[0]
-        timesteps = torch.tensor(run.schedule, device=pooled.device).to(dtype).repeat_interleave(batch) * 1000
-        pooled = pooled.repeat(steps, 1)
-        with record_layer_flops(transformer.time_text_embed, lambda: True) as flops:
-            if guidance is None:
-                temb = transformer.time_text_embed(timesteps, pooled)
-            else:
-                temb = transformer.time_text_embed(timesteps, guidance.to(dtype).repeat(steps) * 1000, pooled)
-        run.add_flops(flops[0], 0)
-        run.tables[f"temb.{run.stream}"] = temb.view(steps, batch, -1)
-        run.tables[f"temb_flops.{run.stream}"] = flops[0] // steps  # what one call's embedding costs
-
     def run_constants(self) -> dict[str, tuple[nn.Module, object]]:
         """The rotary embedding (from the call's position ids; the pipeline passes the same tensors at
         every step) and the text projection (from the prompt embeddings)."""
@@ -135,14 +114,35 @@ class FluxAdapter(TransformerAdapter):
         }
 
     def step_tables(self) -> dict[str, tuple[nn.Module, object]]:
-        """The timestep and pooled-text embedding, from the run's table (``prepare_run``)."""
+        """The timestep and pooled-text embedding of every step of the run, for the blocks' modulation
+        tables, made on the first call of each guidance stream (each has its own pooled prompt). It is made
+        inside the transformer's forward, where diffusers has applied the call's LoRA scale."""
 
-        def lookup(run):
-            if not (f"temb.{run.stream}" in run.tables and run.on_schedule):
+        def lookup(run, embed):
+            if not (run.on_schedule and run.settings.caches):
+                return None
+            if f"temb.{run.stream}" not in run.tables and not self._tabulate_embeddings(run, embed):
                 return None
             return run.tables[f"temb.{run.stream}"][run.step], run.tables[f"temb_flops.{run.stream}"]
 
         return {"time_text_embed": (self.transformer.time_text_embed, lookup)}
+
+    def _tabulate_embeddings(self, run, embed) -> bool:
+        guidance, pooled = run.arguments.get("guidance"), run.arguments.get("pooled_projections")
+        if pooled is None:
+            return False
+        dtype, steps, batch = pooled.dtype, len(run.schedule), pooled.shape[0]
+        timesteps = torch.tensor(run.schedule, device=pooled.device).to(dtype).repeat_interleave(batch) * 1000
+        pooled = pooled.repeat(steps, 1)
+        with record_layer_flops(self.transformer.time_text_embed, lambda: True) as flops:
+            if guidance is None:
+                temb = embed(timesteps, pooled)
+            else:
+                temb = embed(timesteps, guidance.to(dtype).repeat(steps) * 1000, pooled)
+        run.add_flops(flops[0], 0)
+        run.tables[f"temb.{run.stream}"] = temb.view(steps, batch, -1)
+        run.tables[f"temb_flops.{run.stream}"] = flops[0] // steps  # what one call's embedding costs
+        return True
 
     def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
         # Both streams take the layer factor by index, spread over the single-stream depth.

@@ -63,7 +63,7 @@ def _token_scores(run: RunState, attn, score: str, taps: dict, rotary, batch: in
 @torch.compiler.disable
 def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunks: int) -> tuple | None:
     """A block's modulation (``linear(silu(temb))`` split in ``chunks``) for this step, from the run's table
-    (``step_table``) over the timestep embeddings ``prepare_run`` made; None when there are none."""
+    (``step_table``) over the run's timestep embeddings (``FluxAdapter.step_tables``); None when there are none."""
     if not _scheduled(run):
         return None
 

@@ -1,0 +1,139 @@
+"""ditcache inside the stack users run: LoRA scales, inference mode, bad samples, offloading, compile."""
+
+import math
+
+import pytest
+import torch
+
+from ditcache.eval import digits
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, preset, remove_cache
+
+
+def flux_images(pipe, **kwargs):
+    generator = torch.Generator().manual_seed(0)
+    return pipe("a red fox", num_inference_steps=6, height=32, width=32, max_sequence_length=16,
+                generator=generator, output_type="latent", **kwargs).images
+
+
+def test_a_lora_scale_reaches_the_tabulated_timestep_embedding(flux_pipe):
+    """A call's LoRA scale equals the same scale set on the adapter, cached alike (partial steps use the run's
+    table of timestep embeddings)."""
+    from peft import LoraConfig
+
+    transformer = flux_pipe.transformer
+    targets = ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2"]
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    apply_cache(flux_pipe, FORAConfig(cache_interval=2))
+    scaled_by_call = flux_images(flux_pipe, joint_attention_kwargs={"scale": 0.5})
+    assert cache_stats(flux_pipe).partial_steps
+    transformer.set_adapters(["default"], weights=[0.5])
+    scaled_on_adapter = flux_images(flux_pipe)
+    transformer.set_adapters(["default"], weights=[1.0])
+    assert (flux_images(flux_pipe) - scaled_on_adapter).abs().max() > 1e-3  # the scale matters to this model
+    torch.testing.assert_close(scaled_by_call, scaled_on_adapter, rtol=0, atol=0)
+
+
+def test_a_bare_flux_transformer_runs_under_inference_mode(flux_pipe):
+    transformer = flux_pipe.transformer
+    generator = torch.Generator().manual_seed(0)
+    call = {
+        "hidden_states": torch.randn(1, 16, transformer.config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 8, transformer.config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, transformer.config.pooled_projection_dim, generator=generator),
+        "txt_ids": torch.zeros(8, 3),
+        "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 3),
+        "guidance": torch.full((1,), 3.5) if transformer.config.guidance_embeds else None,
+    }
+    timesteps = torch.linspace(1.0, 0.2, 4)
+    with torch.no_grad():
+        expected = [transformer(timestep=t.reshape(1), **call).sample for t in timesteps]
+    apply_cache(transformer, FORAConfig(cache_interval=1))
+    with torch.inference_mode():
+        outputs = [transformer(timestep=t.reshape(1), **call).sample for t in timesteps]
+    for output, reference in zip(outputs, expected):
+        torch.testing.assert_close(output, reference, rtol=0, atol=0)
+
+
+def test_a_nan_sample_forces_full_steps_and_leaves_its_batch_mate_as_good_as_alone():
+    """The bad sample's relative error cannot be measured: each step it poisons is full, never a longer interval.
+    On the reference FLUX, where caching errs measurably."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(digits.reference_pipeline_path(digits.TEXT_MODEL))
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    tokens = (digits.IMAGE_SIZE // (pipe.vae_scale_factor * 2)) ** 2
+    latents = torch.randn(1, tokens, pipe.transformer.config.in_channels, generator=generator)
+    call = {**digits.TEXT_MODEL_CALL, "num_inference_steps": 20, "output_type": "pt"}
+
+    def images(batch):
+        return pipe([digits.prompt(3)] * len(batch), latents=torch.cat(batch), **{**call, "negative_prompt": [""] * len(batch)}).images
+
+    uncached = images([latents])
+    apply_cache(pipe, preset("ditcache", tolerance=0.4))
+    alone = images([latents])
+    mixed = images([latents, torch.full_like(latents, math.nan)])
+    stats = cache_stats(pipe)
+    assert torch.isnan(mixed[1]).all()
+    assert "non_finite" in stats.full_step_reasons
+    first = stats.full_step_indices[stats.full_step_reasons.index("non_finite")]
+    assert stats.full_step_indices[-(stats.steps - first):] == tuple(range(first, stats.steps))  # all full from there
+
+    def psnr(image):
+        return -10 * math.log10(torch.mean((image - uncached[0]) ** 2).item())
+
+    assert psnr(alone[0]) < 60  # caching errs here, so the comparison below means something
+    assert psnr(mixed[0]) >= psnr(alone[0]) - 0.5
+
+
+def test_flex_attention_on_the_generic_path_runs_and_says_which_flops_it_could_not_count():
+    """FlopCounterMode cannot run flex attention's higher-order op: the run goes on, counting what it can."""
+    from test_generic import build, run
+
+    model = build("wan")
+    model.set_attention_backend("flex")
+    expected = run(model, "wan")
+    apply_cache(model, FORAConfig(cache_interval=1))
+    with pytest.warns(UserWarning, match="FLOPs counted from its linear layers only"):
+        outputs = run(model, "wan")
+    for output, reference in zip(outputs, expected):
+        torch.testing.assert_close(output, reference, rtol=0, atol=0)
+    stats = cache_stats(model)
+    assert stats.flops_uncounted and all(".attn" in note and "FlopCounterMode" not in note for note in stats.flops_uncounted)
+    assert 0 < stats.flops <= stats.flops_full
+    apply_cache(model, FORAConfig(cache_interval=2))
+    run(model, "wan")
+    assert cache_stats(model).flops_speedup > 1.2
+
+
+@pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_composes_in_the_order_that_works_and_the_other_is_refused(saved_pipelines, tmp_path, offload_type, to_disk):
+    """Without streams (they need CUDA): block-level offloading under the cache is refused at apply time."""
+    from diffusers import FluxPipeline
+    from diffusers.hooks import apply_group_offloading
+
+    def pipe():
+        loaded = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+        loaded.set_progress_bar_config(disable=True)
+        return loaded
+
+    def offload(loaded, folder):
+        apply_group_offloading(loaded.transformer, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                               offload_type=offload_type, num_blocks_per_group=1 if offload_type == "block_level" else None,
+                               offload_to_disk_path=str(tmp_path / folder) if to_disk else None)
+
+    config = ToCaConfig(cache_interval=2, cache_ratio=0.7)
+    plain = apply_cache(pipe(), config)
+    expected = flux_images(plain)
+    cache_then_offload = apply_cache(pipe(), config)
+    offload(cache_then_offload, "after")
+    torch.testing.assert_close(flux_images(cache_then_offload), expected, rtol=0, atol=1e-5)
+    offload_then_cache = pipe()
+    offload(offload_then_cache, "before")
+    if offload_type == "block_level":
+        with pytest.raises(RuntimeError, match="Apply the cache first, then the offloading"):
+            apply_cache(offload_then_cache, config)
+    else:
+        apply_cache(offload_then_cache, config)
+        torch.testing.assert_close(flux_images(offload_then_cache), expected, rtol=0, atol=1e-5)
