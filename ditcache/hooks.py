@@ -7,6 +7,7 @@ block adapter. Nothing is patched on a class: ``remove_cache`` restores the orig
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ TABLE_HOOK = "ditcache.step_table"
 BRANCH_HOOK = "ditcache.branch"
 # diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
 # same work twice, so ``apply_cache`` refuses a transformer that carries one.
+CALLER_SEARCH_DEPTH = 32  # frames searched for the calling pipeline's __call__ (hooks, no_grad, progress wrappers)
 GROUP_OFFLOADING_HOOK = "group_offloading"  # diffusers' name for the hook that loads a group's weights
 FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache")
 
@@ -67,11 +69,12 @@ class StepHook(ModelHook):
         self._entry = threading.Lock()
         self._taken_over: dict[int, object] = {}  # thread -> marker (or last timestep) of the run it lost
         self._refused_markers: dict[int, object] = {}  # markers set by calls refused during this run, by id
+        self._converted: tuple[object, tuple[float, ...] | None] = (None, None)  # a marker and its schedule
 
     # The bookkeeping around the forward runs outside compiled graphs (``torch.compiler.disable``): under a
     # whole-model ``torch.compile`` its Python counters would become guards that change on every call.
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        measuring = self._begin(args, kwargs)
+        measuring = self._begin(module, args, kwargs)
         try:
             output = self._measure_outside(module, args, kwargs) if measuring else self.fn_ref.original_forward(*args, **kwargs)
         except BaseException:
@@ -81,12 +84,12 @@ class StepHook(ModelHook):
         return output
 
     @torch.compiler.disable
-    def _begin(self, args: tuple, kwargs: dict) -> bool:
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         """Read the call, start or continue the run; whether this call must measure the FLOPs outside the blocks."""
         run = self.run
         call = self.model.read_call(args, kwargs)
         with self._entry:
-            self._enter(call)
+            self._enter(module, call)
         run.arguments = call.arguments
         return run.outside_flops is None
 
@@ -110,9 +113,9 @@ class StepHook(ModelHook):
         run.arguments = {}  # hold none of the call's tensors between calls
         run.end_call()
 
-    def _enter(self, call) -> None:
+    def _enter(self, module: nn.Module, call) -> None:
         run, thread, timestep = self.run, threading.get_ident(), call.timestep
-        marker = self._run_marker()
+        marker = self._run_marker(module)
         if run.in_call:
             if marker is not None and marker is not run.marker:  # the refused call's pipeline set it, not the run's
                 self._refused_markers[id(marker)] = marker
@@ -129,6 +132,12 @@ class StepHook(ModelHook):
         else:
             same_step = run.signature is not None and timestep == run.last_timestep
             fresh = run.signature is None or (not same_step and (run.run_finished or self._went_back(timestep)))
+        if fresh and marker is not None and self._continues_own_run(thread, timestep):
+            raise RuntimeError(
+                "the pipeline's scheduler set new timesteps in the middle of this thread's run (another call on the "
+                "same pipeline, from another thread?), and this call continues the old run: its image would be "
+                "wrong. Give each thread its own pipeline."
+            )
         lost = self._taken_over.pop(thread, None)
         if lost is not None and (lost is marker if marker is not None else not fresh or timestep <= lost):
             raise RuntimeError(
@@ -154,7 +163,7 @@ class StepHook(ModelHook):
             if run.signature is not None and run.owner != thread and not run.run_finished:
                 self._taken_over[run.owner] = run.marker if run.marker is not None else run.last_timestep
             self._refused_markers.clear()
-            run.start(signature, timestep, self._schedule(), self.model.is_guidance_batch(latents), marker, thread)
+            run.start(signature, timestep, self._schedule(marker), self.model.is_guidance_batch(latents), marker, thread)
             run.begin_step(timestep)
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
@@ -163,23 +172,51 @@ class StepHook(ModelHook):
         run.call_serial += 1
         run.in_call = True
 
+    def _continues_own_run(self, thread: int, timestep: float) -> bool:
+        """Whether a call that a new marker would start a run with is the next step of the unfinished run this
+        thread owns: its timestep is the one that run's schedule has next (a new run starts at its first)."""
+        run = self.run
+        if run.signature is None or run.owner != thread or run.run_finished or run.schedule is None:
+            return False
+        expected = run.schedule[run.step + 1]
+        return abs(expected - timestep) <= 1e-5 * max(1.0, abs(expected))
+
     def _went_back(self, timestep: float) -> bool:
         """Whether the timestep moved against the run's direction (falling for most models, rising for Mochi)."""
         last = self.run.last_timestep
         return timestep < last if self.model.timestep_rises else timestep > last
 
-    def _run_marker(self) -> object | None:
-        """The pipeline scheduler's timesteps object, which each pipeline call replaces; None without one."""
-        pipeline = self._pipeline() if self._pipeline is not None else None
+    def _run_marker(self, module: nn.Module) -> object | None:
+        """The timesteps object of the calling pipeline's scheduler, which each pipeline call replaces; None
+        without a pipeline."""
+        pipeline = self._calling_pipeline(module)
         return getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
 
-    def _schedule(self) -> tuple[float, ...] | None:
-        """The timesteps the pipeline's scheduler set for this run, in the model's units, if known."""
-        timesteps = self._run_marker()
+    def _calling_pipeline(self, module: nn.Module) -> DiffusionPipeline | None:
+        """The pipeline whose ``__call__`` is calling ``module`` now, read from the call stack: pipelines made
+        with ``from_pipe(pipe, scheduler=...)`` share the transformer but not the scheduler, so the pipeline
+        ``apply_cache`` was given (the fallback, for custom denoising loops) may not be the one running."""
+        frame = sys._getframe(1)
+        for _ in range(CALLER_SEARCH_DEPTH):
+            if frame is None:
+                break
+            if frame.f_code.co_name == "__call__":
+                caller = frame.f_locals.get("self")
+                if isinstance(caller, DiffusionPipeline) and any(
+                    getattr(caller, name, None) is module for name in ("transformer", "transformer_2")
+                ):
+                    return caller
+            frame = frame.f_back
+        return self._pipeline() if self._pipeline is not None else None
+
+    def _schedule(self, timesteps) -> tuple[float, ...] | None:
+        """The timesteps a scheduler set (``timesteps``, the marker), in the model's units; None without any."""
         if timesteps is None or not len(timesteps):
             return None
-        values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
-        return tuple(float(t) * self.model.timestep_scale + self.model.timestep_offset for t in values)
+        if self._converted[0] is not timesteps:  # converted once per marker: a host read of the whole schedule
+            values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+            self._converted = (timesteps, tuple(float(t) * self.model.timestep_scale + self.model.timestep_offset for t in values))
+        return self._converted[1]
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.run.reset()

@@ -208,3 +208,55 @@ def test_the_last_step_of_a_true_guidance_run_stays_in_that_run(flux_pipe):
     run("flux", flux_pipe, negative_prompt="", true_cfg_scale=3.0)
     stats = cache_stats(flux_pipe)
     assert (stats.steps, stats.full_step_indices) == (6, (0, 2, 4))
+
+
+def test_a_scheduler_reset_in_the_middle_of_a_run_gives_an_error_not_a_restarted_run(flux_pipe):
+    """As another thread's call on the same pipeline would: new timesteps while this run goes on."""
+    apply_cache(flux_pipe, ToCaConfig(cache_interval=2))
+
+    def reset_at_step_two(pipe, step, _timestep, tensors):
+        if step == 2:
+            pipe.scheduler.set_timesteps(6)
+        return tensors
+
+    with pytest.raises(RuntimeError, match="set new timesteps in the middle of this thread's run"):
+        run("flux", flux_pipe, callback_on_step_end=reset_at_step_two)
+    expected = run("flux", flux_pipe)  # the next run is whole
+    assert cache_stats(flux_pipe).steps == 6
+    np.testing.assert_array_equal(run("flux", flux_pipe), expected)
+
+
+def test_per_call_settings_from_several_threads_give_an_error_and_leave_the_shared_transformer_as_it_was(flux_pipe):
+    first = ToCaPipeline.from_pipe(flux_pipe, cache_interval=2)
+    first.set_progress_bar_config(disable=True)
+    carried = cache_config(flux_pipe)
+    expected = run("flux", first, cache_interval=4)
+    inside, release, errors, results = threading.Event(), threading.Event(), [], {}
+
+    def hold(pipe, step, _timestep, tensors):
+        if threading.current_thread().name == "first" and step == 1:
+            inside.set()
+            release.wait(timeout=60)
+        return tensors
+
+    def call(name, **kwargs):
+        try:
+            results[name] = run("flux", first, callback_on_step_end=hold, **kwargs)
+        except RuntimeError as error:
+            errors.append((name, error))
+
+    holder = threading.Thread(target=call, args=("first",), kwargs={"cache_interval": 4}, name="first")
+    holder.start()
+    inside.wait(timeout=60)
+    others = [threading.Thread(target=call, args=(f"other{i}",), kwargs=kwargs, name=f"other{i}")
+              for i, kwargs in enumerate([{"cache_interval": 3}, {}])]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join()
+    release.set()
+    holder.join()
+    assert sorted(name for name, _ in errors) == ["other0", "other1"]
+    assert all("one pipeline call at a time" in str(error) for _, error in errors)
+    np.testing.assert_array_equal(results["first"], expected)
+    assert cache_config(flux_pipe) == carried

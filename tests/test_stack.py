@@ -137,3 +137,31 @@ def test_group_offloading_composes_in_the_order_that_works_and_the_other_is_refu
     else:
         apply_cache(offload_then_cache, config)
         torch.testing.assert_close(flux_images(offload_then_cache), expected, rtol=0, atol=1e-5)
+
+
+def test_a_pipeline_sharing_the_cached_transformer_with_its_own_scheduler_counts_its_own_runs(saved_pipelines):
+    """``from_pipe(A, scheduler=new)``: A's scheduler says nothing of the new pipeline's runs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline
+
+    def img2img_of(source):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(source.scheduler.config, shift=2.0)
+        pipe = FluxImg2ImgPipeline.from_pipe(source, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def images(pipe):
+        image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        return pipe("a red fox", image=image, strength=0.75, num_inference_steps=24, height=32, width=32,
+                    max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    config = ToCaConfig(cache_interval=3, cache_ratio=0.7)
+    first = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+    first.set_progress_bar_config(disable=True)
+    flux_images(apply_cache(first, config))  # the first pipeline's scheduler now holds a 6-step schedule
+    shared = img2img_of(first)
+    outputs = [images(shared), images(shared)]
+    stats = cache_stats(shared)
+    expected = images(apply_cache(img2img_of(FluxPipeline.from_pretrained(saved_pipelines / "flux")), config))
+    assert stats.steps == 18 and stats == cache_stats(shared)
+    for output in outputs:
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)

@@ -13,6 +13,8 @@ import functools
 import inspect
 import json
 import os
+import threading
+import weakref
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
@@ -26,6 +28,10 @@ from ditcache.config import CacheConfig, config_from_dict, config_to_dict
 from ditcache.specs import SPECS
 
 CONFIG_FILE = "ditcache_config.json"
+# One pipeline call at a time per transformer (pipelines made with from_pipe share it): a call swaps the
+# transformer's config for its own, and a second call in between would run with, or restore, the wrong one.
+_CALL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CALL_LOCKS_GUARD = threading.Lock()
 SUPPORTED_PIPELINES = tuple(pipeline for spec in SPECS.values() for pipeline in spec.pipelines)
 
 
@@ -170,16 +176,28 @@ class ToCaPipeline(DiffusionPipeline):
                 "ditcache.apply_cache(pipe, pipe.cache_config) to cache it again, or pass cache=False."
             )
         wanted = resolve_config(cache_interval, cache_ratio, self._ditcache_config) if cache else None
-        swapped = wanted != carried
-        if swapped:
-            remove_cache(self) if wanted is None else apply_cache(self, wanted)
+        with _CALL_LOCKS_GUARD:
+            lock = _CALL_LOCKS.setdefault(self.transformer, threading.Lock())
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                "another call is running on this pipeline's transformer (from another thread, or through a pipeline "
+                "that shares it via from_pipe): a cached transformer serves one pipeline call at a time. Give each "
+                "thread its own pipeline."
+            )
         try:
-            output = original_call(self, *args, **kwargs)
-            self._ditcache_stats = cache_stats(self) if cache else None
-            return output
-        finally:
+            carried = cache_config(self)  # read again under the lock
+            swapped = wanted != carried
             if swapped:
-                apply_cache(self, carried) if carried is not None else remove_cache(self)
+                remove_cache(self) if wanted is None else apply_cache(self, wanted)
+            try:
+                output = original_call(self, *args, **kwargs)
+                self._ditcache_stats = cache_stats(self) if cache else None
+                return output
+            finally:
+                if swapped:
+                    apply_cache(self, carried) if carried is not None else remove_cache(self)
+        finally:
+            lock.release()
 
 
 def read_config(path: Path) -> CacheConfig | list[CacheConfig]:
