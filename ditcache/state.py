@@ -223,6 +223,9 @@ class RunState:
         self.in_call = False
         self.in_block = False
         self.caches: dict[tuple[str, int], BlockCache] = {}
+        # this step's token choices, (block, group or branch) -> (tokens, transformer calls served): every
+        # guidance stream of a step recomputes the same tokens
+        self.step_selections: dict[tuple[str, str], tuple] = {}
         self.tables: dict[str, object] = {}  # per-run values: modulation tables, outputs constant within the run
         self.arguments: dict = {}  # the current transformer call's arguments, by name
         self.generator: torch.Generator | None = None
@@ -277,6 +280,7 @@ class RunState:
         """Advance to the next denoising step and decide, once, whether it is full."""
         self.step += 1
         self.stream = 0
+        self.step_selections = {}
         self.last_timestep = timestep
         self.progress = self._progress(timestep)
         self.steps_since_full += 1

@@ -543,3 +543,35 @@ def test_k_norm_reads_the_keys_before_the_qk_norm():
             torch.testing.assert_close(cache.normalized_scores[group], l2_normalize(norms), rtol=1e-4, atol=1e-6)
     finally:
         FAMILIES.pop("sd3-qk-norm")
+
+
+TWO_CALL = sorted(family for family in FAMILIES if isinstance(FAMILIES[family][1]().get("encoder_hidden_states"), torch.Tensor))
+
+
+@pytest.mark.parametrize("family", TWO_CALL)
+def test_recomputing_more_tokens_never_hurts_under_two_call_guidance(family):
+    """Cond and uncond as separate calls (streams) of each step, combined with guidance 5: both streams must
+    recompute the same tokens, or their cache errors decorrelate and guidance amplifies them."""
+    model = build(family)
+    argument = SPECS[type(model).__name__].timestep_argument
+    cond = FAMILIES[family][1]()
+    uncond = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+
+    def guided():
+        outputs = []
+        with torch.no_grad():
+            for t in timesteps(family):
+                low, high = (model(**inputs, **{argument: t}, return_dict=False)[0] for inputs in (uncond, cond))
+                outputs.append(low + 5.0 * (high - low))
+        return outputs
+
+    exact = guided()
+
+    def error(config):
+        apply_cache(model, config)
+        return sum((out - ref).square().mean().item() for out, ref in zip(guided(), exact)) ** 0.5
+
+    fora = error(FORAConfig(cache_interval=3))
+    assert fora > 0
+    for ratio in (0.7, 0.3):
+        assert error(ToCaConfig(cache_interval=3, cache_ratio=ratio, score="random")) <= 1.05 * fora, ratio

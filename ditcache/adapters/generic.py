@@ -66,7 +66,6 @@ class BlockTokens:
         self.settings = settings
         self.layer_position = layer_position
         self.attention, self.order = (sequence[0], sequence[1:]) if sequence else (None, ())
-        self._selections: tuple[int, dict] = (-1, {})  # (transformer call, group -> selected tokens)
 
     def scores_from(self, branch: str) -> bool:
         return branch == self.attention and self.settings.score in S.SELF_ATTENTION_SCORES
@@ -109,16 +108,24 @@ class BlockTokens:
 
     def select(self, run: RunState, cache: BlockCache, group: str, branch: str, tokens: int) -> torch.Tensor | None:
         """The tokens ``group`` recomputes in this block call, ``(batch, count)`` with both guidance halves;
-        None when none."""
-        serial, chosen = self._selections
-        if serial != run.call_serial:
-            chosen = {}
-            self._selections = (run.call_serial, chosen)
-        if group not in chosen:
+        None when none. One choice per step serves every branch of the group and every guidance stream
+        (``RunState.step_selections``): when cond and uncond are separate calls, recomputing other tokens in
+        each would decorrelate their cache errors, which guidance then amplifies."""
+        key = (self.block_name, group)
+        entry = run.step_selections.get(key)
+        if entry is not None and entry[0] is not None and entry[0].shape[0] != cache.since_recompute[group].shape[0]:
+            entry = None  # a stream of another batch size chooses for itself
+        if entry is None:
             count = round(self.settings.schedule.recompute_fraction(run.progress, self.layer_position, branch) * tokens)
-            chosen[group] = self._choose(run, cache, group, tokens, count) if count else None
-        index = chosen[group]
+            entry = run.step_selections[key] = (self._choose(run, cache, group, tokens, count) if count else None, {run.call_serial})
+        index, served = entry
+        if run.call_serial not in served:  # another stream of this step: the same tokens, its own counters
+            served.add(run.call_serial)
+            if index is not None:
+                cache.since_recompute[group].add_(1).scatter_(1, index, 0)
         run.add_recompute(0.0 if index is None else index.shape[1] / tokens)
+        if index is not None and run.guidance_batch:
+            index = torch.cat([index, index])
         return index
 
     def _choose(self, run: RunState, cache: BlockCache, group: str, tokens: int, count: int) -> torch.Tensor:
@@ -129,7 +136,7 @@ class BlockTokens:
         score = base.to(since.device) + S.frequency_term(since, self.settings.frequency_weight, self.settings.schedule.cache_interval)
         index = S.top_and_random_tokens(score, count, self.drawn(count), run.generator)
         since.add_(1).scatter_(1, index, 0)
-        return torch.cat([index, index]) if run.guidance_batch else index
+        return index
 
     def drawn(self, count: int) -> int:
         """How many of ``count`` chosen tokens are drawn at random (last in the selection)."""
