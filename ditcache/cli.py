@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
-def _at_least(minimum: int):
+def _at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -48,9 +48,14 @@ def _at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
+
+
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed and the sweeps' results (int64) take
 
 
 _device_help = "torch device (default: cuda when available, else cpu)"
@@ -71,7 +76,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=_at_least(1), help="image height (default: the pipeline's)")
     parser.add_argument("--width", type=_at_least(1), help="image width (default: the pipeline's)")
     parser.add_argument("--frames", type=_at_least(1), help="video pipelines (OpenSora): frames to generate (default: the pipeline's)")
-    parser.add_argument("--seed", type=_at_least(0), default=0, help="seed of the generator (default: 0)")
+    parser.add_argument("--seed", type=_at_least(0, MAX_SEED), default=0, help="seed of the generator (default: 0)")
     parser.add_argument("--out", default="ditcache.png", help="where to write the images: a labelled grid, one row (the uncached "
                         "row above with --compare); .png, .jpg or .webp; for a video, .gif or .mp4 (each frame: uncached above "
                         "cached with --compare; .mp4 needs `pip install 'ditcache[video]'`) or .png (the frames in a row)")
@@ -136,12 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device(device: str | None) -> str:
-    """``device``, or cuda when available, else cpu."""
-    if device is not None:
-        return device
+    """``device``, or cuda when available, else cpu; ``CommandError`` for a device torch does not know or
+    that this machine does not have."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CommandError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device}: MPS is not available here")
+    return device
 
 
 def steady_cpu_allocator(device: str) -> None:

@@ -29,6 +29,7 @@ MAX_FORECAST_ORDER = 4  # TaylorSeer's DiT setting
 MAX_SIZE = 10_000
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps
+DEFAULT_RANDOM_SHARE = 0.25  # error control's share of ToCa's recomputed tokens drawn at random
 DITCACHE_TOLERANCE = 0.2  # preset("ditcache")'s default: about 4.2-4.6x fewer FLOPs at 42-50 dB at 50 steps
 DITCACHE_MAX_INTERVAL = 12  # preset("ditcache")'s longest interval, or 3 initial intervals where longer
 
@@ -66,6 +67,11 @@ def _check_control(config) -> None:
     if config.tolerance is not None:
         _check_float("tolerance", config.tolerance, 0.0)
     _check_int("max_interval", config.max_interval, 1, MAX_SIZE)
+    changed = [name for name, default in (("max_interval", DEFAULT_MAX_INTERVAL), ("random_share", DEFAULT_RANDOM_SHARE))
+               if getattr(config, name, default) != default]
+    if changed and config.tolerance is None:
+        raise ValueError(f"`{changed[0]}` is a setting of error control, which only a `tolerance` turns on: give a "
+                         "`tolerance` with it (or leave it out).")
 
 
 def _control(config, interval: int, random_share: float) -> ErrorControl | None:
@@ -209,7 +215,7 @@ class ToCaConfig:
     hermite_scale: float = 0.5
     tolerance: float | None = None
     max_interval: int = DEFAULT_MAX_INTERVAL
-    random_share: float = 0.25
+    random_share: float = DEFAULT_RANDOM_SHARE
 
     def __post_init__(self) -> None:
         _normalise(self)
@@ -407,8 +413,9 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     # A long start replaces the family's first full steps (three on FLUX) by one: 3-11 dB at 5.6-6.4x on the
     # 64-token FLUX reference; a short one keeps them: one cost the 256-token reference 5 dB at 4.5x.
     start = 1 if initial >= 3 else None
-    settings = dict(cache_interval=initial, full_steps_at_start=start, forecast_order=2, forecaster="bdf2_heun",
-                    max_interval=max(DITCACHE_MAX_INTERVAL, 3 * initial))
+    # the largest tolerances ask for intervals past any run: held at the longest a config takes
+    settings = dict(cache_interval=min(initial, MAX_SIZE), full_steps_at_start=start, forecast_order=2, forecaster="bdf2_heun",
+                    max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE))
     return FORAConfig(tolerance=tolerance, **settings | changes)
 
 

@@ -74,7 +74,7 @@ def _load(model: str, settings: dict, dtype: torch.dtype, quiet: bool) -> ToCaPi
             raise CommandError(f"--model {model}: no such folder, and not a hub id (owner/name)") from None
     try:
         return ToCaPipeline.from_pretrained(str(path) if path.exists() else model, **settings, dtype=dtype)
-    except OSError as error:  # not on the hub, not in the cache while offline, unreadable files
+    except (OSError, ValueError) as error:  # not on the hub, offline, unreadable files, a malformed saved config
         raise CommandError(f"--model {model}: {str(error).splitlines()[0]}") from None
 
 
@@ -96,6 +96,9 @@ def _call_arguments(pipe, args: argparse.Namespace, defaults: dict) -> dict:
             call["class_labels"] = [int(p) if p.isdigit() else pipe.get_label_ids([p])[0] for p in args.prompt]
         except ValueError as error:
             raise CommandError(f"--prompt: {error}") from None
+        classes = pipe.transformer.config.num_embeds_ada_norm
+        if classes is not None and any(label >= classes for label in call["class_labels"]):
+            raise CommandError(f"--prompt {' '.join(args.prompt)}: a class index must be in 0..{classes - 1} for this model")
     else:
         call["prompt"] = list(args.prompt)
         call |= {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}

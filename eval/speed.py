@@ -113,6 +113,8 @@ def _parse_method(spec: str) -> Method:
     if name == "uncached" and not params:
         return Method(spec)
     if name == "ditcache" and len(params) <= 1:
+        if params and "tolerance" in forecast:
+            raise ValueError("the tolerance is given twice: write ditcache:T or ditcache:tol=T.")
         tolerance = {"tolerance": float(params[0])} if params else {}
         return Method(spec, config=preset("ditcache", **tolerance, **forecast))
     if name == "fora" and len(params) in (1, 2):
@@ -297,10 +299,15 @@ def run(args: argparse.Namespace) -> list[Row]:
         raise cli.CommandError(f"--width must be one of {', '.join(builders.WIDTHS)}, got {args.width!r}")
     try:
         latent_size(args.size)
-        for spec in args.methods:
-            parse_method(spec)
+        methods = [parse_method(spec) for spec in args.methods]
     except ValueError as error:
         raise cli.CommandError(str(error)) from None
+    generic = next(spec for spec in SPECS.values() if spec.family == args.model).adapter is None
+    for method in methods:
+        configs = method.config if isinstance(method.config, list) else [method.config]
+        if generic and any(isinstance(config, ToMeConfig) for config in configs):
+            raise cli.CommandError(f"method {method.spec!r}: {args.model} runs on the generic path, which has no token "
+                                   "merging (ToMe needs a block adapter: dit, pixart, flux, opensora)")
 
     rows = benchmark(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"

@@ -75,9 +75,11 @@ def run_from_arguments(args: argparse.Namespace) -> None:
     """Run parsed ``ditcache sweep`` arguments; an unreadable or malformed configuration raises ``CommandError``."""
     import yaml
 
-    path = Path(args.config)
+    path, output = Path(args.config), Path(args.output)
     if not path.is_file():
         raise cli.CommandError(f"no sweep configuration at {path}")
+    if output.exists() and not output.is_dir():
+        raise cli.CommandError(f"--output {output}: a file, not a folder")
     try:
         config = load_config(path, **({"steps": args.steps} if args.steps is not None else {}))
     except (ValueError, KeyError, TypeError, yaml.YAMLError) as error:
@@ -89,7 +91,10 @@ def run_from_arguments(args: argparse.Namespace) -> None:
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    run(config, Path(args.output), device, args.allow_changed, args.quiet)
+    try:
+        run(config, output, device, args.allow_changed, args.quiet)
+    except OSError as error:  # the pipeline cannot be loaded (not downloaded, offline), the folder not written
+        raise cli.CommandError(f"{path}: {str(error).splitlines()[0]}") from None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ PLOT_AXES = {"speedup": "wall-clock speedup (x)", "flops_speedup": "FLOPs speedu
 BASELINE = "uncached"
 MAX_SEED = 2**63 - 1  # int64, as numpy and pandas read the results back
 MAX_SEED_COUNT = 1_000_000
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -87,6 +88,12 @@ class SweepConfig:
             raise ValueError(f"batch_size must be an integer in [1, 1024], got {self.batch_size!r}")
         if self.plot_x not in PLOT_AXES:
             raise ValueError(f"plot_x must be one of {', '.join(PLOT_AXES)}, got {self.plot_x!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.call, dict):
+            raise ValueError(f"call must be a mapping of pipeline arguments (e.g. {{num_frames: 51}}), got {reprlib.repr(self.call)}")
+        if not isinstance(self.metric_options, dict):
+            raise ValueError(f"metric_options must be a mapping, got {reprlib.repr(self.metric_options)}")
 
     def folder(self, method: str) -> str:
         """Images (and metrics) of one method live here; the hash covers everything that changes their
@@ -145,6 +152,8 @@ def load_prompts(source, base: Path) -> list[str]:
         prompts = [str(row[column or "prompt"]) for row in rows]
     else:
         path = base / options["file"]
+        if not path.is_file():
+            raise ValueError(f"prompts: no file {path}")
         if path.suffix == ".tsv":
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f, delimiter="\t"))
@@ -158,16 +167,42 @@ def load_prompts(source, base: Path) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
+def check_pipeline(pipeline: str, base: Path) -> str:
+    """A built-in tiny pipeline's name, a pipeline folder (relative to ``base``, resolved) or a hub id;
+    ``ValueError`` for anything else, before any image."""
+    from .sweep_generation import TINY_PIPELINES
+
+    if pipeline in TINY_PIPELINES:
+        return pipeline
+    folder = base / pipeline
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"pipeline {pipeline}: the folder has no model_index.json (not a diffusers pipeline)")
+        return str(folder.resolve())
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(pipeline)
+    except HFValidationError:
+        raise ValueError(f"pipeline {pipeline}: no such folder (from {base}), not a hub id (owner/name) and not one of "
+                         f"{', '.join(TINY_PIPELINES)}") from None
+    return pipeline
+
+
 def load_config(path: str | os.PathLike, **overrides) -> SweepConfig:
     """The sweep a YAML file describes, with ``overrides`` of its fields (``steps=20``)."""
     import yaml
 
     path = Path(path)
     raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"a sweep configuration is a mapping (pipeline: ..., methods: [...], prompts: ...), got {type(raw).__name__}")
+    missing = [key for key in ("pipeline", "prompts") if key not in raw]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
     raw["methods"] = expand_methods(raw.get("methods", []))
     raw["prompts"] = load_prompts(raw["prompts"], path.parent)
-    if (path.parent / raw["pipeline"]).is_dir():
-        raw["pipeline"] = str((path.parent / raw["pipeline"]).resolve())
+    raw["pipeline"] = check_pipeline(str(raw["pipeline"]), path.parent)
     unknown = sorted(set(raw) - set(SweepConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {', '.join(SweepConfig.__dataclass_fields__)}")

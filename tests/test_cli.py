@@ -14,6 +14,7 @@ from PIL import Image
 import ditcache
 from ditcache import cli
 from ditcache import generate as generate_module
+from ditcache.eval import digits
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -99,6 +100,31 @@ MISTAKES = {
     "malformed sweep config": (["sweep", "{tmp}/bad.yaml", "--output", "{tmp}/out"], "bad.yaml"),
     "fetch offline": (["eval", "fetch", "inception"], "HF_HUB_OFFLINE"),
     "fetch unknown weights": (["eval", "fetch", "nope"], "nope"),
+    "unknown device": (["generate", "--device", "nope"], "--device"),
+    "cuda without a GPU": (["generate", "--device", "cuda"], "--device"),
+    "seed past 64 bits": (["generate", "--seed", str(2**70)], "--seed"),
+    "DiT class index out of range": (["generate", "--model", "{dit}", "--prompt", "5000", "--quiet"], "5000"),
+    "malformed saved ditcache config": (["generate", "--model", "{tmp}/saved", "--prompt", "1"], "ditcache_config.json"),
+    "saved ditcache config is a folder": (["generate", "--model", "{tmp}/folder_config", "--prompt", "1"], "ditcache_config.json"),
+    "bench option the method does not take": (["bench", "--methods", "ditcache:0.2:tol=0.5"], "ditcache:0.2:tol=0.5"),
+    "bench ToCa+ToMe on Wan": (["bench", "--model", "wan", "--methods", "toca:2:0.5+tome:0.5"], "ToMe"),
+    "sweep config is a list": (["sweep", "{tmp}/list.yaml", "--output", "{tmp}/out"], "list.yaml"),
+    "sweep config is empty": (["sweep", "{tmp}/empty.yaml", "--output", "{tmp}/out"], "empty.yaml"),
+    "sweep prompts file missing": (["sweep", "{tmp}/no_prompts.yaml", "--output", "{tmp}/out"], "missing.txt"),
+    "sweep pipeline folder missing": (["sweep", "{tmp}/no_pipeline.yaml", "--output", "{tmp}/out"], "no/such/pipeline"),
+    "sweep dtype unknown": (["sweep", "{tmp}/bad_dtype.yaml", "--output", "{tmp}/out"], "dtype"),
+    "sweep call not a mapping": (["sweep", "{tmp}/bad_call.yaml", "--output", "{tmp}/out"], "call"),
+    "sweep output is a file": (["sweep", "{tmp}/good.yaml", "--output", "{tmp}/good.yaml"], "--output"),
+}
+SWEEP_FILES = {
+    "bad.yaml": "pipeline: tiny-flux\nsteps: two\nprompts: [a cat]\n",
+    "list.yaml": "- pipeline: tiny-flux\n",
+    "empty.yaml": "",
+    "no_prompts.yaml": "pipeline: tiny-flux\nmethods: [fora:2]\nprompts: missing.txt\n",
+    "no_pipeline.yaml": "pipeline: no/such/pipeline\nmethods: [fora:2]\nprompts: [a cat]\n",
+    "bad_dtype.yaml": "pipeline: tiny-flux\nmethods: [fora:2]\nprompts: [a cat]\ndtype: bogus\n",
+    "bad_call.yaml": "pipeline: tiny-flux\nmethods: [fora:2]\nprompts: [a cat]\ncall: 3\n",
+    "good.yaml": "pipeline: tiny-flux\nmethods: [fora:2]\nprompts: [a cat]\nsteps: 2\n",
 }
 
 
@@ -106,9 +132,14 @@ MISTAKES = {
 def test_a_mistake_ends_in_one_line_and_status_2(case, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "bad.yaml").write_text("pipeline: tiny-flux\nsteps: two\nprompts: [a cat]\n")
+    for name, text in SWEEP_FILES.items():
+        (tmp_path / name).write_text(text)
+    dit = digits.reference_pipeline_path("digits-dit")
+    for folder, config in (("saved", "{not json"), ("folder_config", None)):
+        shutil.copytree(dit, tmp_path / folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        (tmp_path / folder / "ditcache_config.json").mkdir() if config is None else (tmp_path / folder / "ditcache_config.json").write_text(config)
     argv, named = MISTAKES[case]
-    status, out, err = run_command([arg.format(tmp=tmp_path) for arg in argv], capsys)
+    status, out, err = run_command([arg.format(tmp=tmp_path, dit=dit) for arg in argv], capsys)
     assert status == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert named in err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, record_selections, remove_cache
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, preset, record_selections, remove_cache
 from ditcache.control import DECISION_LAG, ErrorControl, ErrorMeter, Measurement
 from ditcache.state import BlockCache, CallSignature, RunState
 
@@ -175,11 +175,20 @@ def test_fora_measures_on_full_steps_and_on_its_probe():
         (dict(tolerance=math.nan), "`tolerance`"),
         (dict(tolerance=0.1, max_interval=0), "`max_interval`"),
         (dict(tolerance=0.1, random_share=1.5), "`random_share`"),
+        (dict(max_interval=8), "`max_interval` is a setting of error control"),
+        (dict(random_share=0.5), "`random_share` is a setting of error control"),
     ],
 )
 def test_bad_control_settings_are_refused_when_the_config_is_made(change, message):
     with pytest.raises(ValueError, match=message):
         ToCaConfig(**change)
+
+
+def test_the_preset_takes_any_tolerance_without_naming_settings_the_user_never_gave():
+    config = preset("ditcache", tolerance=1e6)
+    assert config.cache_interval <= config.max_interval == 10_000
+    with pytest.raises(ValueError, match="`max_interval` is a setting of error control"):
+        FORAConfig(max_interval=4)
 
 
 def test_a_probe_without_a_tolerance_is_refused():

@@ -514,6 +514,18 @@ def test_any_model_is_cached_once_its_spec_names_its_branches():
         SPECS.pop("ToyTransformer")
 
 
+def test_a_spec_naming_an_argument_the_forward_does_not_take_is_refused_at_apply_time():
+    from ditcache.specs import ModelSpec, register
+
+    register(ModelSpec(family="toy", transformer="ToyTransformer", block_lists=("layers",), latents_argument="sample",
+                       branches={"_ToyBlock": ("mixer", "mlp")}))
+    try:
+        with pytest.raises(ValueError, match=r"latents_argument='sample'.*hidden_states, timestep, return_dict"):
+            apply_cache(ToyTransformer(), FORAConfig(cache_interval=2))
+    finally:
+        SPECS.pop("ToyTransformer")
+
+
 def test_k_norm_reads_the_keys_before_the_qk_norm():
     """SD3.5's attention normalises its keys (``qk_norm``): the ``k_norm`` score reads ``to_k`` (image) and
     ``add_k_proj`` (text), as the published score does on FLUX."""

@@ -49,6 +49,14 @@ class TransformerAdapter:
         self.latents_argument = spec.latents_argument
         self.timestep_argument = spec.timestep_argument
         self.signature = inspect.signature(type(transformer).forward)
+        parameters = self.signature.parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            for field in ("latents_argument", "timestep_argument"):
+                if getattr(spec, field) not in parameters:
+                    raise ValueError(
+                        f"the spec of {spec.transformer} names {field}={getattr(spec, field)!r}, which is not an argument "
+                        f"of its forward ({', '.join(name for name in parameters if name != 'self')})."
+                    )
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         return [(f"{name}.{i}", block) for name in self.spec.block_lists for i, block in enumerate(getattr(self.transformer, name))]

@@ -89,7 +89,7 @@ class ToCaPipeline(DiffusionPipeline):
         apply caching (and token merging with ``tome_ratio``). Settings not given come from a
         ``ditcache_config.json`` saved in a local folder, then from the model family's preset."""
         saved = Path(pretrained_model_name_or_path) / CONFIG_FILE
-        if cache_config is None and saved.is_file():
+        if cache_config is None and saved.exists():
             cache_config = read_config(saved)
         config = resolve_config(cache_interval, cache_ratio, cache_config, tome_ratio)  # bad settings fail before loading
         loader = pipeline_loader(pretrained_model_name_or_path, kwargs)
@@ -201,7 +201,10 @@ class ToCaPipeline(DiffusionPipeline):
 
 
 def read_config(path: Path) -> CacheConfig | list[CacheConfig]:
-    """The settings saved in ``path``; a malformed file raises a ``ValueError`` that names it."""
+    """The settings saved in ``path``; a malformed file (or a folder by that name) raises a ``ValueError`` that
+    names it."""
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file: a saved ditcache config is a JSON file")
     try:
         return config_from_dict(json.loads(path.read_text()))
     except ValueError as error:  # invalid JSON or UTF-8 included
