@@ -88,8 +88,9 @@ def feature_distances(
     if isinstance(feature, int):
         feature = InceptionFeatures(feature, weights_path)  # one network, safely loaded, for both metrics
     subset = min(kid_subset_size, len(images), len(references))
-    fid = FrechetInceptionDistance(feature=feature, normalize=True)
-    kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset)
+    # The whole sets are on this process (a sweep's main process): no gathering from other ranks
+    fid = FrechetInceptionDistance(feature=feature, normalize=True, sync_on_compute=False)
+    kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset, sync_on_compute=False)
     for metric in (fid, kid):
         metric.eval()
         with torch.no_grad():

@@ -11,9 +11,10 @@ image grid per prompt (the first ``grid_prompts`` prompts). Layout of ``DIR``::
 
 Resumable: every file is written to a temporary name and renamed, an image counts as done when its
 sidecar JSON exists, and finished metrics are kept, so rerunning the command after a crash or
-``kill -9`` does only what is missing. Data parallel: under ``accelerate launch --num_processes N``
-the processes share the images; the main process computes the metrics and writes the results. Each
-image is generated alone from its own seed, so the split does not change any pixel.
+``kill -9`` does only what is missing. Data parallel: under ``accelerate launch --num_processes N`` (GPUs)
+or ``torchrun --nproc_per_node N`` (CPU) the processes share the images, a batch at a time; the main
+process computes the metrics and writes the results. Each image is generated from its own seed, in a
+batch fixed by the config, so neither the split nor a resume changes any pixel.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from ditcache import cli
 
 from .sweep_config import SweepConfig, expand_methods, load_config, load_prompts
-from .sweep_generation import check_manifest, generate, is_done, load_pipeline, units
+from .sweep_generation import batches, check_manifest, generate, is_done, load_pipeline, units
 from .sweep_metrics import Evaluator, ImageFiles, evaluate
 from .sweep_report import TIMING_COLUMNS, format_results, plot_grids, plot_speed_quality, write_results
 
@@ -46,7 +47,9 @@ def run(config: SweepConfig, output: Path, device: str, allow_changed: bool = Fa
     state.wait_for_everyone()
     pipe = load_pipeline(config, device)
     pipe.set_progress_bar_config(disable=True)
-    pending = [u for u in units(config) if not is_done(output, u, config.prompts[u.index])]
+    pending = [batch for batch in batches(config) if not all(is_done(output, u, config.prompts[u.index]) for u in batch)]
+    missing = sum(not is_done(output, u, config.prompts[u.index]) for batch in pending for u in batch)
+    state.wait_for_everyone()  # every process has read what is done before any writes
     with state.split_between_processes(pending) as mine:
         with torch.inference_mode():
             generate(pipe, config, output, mine, device, quiet, state.process_index)
@@ -62,7 +65,7 @@ def run(config: SweepConfig, output: Path, device: str, allow_changed: bool = Fa
         print(format_results(rows))
         for spec, why in config.skipped.items():
             print(f"skipped {spec}: {why}")
-        print(f"{len(pending)} images generated now, {len(units(config)) - len(pending)} already there; results in {output}")
+        print(f"{missing} images generated now, {len(units(config)) - missing} already there; results in {output}")
     return rows
 
 

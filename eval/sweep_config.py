@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
 import numbers
 import os
 import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,12 +99,34 @@ class SweepConfig:
 
     def folder(self, method: str) -> str:
         """Images (and metrics) of one method live here; the hash covers everything that changes their
-        pixels, the method's resolved config included: a preset changed since a sweep ran gets a new folder
-        rather than its old images."""
+        pixels, the method's config resolved for the pipeline's model family included (the engine settings
+        that ``fora:N``, ``:auto`` or ``:reference`` take from the family's preset): a preset changed since a
+        sweep ran gets a new folder rather than its old images."""
+        from ditcache.config import resolve_configs
+
         batch = [self.batch_size] if self.batch_size > 1 else []  # batched images differ in their last bits
-        resolved = repr(parse_method(method).config)
+        config, family = parse_method(method).config, self.family()
+        resolved = canonical(resolve_configs(config, family) if config is not None and family is not None else config)
         key = json.dumps([self.pipeline, self.dtype, self.steps, self.height, self.width, self.guidance_scale, self.call, method, resolved, *batch])
         return f"{method.replace(':', '_')}-{digest(key)}"
+
+    def family(self) -> str | None:
+        """The model family of the pipeline's transformer (``ditcache.specs``): from a built-in tiny pipeline's
+        name, a folder's ``transformer/config.json``, or that file in the hub cache; None when unknown."""
+        if self.pipeline.startswith("tiny-"):
+            return self.pipeline.removeprefix("tiny-")
+        path = Path(self.pipeline) / "transformer" / "config.json"
+        if not path.is_file():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(self.pipeline, "transformer/config.json")
+            path = Path(cached) if isinstance(cached, str) else None
+        if path is None:
+            return None
+        from ditcache.specs import SPECS
+
+        spec = SPECS.get(json.loads(path.read_text()).get("_class_name"))
+        return spec.family if spec is not None else None
 
 
 def check_seeds(seeds) -> list[int]:
@@ -116,6 +140,22 @@ def check_seeds(seeds) -> list[int]:
         f"`seeds` must be a list of distinct integers in [0, {MAX_SEED}] or a count in [1, {MAX_SEED_COUNT}], "
         f"got {reprlib.repr(seeds)}."
     )
+
+
+def canonical(value):
+    """``value`` (dataclasses, mappings, sets, sequences) as JSON-ready data with a fixed order: sets are
+    sorted, since their iteration order changes from one process to the next."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **{f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, Mapping):
+        return {str(key): canonical(item) for key, item in sorted(value.items(), key=lambda pair: str(pair[0]))}
+    if isinstance(value, (set, frozenset)):
+        return sorted(canonical(item) for item in value)
+    if isinstance(value, (list, tuple)):
+        return [canonical(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def _is_int(value) -> bool:

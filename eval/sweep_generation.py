@@ -43,10 +43,11 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def check_manifest(output: Path, config: SweepConfig, allow_changed: bool) -> None:
-    """Refuse to mix two different sweeps in one folder unless asked."""
+    """Refuse to mix two different sweeps in one folder unless asked; a folder holding no image yet (a sweep
+    that failed before its first one) takes the new configuration."""
     manifest = output / "manifest.json"
     current = asdict(config)
-    if manifest.exists():
+    if manifest.exists() and any((output / "images").glob("*/*.json")):
         previous = json.loads(manifest.read_text())
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed and not allow_changed:
@@ -80,6 +81,17 @@ def units(config: SweepConfig) -> list[Unit]:
         for index in range(len(config.prompts))
         for seed in config.seeds
     ]
+
+
+def batches(config: SweepConfig) -> list[list[Unit]]:
+    """Each method's images in consecutive groups of ``batch_size``, fixed by the config alone: an image is
+    always generated beside the same others (batched images differ in their last bits from one batch to
+    another), whatever was already done when a sweep resumed."""
+    grouped = []
+    for _, group in itertools.groupby(units(config), key=lambda unit: unit.method):
+        group = list(group)
+        grouped += [group[start : start + config.batch_size] for start in range(0, len(group), config.batch_size)]
+    return grouped
 
 
 def is_done(output: Path, unit: Unit, prompt: str) -> bool:
@@ -116,33 +128,37 @@ def call_arguments(pipe, config: SweepConfig, prompts: str | list[str], seeds: i
     return call
 
 
-def generate(pipe, config: SweepConfig, output: Path, mine: list[Unit], device: str, quiet: bool, position: int) -> None:
-    """Generate this process's images, one method at a time, each after one untimed warm-up call (a
-    method's first call pays one-off costs: its latency would be the warm-up, not the method). With
-    ``batch_size`` above 1, images of one method go through the pipeline together, each with its own
-    generator; an image's latency is its batch's over the batch's size."""
-    overall, clock = tqdm(total=len(mine), desc="images", position=position, disable=quiet), Clock(device)
+def generate(pipe, config: SweepConfig, output: Path, mine: list[list[Unit]], device: str, quiet: bool, position: int) -> None:
+    """Generate this process's batches (``batches``: a whole batch, even where some of its images exist,
+    writing only the missing ones), one method at a time, each after one untimed warm-up call (a method's
+    first call pays one-off costs: its latency would be the warm-up, not the method). With ``batch_size``
+    above 1, images of one method go through the pipeline together, each with its own generator; an image's
+    latency is its batch's over the batch's size. Each sidecar names the process that wrote it."""
+    missing = sum(not is_done(output, unit, config.prompts[unit.index]) for batch in mine for unit in batch)
+    overall, clock = tqdm(total=missing, desc="images", position=position, disable=quiet), Clock(device)
     batched = config.batch_size > 1
 
     def batch_call(batch: list[Unit]) -> dict:
         prompts, seeds = [config.prompts[u.index] for u in batch], [u.seed for u in batch]
         return call_arguments(pipe, config, *((prompts, seeds) if batched else (prompts[0], seeds[0])), device)
 
-    for method_spec, group in itertools.groupby(mine, key=lambda u: u.method):
+    for method_spec, group in itertools.groupby(mine, key=lambda batch: batch[0].method):
         group = list(group)
-        batches = [group[start : start + config.batch_size] for start in range(0, len(group), config.batch_size)]
         method = parse_method(method_spec)
-        method.apply(pipe, config.steps, call_arguments(pipe, config, config.prompts[batches[0][0].index], batches[0][0].seed, device))
+        method.apply(pipe, config.steps, call_arguments(pipe, config, config.prompts[group[0][0].index], group[0][0].seed, device))
         try:
-            pipe(**batch_call(batches[0]))
-            for batch in tqdm(batches, desc=method_spec, leave=False, disable=quiet):
+            pipe(**batch_call(group[0]))
+            for batch in tqdm(group, desc=method_spec, leave=False, disable=quiet):
                 prompts, call = [config.prompts[u.index] for u in batch], batch_call(batch)
                 result, latency = clock.timed(lambda: pipe(**call))
                 for position_in_batch, (unit, prompt) in enumerate(zip(batch, prompts)):
+                    if is_done(output, unit, prompt):
+                        continue
                     frames = result.frames[position_in_batch] if hasattr(result, "frames") else [result.images[position_in_batch]]
                     folder = output / "images" / unit.folder
                     atomic_write(folder / f"{unit.stem}.png", png_bytes(frame_strip(frames)))
-                    sidecar = {"prompt": prompt, "seed": unit.seed, "method": method_spec, "latency_s": latency / len(batch)}
+                    sidecar = {"prompt": prompt, "seed": unit.seed, "method": method_spec, "latency_s": latency / len(batch),
+                               "process": position}
                     sidecar |= {"batch": len(batch)} if batched else {}
                     write_json(folder / f"{unit.stem}.json", sidecar | ({"frames": len(frames)} if len(frames) > 1 else {}))
                     overall.update()

@@ -198,12 +198,14 @@ def test_changed_config_is_refused_unless_allowed(finished, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_results(finished, tmp_path):
+    """The README's command for several processes on the CPU; each image's sidecar names the process that wrote it."""
     config, reference = finished
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ditcache.eval.sweep",
-              str(config), "--output", str(tmp_path / "out"), "--quiet"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ditcache.eval.sweep",
+              str(config), "--output", str(tmp_path / "out"), "--device", "cpu", "--quiet"]
     subprocess.run(launch, check=True, env=environment(), timeout=600)
     assert comparable(tmp_path / "out") == comparable(reference)
+    writers = {json.loads(path.read_text())["process"] for path in (tmp_path / "out" / "images").glob("*/*.json")}
+    assert writers == {0, 1}
 
 
 @pytest.mark.parametrize("path", sorted(Path(sweep.__file__).parent.glob("configs/*.yaml")), ids=lambda p: p.stem)
@@ -273,6 +275,58 @@ def test_a_changed_preset_gets_a_new_image_folder(tmp_path, monkeypatch):
     before = config.folder("ditcache:0.4"), config.folder("fora:2")
     monkeypatch.setitem(ditcache_config.NAMED_PRESETS, "ditcache", lambda **changes: ditcache_config.ditcache_config(**changes, max_interval=7))
     assert config.folder("ditcache:0.4") != before[0] and config.folder("fora:2") == before[1]
+
+
+def test_a_changed_family_preset_gets_a_new_image_folder(tmp_path, monkeypatch):
+    """``fora:N`` takes its first full steps from the family's preset: a library update that changes it must not
+    reuse the old images."""
+    from dataclasses import replace
+
+    from ditcache import config as ditcache_config
+
+    config = sweep.load_config(write_config(tmp_path))
+    before = {spec: config.folder(spec) for spec in ("fora:2", "toca:2:0.7:random", "fbc")}
+    dit = ditcache_config.PRESETS["dit"]  # the test sweep's pipeline is tiny-dit
+    fora_start = dit.fora_full_steps_at_start or dit.full_steps_at_start
+    changed = replace(dit, full_steps_at_start=dit.full_steps_at_start + 1, fora_full_steps_at_start=fora_start + 1)
+    monkeypatch.setattr(ditcache_config, "PRESETS", {**ditcache_config.PRESETS, "dit": changed})
+    after = {spec: config.folder(spec) for spec in before}
+    assert after["fora:2"] != before["fora:2"] and after["toca:2:0.7:random"] != before["toca:2:0.7:random"]
+    assert after["fbc"] == before["fbc"]
+
+
+def test_a_sweep_that_failed_before_any_image_takes_the_corrected_config(tmp_path):
+    from ditcache.eval.sweep_generation import check_manifest
+
+    failed, corrected = (sweep.load_config(write_config(tmp_path, steps=steps)) for steps in (3, 4))
+    check_manifest(tmp_path / "out", failed, allow_changed=False)  # written before the pipeline failed to load
+    check_manifest(tmp_path / "out", corrected, allow_changed=False)
+    (tmp_path / "out" / "images" / "fora_2-x").mkdir(parents=True)
+    (tmp_path / "out" / "images" / "fora_2-x" / "p00000-s0.json").write_text("{}")
+    with pytest.raises(SystemExit, match="changed: steps"):
+        check_manifest(tmp_path / "out", failed, allow_changed=False)
+
+
+def test_a_batched_sweep_resumed_after_losing_half_a_batch_gives_the_uninterrupted_results(tmp_path):
+    """The kill between the two image writes of a batch: on resume the image is generated in the same batch."""
+    import shutil
+
+    config = sweep.SweepConfig(pipeline="tiny-dit", methods=["fora:2"], prompts=["zero", "1", "one"], seeds=[0, 1], steps=3,
+                               metrics=["psnr"], grid_prompts=1, batch_size=4)
+    sweep.run(config, tmp_path / "whole", "cpu", quiet=True)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    second = sorted((tmp_path / "resumed" / "images").glob("fora_2-*/p00000-s1.*"))  # the second image of a batch
+    assert len(second) == 2
+    for path in (*second, tmp_path / "resumed" / "results.json"):
+        path.unlink()
+    for metrics in (tmp_path / "resumed" / "metrics").glob("*.json"):
+        metrics.unlink()
+    sweep.run(config, tmp_path / "resumed", "cpu", quiet=True)
+    assert comparable(tmp_path / "resumed") == comparable(tmp_path / "whole")
+    sidecar = json.loads(second[0].with_suffix(".json").read_text())
+    assert sidecar["batch"] == 4  # generated again beside the same three images, not alone
+    for path in sorted((tmp_path / "whole" / "images").glob("*/*.png")):
+        assert path.read_bytes() == (tmp_path / "resumed" / path.relative_to(tmp_path / "whole")).read_bytes(), path.name
 
 
 def test_the_pareto_front_keeps_the_points_nothing_beats():
