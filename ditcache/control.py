@@ -82,7 +82,9 @@ class ErrorControl:
 @dataclass
 class Measurement:
     """One step's measurement: ``sums`` = (squared error, squared fresh value) on the device, summed over
-    the measured rows of every block and branch (and guidance stream) of the step."""
+    the measured rows of every block and branch (and guidance stream) of the step; under context
+    parallelism, over every rank too, with a third entry counting the ranks that measured (none: the step
+    was not measured, and decides nothing)."""
 
     step: int
     since_full: int  # steps from the last full step before it (to the one before, for a full step)
@@ -91,28 +93,46 @@ class Measurement:
     sums: torch.Tensor
     copied: torch.Tensor | None = None  # a host copy in flight (CUDA)
     event: object | None = None
-    _error: float | None = None
+    _values: list[float] | None = None
+
+    @property
+    def read(self) -> bool:
+        """Whether the device value was read already."""
+        return self._values is not None
+
+    @property
+    def measured(self) -> bool:
+        return self._read()[2:] != [0.0]
 
     @property
     def error(self) -> float:
         """The relative RMS error (nan when a sum is not finite); reads the device value (waits for it) the
         first time."""
-        if self._error is None:
+        squared_error, squared_value = self._read()[:2]
+        if not (math.isfinite(squared_error) and math.isfinite(squared_value)):
+            return math.nan
+        return math.sqrt(squared_error / squared_value) if squared_value > 0 else 0.0
+
+    def _read(self) -> list[float]:
+        if self._values is None:
             if self.event is not None:
                 self.event.synchronize()
-            squared_error, squared_value = (self.copied if self.copied is not None else self.sums).tolist()
-            if not (math.isfinite(squared_error) and math.isfinite(squared_value)):
-                self._error = math.nan
-            else:
-                self._error = math.sqrt(squared_error / squared_value) if squared_value > 0 else 0.0
-        return self._error
+            self._values = (self.copied if self.copied is not None else self.sums).tolist()
+        return self._values
 
 
 class ErrorMeter:
-    """Per-step error sums on the device; host reads only of finished steps (``host_reads`` counts them)."""
+    """Per-step error sums on the device; host reads only of finished steps (``host_reads`` counts them).
 
-    def __init__(self, device: torch.device):
+    Under context parallelism (``group``: the ranks the sequence is sharded over) each rank measures its own
+    tokens, and each step's sums are all-reduced over the group when the step closes: every rank then reads
+    the same measurement of the whole sequence and makes the same decisions (full or partial step, interval,
+    forced full step), so that all of them run the same collectives. One all-reduce per step, never per block.
+    """
+
+    def __init__(self, device: torch.device, group=None):
         self.device = device
+        self.group = group
         self.measurements: list[Measurement] = []
         self.host_reads: list[tuple[int, int]] = []  # (step read, step deciding), for tests
         self._open: tuple[int, int, int, bool] | None = None  # step, since_full, order, full
@@ -124,6 +144,8 @@ class ErrorMeter:
 
     def close_step(self) -> None:
         """File the open step's sums, if anything was measured, and start their copy to the host."""
+        if self.group is not None and self._open is not None:
+            self._reduce()
         if self._sums is not None:
             measurement = Measurement(*self._open, sums=self._sums)
             if self._sums.device.type == "cuda":
@@ -132,6 +154,16 @@ class ErrorMeter:
                 measurement.event.record()
             self.measurements.append(measurement)
         self._sums = None
+
+    def _reduce(self) -> None:
+        """Sum the step's sums over the group, with a third entry counting the ranks that measured (a rank
+        that measured nothing adds zeros). Every rank files the result, read no sooner than a measurement
+        without the group: no host wait here."""
+        measured = self._sums is not None
+        sums = self._sums.float() if measured else torch.zeros(2, device=self.device)
+        total = torch.cat([sums, torch.full((1,), float(measured), device=sums.device)])
+        torch.distributed.all_reduce(total, group=self.group)
+        self._sums = total
 
     def add(self, cached: torch.Tensor, fresh: torch.Tensor) -> int:
         """Add the rows' squared error and squared fresh values to this step's sums, on the device; the
@@ -155,8 +187,10 @@ class ErrorMeter:
                 continue
             if not measurement.full and measurement.step < last_full:
                 continue
-            if measurement._error is None:
+            if not measurement.read:
                 self.host_reads.append((measurement.step, deciding))
+            if not measurement.measured:  # a step no rank measured
+                continue
             chosen.append(measurement)
             if measurement.full:
                 break
@@ -168,6 +202,6 @@ class ErrorMeter:
         values = [math.nan] * steps
         pending = [Measurement(*self._open, sums=self._sums)] if self._sums is not None and wait else []
         for measurement in [*self.measurements, *pending]:
-            if measurement.step < steps and (wait or measurement._error is not None):
+            if measurement.step < steps and (wait or measurement.read) and measurement.measured:
                 values[measurement.step] = measurement.error
         return tuple(values)

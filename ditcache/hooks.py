@@ -163,7 +163,8 @@ class StepHook(ModelHook):
             if run.signature is not None and run.owner != thread and not run.run_finished:
                 self._taken_over[run.owner] = run.marker if run.marker is not None else run.last_timestep
             self._refused_markers.clear()
-            run.start(signature, timestep, self._schedule(marker), self.model.is_guidance_batch(latents), marker, thread)
+            group = self.model.sequence_group(run.settings)
+            run.start(signature, timestep, self._schedule(marker), self.model.is_guidance_batch(latents), marker, thread, group)
             run.begin_step(timestep)
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
@@ -369,6 +370,7 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
     for transformer in transformers:  # every setting is checked before anything is attached
         model = transformer_adapter(transformer)
         settings = resolve_configs(config, model.family)
+        model.sequence_group(settings)  # refuses what context parallelism cannot serve, when it is already on
         prepared.append((transformer, model, settings, model.block_adapters(settings), model.branch_adapters(settings)))
     for _, _, _, adapters, _ in prepared:
         _refuse_block_offloading_beneath(adapters)

@@ -252,7 +252,10 @@ class RunState:
         guidance_batch: bool,
         marker: object | None = None,
         owner: int | None = None,
+        sequence_group=None,
     ) -> None:
+        """Start a run. ``sequence_group``: under context parallelism, the ranks the sequence is sharded over,
+        whose measurements decide together (``ErrorMeter``)."""
         self.reset()
         self.signature = signature
         self.marker, self.owner = marker, owner
@@ -261,7 +264,7 @@ class RunState:
         self.schedule = schedule
         self.guidance_batch = guidance_batch
         if self.settings.control is not None:
-            self.meter = ErrorMeter(signature.device)
+            self.meter = ErrorMeter(signature.device, sequence_group)
         elif self.settings.schedule.needs_step_count:
             if schedule is None:
                 warnings.warn(

@@ -122,7 +122,7 @@ def test_error_control_on_a_real_run_reports_why_each_step_was_full(flux_pipe, m
     from test_flux import run_flux
 
     meters = []
-    monkeypatch.setattr("ditcache.state.ErrorMeter", lambda device: meters.append(ErrorMeter(device)) or meters[-1])
+    monkeypatch.setattr("ditcache.state.ErrorMeter", lambda device, group: meters.append(ErrorMeter(device, group)) or meters[-1])
     apply_cache(flux_pipe, ToCaConfig(schedule="constant", cache_ratio=0.5, score="random", tolerance=0.3, max_interval=4))
     with record_selections(flux_pipe) as events:
         run_flux(flux_pipe, steps=12)

@@ -19,6 +19,8 @@ from torch import nn
 from ..config import EngineSettings
 from ..flops import record_layer_flops
 from ..specs import SPECS, ModelSpec, spec_for
+
+ATTENTION_CALL_SCORES = ("attention", "v_norm")  # read from the inputs of the attention call itself
 from .base import BlockAdapter
 from .basic_transformer import BasicTransformerBlockAdapter
 from .flux import FluxDoubleBlockAdapter, FluxSingleBlockAdapter
@@ -63,6 +65,22 @@ class TransformerAdapter:
 
     def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
         return []
+
+    def sequence_group(self, settings: EngineSettings):
+        """The process group the transformer's sequence is sharded over (diffusers' context parallelism,
+        ``enable_parallelism``), or None. Each rank chooses its recomputed tokens within its own shard; scores
+        read from the attention call are refused, since under Ulysses that call sees every token but only a
+        share of the heads, and under Ring a share of the keys."""
+        config = getattr(self.transformer, "_parallel_config", None)
+        context = getattr(config, "context_parallel_config", None)
+        if context is None:
+            return None
+        if settings.recomputes_tokens and settings.score in ATTENTION_CALL_SCORES:
+            raise ValueError(
+                f"score={settings.score!r} reads the attention call, which context parallelism shards by heads or keys: "
+                f"under context parallelism choose score='k_norm' or 'random' (each rank chooses within its own tokens)."
+            )
+        return context._flattened_mesh.get_group()
 
     def branch_adapters(self, settings: EngineSettings) -> list:
         """Hooks on branch submodules (the generic path, ``generic.py``); none where block adapters cache."""
