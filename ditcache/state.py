@@ -174,7 +174,7 @@ class SelectionEvent:
 
     step: int
     block: str
-    branch: str
+    branch: str  # the branch (block adapters) or the token group its per-token branches share (generic path)
     tokens: torch.Tensor
     score: torch.Tensor
     frequency: torch.Tensor

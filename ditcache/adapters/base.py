@@ -17,7 +17,8 @@ from torch import nn
 from .. import scores as S
 from ..config import EngineSettings
 from ..merging import TokenMatch, bipartite_match, merge, unmerge
-from ..state import BlockCache, RunState, SelectionEvent
+from ..selection import choose_tokens
+from ..state import BlockCache, RunState
 
 
 @contextmanager
@@ -277,23 +278,6 @@ class BlockAdapter:
         """How many frames the image tokens hold and each frame's token grid, for the spatial bonus."""
         return 1, run.signature.grid
 
-    def _choose(self, run: RunState, cache: BlockCache, branch: str, since: torch.Tensor, count: int, drawn: int) -> torch.Tensor:
-        """The ``count`` tokens of ``branch`` with the highest score (base, frequency and spatial bonus), the
-        last ``drawn`` of them at random instead."""
-        settings = self.settings
-        base = cache.normalized_scores[self.branch_groups[branch]]
-        frequency = S.frequency_term(since, settings.frequency_weight, settings.schedule.cache_interval)
-        score = base + frequency
-        frames, grid = self.bonus_frames(run)
-        if frames * grid[0] * grid[1] == since.shape[1]:  # the bonus needs the group to be the image token grid
-            per_frame = score.reshape(-1, grid[0] * grid[1])
-            score = S.spatial_bonus(per_frame, grid, settings.spatial_grid, settings.spatial_bonus).view_as(score)
-        index = S.top_and_random_tokens(score, count, drawn, run.generator)
-        if run.recorder is not None:
-            bonus = score - (base + frequency)  # exactly zero off the boosted tokens
-            run.recorder.append(SelectionEvent(run.step, self.name, branch, *(t.cpu() for t in (index, base, frequency, bonus))))
-        return index
-
     @torch.compiler.disable  # per-step Python state (counters, progress) stays out of compiled graphs
     def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> Selection | None:
         """The tokens ``branch`` recomputes on this partial step, or None when it recomputes none."""
@@ -303,18 +287,10 @@ class BlockAdapter:
         run.add_recompute(count / tokens)
         if count == 0:
             return None
-        since = cache.since_recompute[branch]
         control = settings.control
         drawn = S.random_count(count, control.random_share) if control is not None else 0
-        # One choice per step for every guidance stream (RunState.step_selections): separate cond and uncond
-        # calls that recomputed other tokens would decorrelate their errors, which guidance amplifies.
-        chosen = run.step_selections.get((self.name, branch))
-        if chosen is not None and chosen.shape == (since.shape[0], count):
-            index = chosen
-        else:
-            index = self._choose(run, cache, branch, since, count, drawn)
-            run.step_selections[(self.name, branch)] = index
-        since.add_(1).scatter_(1, index, 0)
+        base = lambda: cache.normalized_scores[self.branch_groups[branch]]  # noqa: E731
+        index = choose_tokens(run, settings, self.name, branch, base, cache.since_recompute[branch], count, drawn, self.bonus_frames(run))
         if run.guidance_batch:
             index = torch.cat([index, index])
         key = (index.shape[0], tokens, index.device)

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from .. import scores as S
 from ..config import EngineSettings
 from ..flops import count_flops, record_layer_flops
+from ..selection import choose_tokens
 from ..state import BlockCache, RunState
 from . import TransformerAdapter
 from .base import capture_outputs, split_heads
@@ -109,34 +110,20 @@ class BlockTokens:
     def select(self, run: RunState, cache: BlockCache, group: str, branch: str, tokens: int) -> torch.Tensor | None:
         """The tokens ``group`` recomputes in this block call, ``(batch, count)`` with both guidance halves;
         None when none. One choice per step serves every branch of the group and every guidance stream
-        (``RunState.step_selections``): when cond and uncond are separate calls, recomputing other tokens in
-        each would decorrelate their cache errors, which guidance then amplifies."""
-        key = (self.block_name, group)
-        entry = run.step_selections.get(key)
-        if entry is not None and entry[0] is not None and entry[0].shape[0] != cache.since_recompute[group].shape[0]:
-            entry = None  # a stream of another batch size chooses for itself
-        if entry is None:
-            count = round(self.settings.schedule.recompute_fraction(run.progress, self.layer_position, branch) * tokens)
-            entry = run.step_selections[key] = (self._choose(run, cache, group, tokens, count) if count else None, {run.call_serial})
-        index, served = entry
-        if run.call_serial not in served:  # another stream of this step: the same tokens, its own counters
-            served.add(run.call_serial)
-            if index is not None:
-                cache.since_recompute[group].add_(1).scatter_(1, index, 0)
-        run.add_recompute(0.0 if index is None else index.shape[1] / tokens)
-        if index is not None and run.guidance_batch:
-            index = torch.cat([index, index])
-        return index
+        (``ditcache.selection``)."""
+        count = round(self.settings.schedule.recompute_fraction(run.progress, self.layer_position, branch) * tokens)
+        run.add_recompute(count / tokens)
+        if not count:
+            return None
 
-    def _choose(self, run: RunState, cache: BlockCache, group: str, tokens: int, count: int) -> torch.Tensor:
-        base = cache.normalized_scores.get(group)
-        if base is None:
-            base = cache.normalized_scores[group] = S.l2_normalize(self._group_scores(run, cache, group, tokens))
+        def base() -> torch.Tensor:
+            if group not in cache.normalized_scores:
+                cache.normalized_scores[group] = S.l2_normalize(self._group_scores(run, cache, group, tokens))
+            return cache.normalized_scores[group]
+
         since = cache.since_recompute[group]
-        score = base.to(since.device) + S.frequency_term(since, self.settings.frequency_weight, self.settings.schedule.cache_interval)
-        index = S.top_and_random_tokens(score, count, self.drawn(count), run.generator)
-        since.add_(1).scatter_(1, index, 0)
-        return index
+        index = choose_tokens(run, self.settings, self.block_name, group, base, since, count, self.drawn(count))
+        return torch.cat([index, index]) if run.guidance_batch else index
 
     def drawn(self, count: int) -> int:
         """How many of ``count`` chosen tokens are drawn at random (last in the selection)."""
