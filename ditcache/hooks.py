@@ -22,7 +22,7 @@ from torch import nn
 from .adapters import TransformerAdapter, transformer_adapter
 from .config import CacheConfig, resolve_configs
 from .flops import record_layer_flops
-from .state import CacheStats, CallSignature, RunState, SelectionEvent
+from .state import CacheStats, CallSignature, Memo, RunState, SelectionEvent
 
 STEP_HOOK = "ditcache.step"
 BLOCK_HOOK = "ditcache.block"
@@ -91,7 +91,7 @@ class StepHook(ModelHook):
         with self._entry:
             self._enter(module, call)
         run.arguments = call.arguments
-        return run.outside_flops is None
+        return run.ledger.outside_flops is None
 
     @torch.compiler.disable
     def _measure_outside(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -99,7 +99,7 @@ class StepHook(ModelHook):
         run = self.run
         with record_layer_flops(module, lambda: not run.in_block, exclude=self.branches) as outside:
             output = self.fn_ref.original_forward(*args, **kwargs)
-        run.outside_flops = outside[0]
+        run.ledger.outside_flops = outside[0]
         return output
 
     @torch.compiler.disable
@@ -127,11 +127,11 @@ class StepHook(ModelHook):
         signature = CallSignature(latents.shape[0], call.grid, latents.dtype, latents.device)
         if marker is not None:  # the pipeline tells where runs start
             new_marker = marker is not run.marker and id(marker) not in self._refused_markers
-            same_step = run.signature is not None and not new_marker and timestep == run.last_timestep
-            fresh = run.signature is None or new_marker or (run.run_finished and not same_step)
+            same_step = run.signature is not None and not new_marker and timestep == run.plan.last_timestep
+            fresh = run.signature is None or new_marker or (run.plan.run_finished and not same_step)
         else:
-            same_step = run.signature is not None and timestep == run.last_timestep
-            fresh = run.signature is None or (not same_step and (run.run_finished or self._went_back(timestep)))
+            same_step = run.signature is not None and timestep == run.plan.last_timestep
+            fresh = run.signature is None or (not same_step and (run.plan.run_finished or self._went_back(timestep)))
         if fresh and marker is not None and self._continues_own_run(thread, timestep):
             raise RuntimeError(
                 "the pipeline's scheduler set new timesteps in the middle of this thread's run (another call on the "
@@ -150,8 +150,8 @@ class StepHook(ModelHook):
                 "give each thread its own pipeline."
             )
         if not fresh and signature != run.signature:
-            if marker is not None or timestep < run.last_timestep:
-                previous, step = run.signature, run.step + 1
+            if marker is not None or timestep < run.plan.last_timestep:
+                previous, step = run.signature, run.plan.step + 1
                 run.reset()
                 raise ValueError(
                     f"batch size or resolution changed in the middle of a run (step {step}): "
@@ -160,8 +160,8 @@ class StepHook(ModelHook):
                 )
             fresh = True
         if fresh:
-            if run.signature is not None and run.owner != thread and not run.run_finished:
-                self._taken_over[run.owner] = run.marker if run.marker is not None else run.last_timestep
+            if run.signature is not None and run.owner != thread and not run.plan.run_finished:
+                self._taken_over[run.owner] = run.marker if run.marker is not None else run.plan.last_timestep
             self._refused_markers.clear()
             group = self.model.sequence_group(run.settings)
             run.start(signature, timestep, self._schedule(marker), self.model.is_guidance_batch(latents), marker, thread, group)
@@ -177,14 +177,14 @@ class StepHook(ModelHook):
         """Whether a call that a new marker would start a run with is the next step of the unfinished run this
         thread owns: its timestep is the one that run's schedule has next (a new run starts at its first)."""
         run = self.run
-        if run.signature is None or run.owner != thread or run.run_finished or run.schedule is None:
+        if run.signature is None or run.owner != thread or run.plan.run_finished or run.plan.schedule is None:
             return False
-        expected = run.schedule[run.step + 1]
+        expected = run.plan.schedule[run.plan.step + 1]
         return abs(expected - timestep) <= 1e-5 * max(1.0, abs(expected))
 
     def _went_back(self, timestep: float) -> bool:
         """Whether the timestep moved against the run's direction (falling for most models, rising for Mochi)."""
-        last = self.run.last_timestep
+        last = self.run.plan.last_timestep
         return timestep < last if self.model.timestep_rises else timestep > last
 
     def _run_marker(self, module: nn.Module) -> object | None:
@@ -252,19 +252,17 @@ class RunConstantHook(ModelHook):
         if torch.is_inference_mode_enabled() or any(source is None or source.is_inference() for source in sources):
             return self.fn_ref.original_forward(*args, **kwargs)
         versions = [source._version for source in sources]
-        key = f"{self.name}.{run.stream}"
-        held = run.tables.get(key)
+        memo = run.memo.get(self.name, run.stream)
         if (
-            held is not None
-            and held[1] == versions
-            and all(a is b for a, b in zip(held[0], sources, strict=True))
-            and held[4] == _versions(held[2])  # nothing changed the kept output in place either
+            memo is not None
+            and all(a is b for a, b in zip(memo.sources, sources, strict=True))
+            and memo.versions == (*versions, *_versions(memo.value))  # nothing changed the kept output in place either
         ):
-            run.add_flops(-held[3], 0)
-            return held[2]
+            run.ledger.add_flops(-memo.flops, 0)
+            return memo.value
         with record_layer_flops(module, lambda: True) as flops:
             output = self.fn_ref.original_forward(*args, **kwargs)
-        run.tables[key] = (sources, versions, output, flops[0], _versions(output))
+        run.memo.put(self.name, run.stream, Memo(output, flops[0], tuple(sources), (*versions, *_versions(output))))
         return output
 
 
@@ -298,7 +296,7 @@ class StepTableHook(ModelHook):
         if found is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         output, flops = found
-        run.add_flops(0, flops)
+        run.ledger.add_flops(0, flops)
         return output
 
 
@@ -467,9 +465,9 @@ def _with_every_error(run: RunState) -> CacheStats:
     """A run's stats with every measured error read (a run on a bare transformer has no known end, where a
     pipeline's run reads them all on its last step)."""
     stats = run.completed_stats
-    if run.meter is None or not stats.forecast_errors:
+    if run.plan.meter is None or not stats.forecast_errors:
         return stats
-    return replace(stats, forecast_errors=run.meter.errors(stats.steps, wait=True))
+    return replace(stats, forecast_errors=run.plan.meter.errors(stats.steps, wait=True))
 
 
 @contextmanager

@@ -37,9 +37,9 @@ def choose_tokens(
     ``since`` the stream's steps since each token was recomputed (advanced here), ``grid`` the frames and
     per-frame token grid of the image tokens for the spatial bonus (None: no bonus)."""
     memo = (block, key)
-    made = run.step_selections.get(memo)
+    made = run.caches.step_selections.get(memo)
     if made is None or made[0].shape != (since.shape[0], count):  # a stream of another batch size chooses for itself
-        made = run.step_selections[memo] = (_choose(run, settings, block, key, base(), since, count, drawn, grid), set())
+        made = run.caches.step_selections[memo] = (_choose(run, settings, block, key, base(), since, count, drawn, grid), set())
     index, served = made
     if run.call_serial not in served:  # once per call: the branches of one group share the call's choice
         served.add(run.call_serial)
@@ -60,5 +60,5 @@ def _choose(run: RunState, settings: EngineSettings, block: str, key: str, base:
     index = S.top_and_random_tokens(score, count, drawn, run.generator)
     if run.recorder is not None:
         bonus = score - (base + frequency)  # exactly zero off the boosted tokens
-        run.recorder.append(SelectionEvent(run.step, block, key, *(t.cpu() for t in (index, base, frequency, bonus))))
+        run.recorder.append(SelectionEvent(run.plan.step, block, key, *(t.cpu() for t in (index, base, frequency, bonus))))
     return index

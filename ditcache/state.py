@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -192,98 +193,68 @@ class CallSignature:
     device: torch.device
 
 
-class RunState:
-    """The run in progress: step counting, the full/partial decision, caches and FLOPs."""
+@dataclass
+class Memo:
+    """A value made once per run (and guidance stream) and served to later calls: a modulation table over
+    the run's steps, an output constant within the run (rotary embedding, text projection).
 
-    def __init__(self, settings: EngineSettings):
+    ``sources`` are what it was made from; a user of the memo compares them (by identity and ``versions``,
+    the sources' and the value's version counters when made, or by value) before serving ``value``."""
+
+    value: Any
+    flops: int = 0  # what making it cost (for a table: what one step's entry costs a call)
+    sources: tuple = ()
+    versions: tuple[int, ...] = ()
+
+
+class RunMemo:
+    """The run's memos, by name and guidance stream (each stream has its own conditioning)."""
+
+    def __init__(self):
+        self._entries: dict[tuple[str, int], Memo] = {}
+
+    def get(self, name: str, stream: int) -> Memo | None:
+        return self._entries.get((name, stream))
+
+    def put(self, name: str, stream: int, memo: Memo) -> Memo:
+        self._entries[(name, stream)] = memo
+        return memo
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class StepPlan:
+    """Which steps of one run are full: the step counter, the full-step rule (fixed, grid or error control)
+    and its decisions."""
+
+    def __init__(self, settings: EngineSettings, schedule: tuple[float, ...] | None = None,
+                 first_timestep: float | None = None, meter: ErrorMeter | None = None):
         self.settings = settings
-        self.completed_stats: CacheStats | None = None
-        self.completed_marker: object | None = None  # the marker of the run completed_stats describes
-        self.started = -1  # when the last run started, among all runs (see _RUN_STARTS); kept by reset()
-        self.recorder: list[SelectionEvent] | None = None  # set by ditcache.record_selections
-        self.call_serial = 0  # counts every transformer call, across runs: tells one call from the next
-        self.flops_uncounted: dict[str, str] = {}  # branch -> why FlopCounterMode could not count it (kept across runs)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the run: caches, counters and the random generator."""
-        self.signature: CallSignature | None = None
-        self.marker: object | None = None  # what marks this run's start in the pipeline (its timesteps object)
-        self.owner: int | None = None  # the thread that started the run
+        self.schedule = schedule  # the run's timesteps as the model sees them, if known
+        self.first_timestep = first_timestep
+        self.meter = meter  # with a tolerance: the measured errors
         self.step = -1
-        self.stream = 0
-        self.last_timestep: float | None = None
-        self.first_timestep: float | None = None
-        self.schedule: tuple[float, ...] | None = None  # the run's timesteps as the model sees them, if known
-        self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
-        self.progress = 0.0
         self.is_full = True
         self.steps_since_full = 0
-        self.guidance_batch = False
-        self.in_call = False
-        self.in_block = False
-        self.caches: dict[tuple[str, int], BlockCache] = {}
-        # this step's token choices, (block, group or branch) -> (tokens, transformer calls served): every
-        # guidance stream of a step recomputes the same tokens
-        self.step_selections: dict[tuple[str, str], tuple] = {}
-        self.tables: dict[str, object] = {}  # per-run values: modulation tables, outputs constant within the run
-        self.arguments: dict = {}  # the current transformer call's arguments, by name
-        self.generator: torch.Generator | None = None
-        self.merge_generator: torch.Generator | None = None  # random destinations of token merging
-        self.meter: ErrorMeter | None = None  # with a tolerance: the measured errors
-        self.outside_flops: int | None = None
-        self._full_step_indices: list[int] = []
-        self._full_step_reasons: list[str] = []
-        self._flops = 0
-        self._flops_full = 0
-        self._estimate_flops = 0
-        self._recompute_sum = 0.0
-        self._recompute_count = 0
-        self._merged_sum = 0.0
-        self._merged_count = 0
-        self._cache_bytes = 0
-
-    # -- run lifecycle -------------------------------------------------------------------------
-    def start(
-        self,
-        signature: CallSignature,
-        timestep: float,
-        schedule: tuple[float, ...] | None,
-        guidance_batch: bool,
-        marker: object | None = None,
-        owner: int | None = None,
-        sequence_group=None,
-    ) -> None:
-        """Start a run. ``sequence_group``: under context parallelism, the ranks the sequence is sharded over,
-        whose measurements decide together (``ErrorMeter``)."""
-        self.reset()
-        self.signature = signature
-        self.marker, self.owner = marker, owner
-        self.started = next(_RUN_STARTS)
-        self.first_timestep = timestep
-        self.schedule = schedule
-        self.guidance_batch = guidance_batch
-        if self.settings.control is not None:
-            self.meter = ErrorMeter(signature.device, sequence_group)
-        elif self.settings.schedule.needs_step_count:
+        self.progress = 0.0
+        self.last_timestep: float | None = None
+        self.full_step_indices: list[int] = []
+        self.full_step_reasons: list[str] = []
+        self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
+        if meter is None and settings.schedule.needs_step_count:
             if schedule is None:
                 warnings.warn(
                     "the grid full-step rule needs the run's step count, which a bare transformer does not "
                     "know: full steps follow the interval rule. Apply the cache to the pipeline to get the grid.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             else:
-                self.full_step_plan = self.settings.schedule.full_step_plan(len(schedule))
-        self.generator = torch.Generator(device=signature.device).manual_seed(self.settings.seed)
-        merging = self.settings.merging
-        if merging is not None and merging.seed is not None:
-            self.merge_generator = torch.Generator(device=signature.device).manual_seed(merging.seed)
+                self.full_step_plan = settings.schedule.full_step_plan(len(schedule))
 
     def begin_step(self, timestep: float) -> None:
         """Advance to the next denoising step and decide, once, whether it is full."""
         self.step += 1
-        self.stream = 0
-        self.step_selections = {}
         self.last_timestep = timestep
         self.progress = self._progress(timestep)
         self.steps_since_full += 1
@@ -291,7 +262,7 @@ class RunState:
         if self.step < schedule.full_steps_at_start:
             self.is_full, reason = True, "start"
         elif self.meter is not None:
-            measurements = self.meter.deciding(self.step, self._forecast_order(), self._full_step_indices[-1])
+            measurements = self.meter.deciding(self.step, self.forecast_order, self.full_step_indices[-1])
             interval, reason = self.settings.control.interval(measurements)
             self.is_full = self.steps_since_full >= interval
         elif self.full_step_plan is not None:
@@ -299,20 +270,16 @@ class RunState:
         else:
             self.is_full = schedule.is_full_step(self.step, self.steps_since_full, self.progress)
         if self.meter is not None:  # what this step measures: the forecast made from the full steps before it
-            self.meter.open_step(self.step, self.steps_since_full, self._forecast_order(), self.is_full)
+            self.meter.open_step(self.step, self.steps_since_full, self.forecast_order, self.is_full)
         if self.is_full:
             self.steps_since_full = 0
-            self._full_step_indices.append(self.step)
-            self._full_step_reasons.append(reason)
-
-    def _forecast_order(self) -> int:
-        """The order of the forecasts the caches hold now: lower until enough full steps were stored."""
-        return max(min(self.settings.forecast_order, len(self._full_step_indices) - 1), 0)
+            self.full_step_indices.append(self.step)
+            self.full_step_reasons.append(reason)
 
     @property
-    def full_steps_done(self) -> int:
-        """Full steps so far in this run, the current one included."""
-        return len(self._full_step_indices)
+    def forecast_order(self) -> int:
+        """The order of the forecasts the caches hold now: lower until enough full steps were stored."""
+        return max(min(self.settings.forecast_order, len(self.full_step_indices) - 1), 0)
 
     def _progress(self, timestep: float) -> float:
         if self.schedule is not None and len(self.schedule) > 1:
@@ -333,75 +300,177 @@ class RunState:
         expected = self.schedule[self.step]
         return abs(expected - self.last_timestep) <= 1e-5 * max(1.0, abs(expected))
 
+
+class Ledger:
+    """What one run executed, saved and kept, for ``CacheStats``. Bookkeeping runs outside compiled graphs:
+    its Python counters must not become guards."""
+
+    def __init__(self):
+        self.flops = 0
+        self.flops_full = 0
+        self.estimate_flops = 0
+        self.outside_flops: int | None = None  # one call's FLOPs outside the blocks, counted on the first call
+        self.cache_bytes = 0
+        self._recompute = [0.0, 0]
+        self._merged = [0.0, 0]
+
+    @torch.compiler.disable
+    def add_flops(self, executed: int, uncached: int) -> None:
+        self.flops += executed
+        self.flops_full += uncached
+
+    @torch.compiler.disable
+    def add_estimate_flops(self, executed: int) -> None:
+        """FLOPs executed only to measure the error (error control)."""
+        self.flops += executed
+        self.estimate_flops += executed
+
+    @torch.compiler.disable
+    def add_recompute(self, fraction: float) -> None:
+        self._recompute[0] += fraction
+        self._recompute[1] += 1
+
+    @torch.compiler.disable
+    def add_merged(self, fraction: float) -> None:
+        self._merged[0] += fraction
+        self._merged[1] += 1
+
+    @property
+    def recompute_fraction(self) -> float:
+        return self._recompute[0] / self._recompute[1] if self._recompute[1] else 0.0
+
+    @property
+    def merged_fraction(self) -> float:
+        return self._merged[0] / self._merged[1] if self._merged[1] else 0.0
+
+
+class StreamCaches:
+    """The blocks' caches, one per block and guidance stream, and the step's token choices, which every
+    stream of a step shares (``ditcache.selection``)."""
+
+    def __init__(self):
+        self.blocks: dict[tuple[str, int], BlockCache] = {}
+        # (block, group or branch) -> (tokens, transformer calls served), for the current step
+        self.step_selections: dict[tuple[str, str], tuple] = {}
+
+    def block(self, name: str, stream: int) -> BlockCache:
+        key = (name, stream)
+        if key not in self.blocks:
+            self.blocks[key] = BlockCache()
+        return self.blocks[key]
+
+    def nbytes(self) -> int:
+        return sum(cache.nbytes() for cache in self.blocks.values())
+
+    def drop_stream(self, stream: int) -> None:
+        for key in [key for key in self.blocks if key[1] == stream]:
+            del self.blocks[key]
+
+
+class RunState:
+    """The run in progress on one cached transformer: the call in progress (guidance stream, arguments,
+    random generators), its ``StepPlan``, ``Ledger``, ``StreamCaches`` and ``RunMemo``, and what outlives a
+    run (the last run's stats, the selection recorder)."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.completed_stats: CacheStats | None = None
+        self.completed_marker: object | None = None  # the marker of the run completed_stats describes
+        self.started = -1  # when the last run started, among all runs (see _RUN_STARTS); kept by reset()
+        self.recorder: list[SelectionEvent] | None = None  # set by ditcache.record_selections
+        self.call_serial = 0  # counts every transformer call, across runs: tells one call from the next
+        self.flops_uncounted: dict[str, str] = {}  # branch -> why FlopCounterMode could not count it (kept across runs)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the run: caches, counters and the random generators."""
+        self.signature: CallSignature | None = None
+        self.marker: object | None = None  # what marks this run's start in the pipeline (its timesteps object)
+        self.owner: int | None = None  # the thread that started the run
+        self.plan = StepPlan(self.settings)
+        self.ledger = Ledger()
+        self.caches = StreamCaches()
+        self.memo = RunMemo()
+        self.stream = 0  # the guidance stream of the call in progress
+        self.guidance_batch = False
+        self.in_call = False
+        self.in_block = False
+        self.arguments: dict = {}  # the current transformer call's arguments, by name
+        self.generator: torch.Generator | None = None
+        self.merge_generator: torch.Generator | None = None  # random destinations of token merging
+
+    def start(
+        self,
+        signature: CallSignature,
+        timestep: float,
+        schedule: tuple[float, ...] | None,
+        guidance_batch: bool,
+        marker: object | None = None,
+        owner: int | None = None,
+        sequence_group=None,
+    ) -> None:
+        """Start a run. ``sequence_group``: under context parallelism, the ranks the sequence is sharded over,
+        whose measurements decide together (``ErrorMeter``)."""
+        self.reset()
+        self.signature = signature
+        self.marker, self.owner = marker, owner
+        self.started = next(_RUN_STARTS)
+        self.guidance_batch = guidance_batch
+        meter = ErrorMeter(signature.device, sequence_group) if self.settings.control is not None else None
+        self.plan = StepPlan(self.settings, schedule, timestep, meter)
+        self.generator = torch.Generator(device=signature.device).manual_seed(self.settings.seed)
+        merging = self.settings.merging
+        if merging is not None and merging.seed is not None:
+            self.merge_generator = torch.Generator(device=signature.device).manual_seed(merging.seed)
+
+    def begin_step(self, timestep: float) -> None:
+        """Advance to the next denoising step (its first call, guidance stream 0)."""
+        self.stream = 0
+        self.caches.step_selections = {}
+        self.plan.begin_step(timestep)
+
     def block_cache(self, block_name: str) -> BlockCache:
-        key = (block_name, self.stream)
-        if key not in self.caches:
-            self.caches[key] = BlockCache()
-        return self.caches[key]
+        return self.caches.block(block_name, self.stream)
 
     @torch.compiler.disable
     def measure_kept(self, cache: BlockCache, key: str, fresh: torch.Tensor) -> None:
         """On a full step, before ``fresh`` is stored under ``key``: the error its kept value (or forecast)
         would have made on this step, added to the step's measurement with what it costs."""
-        cached = cache.current(key, self.step, self.settings.forecaster)
+        cached = cache.current(key, self.plan.step, self.settings.forecaster)
         forecast_flops = 2 * len(cache.differences.get(key, ())) * cached.numel()
-        self.add_estimate_flops(forecast_flops + self.meter.add(cached, fresh))
+        self.ledger.add_estimate_flops(forecast_flops + self.plan.meter.add(cached, fresh))
 
     @torch.compiler.disable
     def measure_rows(self, cached: torch.Tensor, fresh: torch.Tensor) -> None:
         """On a partial step, recomputed rows' cached value (or forecast) ``cached`` against their fresh
         values, added to the step's measurement with what it costs."""
-        self.add_estimate_flops(self.meter.add(cached, fresh))
-
-    # -- accounting ----------------------------------------------------------------------------
-    # Bookkeeping runs outside compiled graphs: its Python counters must not become guards.
-    @torch.compiler.disable
-    def add_flops(self, executed: int, uncached: int) -> None:
-        self._flops += executed
-        self._flops_full += uncached
-
-    @torch.compiler.disable
-    def add_estimate_flops(self, executed: int) -> None:
-        """FLOPs executed only to measure the error (error control)."""
-        self._flops += executed
-        self._estimate_flops += executed
-
-    @torch.compiler.disable
-    def add_recompute(self, fraction: float) -> None:
-        self._recompute_sum += fraction
-        self._recompute_count += 1
-
-    @torch.compiler.disable
-    def add_merged(self, fraction: float) -> None:
-        self._merged_sum += fraction
-        self._merged_count += 1
+        self.ledger.add_estimate_flops(self.plan.meter.add(cached, fresh))
 
     def end_call(self) -> None:
-        self._flops += self.outside_flops or 0
-        self._flops_full += self.outside_flops or 0
-        if self.is_full:  # only full steps store: partial steps leave the caches' size as it was
-            self._cache_bytes = max(self._cache_bytes, sum(cache.nbytes() for cache in self.caches.values()))
+        ledger, plan = self.ledger, self.plan
+        ledger.add_flops(ledger.outside_flops or 0, ledger.outside_flops or 0)
+        if plan.is_full:  # only full steps store: partial steps leave the caches' size as it was
+            ledger.cache_bytes = max(ledger.cache_bytes, self.caches.nbytes())
         self.completed_stats, self.completed_marker = self.stats(), self.marker
-        if self.run_finished:  # this call's stream is done: hold no memory until the next run
-            for key in [key for key in self.caches if key[1] == self.stream]:
-                del self.caches[key]
-            self.tables.clear()
+        if plan.run_finished:  # this call's stream is done: hold no memory until the next run
+            self.caches.drop_stream(self.stream)
+            self.memo.clear()
 
     def stats(self) -> CacheStats:
-        steps = self.step + 1
-        full = len(self._full_step_indices)
+        plan, ledger = self.plan, self.ledger
+        steps, full = plan.step + 1, len(plan.full_step_indices)
         return CacheStats(
             steps=steps,
             full_steps=full,
             partial_steps=steps - full,
-            recompute_fraction=self._recompute_sum / self._recompute_count if self._recompute_count else 0.0,
-            flops=self._flops,
-            flops_full=self._flops_full,
-            cache_bytes=self._cache_bytes,
-            full_step_indices=tuple(self._full_step_indices),
-            merged_fraction=self._merged_sum / self._merged_count if self._merged_count else 0.0,
-            full_step_reasons=tuple(self._full_step_reasons),
-            forecast_errors=self.meter.errors(steps, wait=self.run_finished) if self.meter is not None else (),
-            estimate_flops=self._estimate_flops,
+            recompute_fraction=ledger.recompute_fraction,
+            flops=ledger.flops,
+            flops_full=ledger.flops_full,
+            cache_bytes=ledger.cache_bytes,
+            full_step_indices=tuple(plan.full_step_indices),
+            merged_fraction=ledger.merged_fraction,
+            full_step_reasons=tuple(plan.full_step_reasons),
+            forecast_errors=plan.meter.errors(steps, wait=plan.run_finished) if plan.meter is not None else (),
+            estimate_flops=ledger.estimate_flops,
             flops_uncounted=tuple(f"{name}: {why}" for name, why in sorted(self.flops_uncounted.items())),
         )

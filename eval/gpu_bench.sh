@@ -41,6 +41,9 @@ bench() {  # a title, then the arguments of `ditcache bench`
 }
 
 echo "# GPU benchmark, $(date -u +%Y-%m-%d)" >"$report"
+if [ "$device" = cuda ]; then  # the Triton kernels against their torch references on the GPU (CI has none)
+    { echo '## Kernel check'; echo; echo '```'; python -m pytest -q tests/test_kernels.py 2>&1 | tail -3; echo '```'; echo; } >>"$report"
+fi
 bench "FLUX.1-dev geometry, $long steps, eager" "${flux[@]}" --steps "$long" --methods "${methods[@]}" "${common[@]}"
 DITCACHE_TRITON=1 bench "FLUX.1-dev geometry, $long steps, eager, Triton kernels on" \
     "${flux[@]}" --steps "$long" --methods uncached toca:4:0.9:auto:auto "${common[@]}"

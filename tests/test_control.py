@@ -32,12 +32,12 @@ def synthetic_run(features, config, steps: int = STEPS):
     for step in range(steps):
         run.begin_step(steps - 1.0 - step)
         fresh = features(step)
-        if run.is_full:
+        if run.plan.is_full:
             if "branch" in cache.branches:
-                run.meter.add(cache.current("branch", step, run.settings.forecaster), fresh)
+                run.plan.meter.add(cache.current("branch", step, run.settings.forecaster), fresh)
             cache.store("branch", fresh, step, config.forecast_order)
         else:
-            run.meter.add(cache.current("branch", step, run.settings.forecaster)[:, rows], fresh[:, rows])
+            run.plan.meter.add(cache.current("branch", step, run.settings.forecaster)[:, rows], fresh[:, rows])
     run.end_call()
     return run.stats()
 
@@ -216,9 +216,9 @@ def test_the_estimate_matches_the_true_error_of_the_stale_tokens(name, monkeypat
     measure = BlockAdapter.measure
 
     def recording_measure(self, run, cached, selection, fresh):
-        if not run.is_full:
+        if not run.plan.is_full:
             difference = (fresh - gather_rows(cached, selection)).float()
-            rows.setdefault(run.step, []).append((difference.square().sum(-1), fresh.float().square().sum(-1)))
+            rows.setdefault(run.plan.step, []).append((difference.square().sum(-1), fresh.float().square().sum(-1)))
         measure(self, run, cached, selection, fresh)
 
     monkeypatch.setattr(BlockAdapter, "measure", recording_measure)

@@ -149,7 +149,7 @@ def test_a_second_call_at_the_same_timestep_keeps_its_own_cache():
             cached_cond = transformer(latents, timestep=torch.tensor([t]), class_labels=cond).sample
             cached_uncond = transformer(latents, timestep=torch.tensor([t]), class_labels=uncond).sample
         state = transformer._diffusers_hook.get_hook(STEP_HOOK).run
-        assert len(state.caches) == 2 * len(transformer.transformer_blocks) and cache_stats(transformer).steps == 2
+        assert len(state.caches.blocks) == 2 * len(transformer.transformer_blocks) and cache_stats(transformer).steps == 2
         remove_cache(transformer)
         apply_cache(transformer, FORAConfig(cache_interval=2))
         for t in (900, 800):
@@ -161,7 +161,7 @@ def test_a_second_call_at_the_same_timestep_keeps_its_own_cache():
 def test_cache_memory_is_released_after_a_pipeline_run(dit_pipe):
     apply_cache(dit_pipe, ToCaConfig(cache_interval=3))
     run_dit(dit_pipe)
-    assert dit_pipe.transformer._diffusers_hook.get_hook(STEP_HOOK).run.caches == {}
+    assert dit_pipe.transformer._diffusers_hook.get_hook(STEP_HOOK).run.caches.blocks == {}
     assert cache_stats(dit_pipe).cache_bytes > 0
 
 

@@ -63,7 +63,7 @@ def partial_step(transformer, kind, config):
     for _ in range(config.resolve("flux").schedule.full_steps_at_start):
         adapter.forward(run, cache, **block_inputs(transformer, seed=0))
         run.begin_step(0.9)
-    assert not run.is_full
+    assert not run.plan.is_full
     cached = {name: value.clone() for name, value in cache.branches.items()}
     inputs = block_inputs(transformer, seed=1)
     return adapter, cache, cached, inputs, adapter.forward(run, cache, **inputs)
@@ -284,4 +284,4 @@ def test_a_kept_text_projection_changed_in_place_is_computed_anew():
     torch.testing.assert_close(first, expected[0], rtol=0, atol=0)
     torch.testing.assert_close(second, expected[1], rtol=0, atol=0)
     run = transformer._diffusers_hook.get_hook(STEP_HOOK).run
-    assert run.tables["context_embedder.0"][4] == [0]  # the second call computed and kept a fresh one
+    assert run.memo.get("context_embedder", 0).versions[-1] == 0  # the second call computed and kept a fresh one

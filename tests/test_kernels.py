@@ -51,10 +51,9 @@ def run_check(device, extra_env):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+# the CUDA case runs where a GPU is (eval/gpu_bench.sh runs this file there); the CPU case runs everywhere
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 def test_kernels_match_the_torch_references(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     errors = run_check(device, {"TRITON_INTERPRET": "1"} if device == "cpu" else {})
     assert len(errors) == 9
     for case, error in errors.items():

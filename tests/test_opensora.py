@@ -113,7 +113,7 @@ def test_block_adapter_full_path_equals_the_block(temporal, score):
     run = RunState(settings)
     run.generator = torch.Generator().manual_seed(0)
     run.signature = type("Signature", (), {"grid": (frames * 4, 5)})()
-    run.is_full, run.step = True, 0
+    run.plan.is_full, run.plan.step = True, 0
     cache = BlockCache()
     got = adapter.forward(run, cache, x, y, t, mask, None, None, frames, per_frame, rope)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import EngineSettings
 from ..flops import record_layer_flops
 from ..specs import SPECS, ModelSpec, spec_for
+from ..state import Memo
 
 ATTENTION_CALL_SCORES = ("attention", "v_norm")  # read from the inputs of the attention call itself
 from .base import BlockAdapter
@@ -145,30 +146,28 @@ class FluxAdapter(TransformerAdapter):
         inside the transformer's forward, where diffusers has applied the call's LoRA scale."""
 
         def lookup(run, embed):
-            if not (run.on_schedule and run.settings.caches):
+            if not (run.plan.on_schedule and run.settings.caches):
                 return None
-            if f"temb.{run.stream}" not in run.tables and not self._tabulate_embeddings(run, embed):
-                return None
-            return run.tables[f"temb.{run.stream}"][run.step], run.tables[f"temb_flops.{run.stream}"]
+            memo = run.memo.get("temb", run.stream) or self._tabulate_embeddings(run, embed)
+            return None if memo is None else (memo.value[run.plan.step], memo.flops)
 
         return {"time_text_embed": (self.transformer.time_text_embed, lookup)}
 
-    def _tabulate_embeddings(self, run, embed) -> bool:
+    def _tabulate_embeddings(self, run, embed) -> Memo | None:
         guidance, pooled = run.arguments.get("guidance"), run.arguments.get("pooled_projections")
         if pooled is None:
-            return False
-        dtype, steps, batch = pooled.dtype, len(run.schedule), pooled.shape[0]
-        timesteps = torch.tensor(run.schedule, device=pooled.device).to(dtype).repeat_interleave(batch) * 1000
+            return None
+        dtype, steps, batch = pooled.dtype, len(run.plan.schedule), pooled.shape[0]
+        timesteps = torch.tensor(run.plan.schedule, device=pooled.device).to(dtype).repeat_interleave(batch) * 1000
         pooled = pooled.repeat(steps, 1)
         with record_layer_flops(self.transformer.time_text_embed, lambda: True) as flops:
             if guidance is None:
                 temb = embed(timesteps, pooled)
             else:
                 temb = embed(timesteps, guidance.to(dtype).repeat(steps) * 1000, pooled)
-        run.add_flops(flops[0], 0)
-        run.tables[f"temb.{run.stream}"] = temb.view(steps, batch, -1)
-        run.tables[f"temb_flops.{run.stream}"] = flops[0] // steps  # what one call's embedding costs
-        return True
+        run.ledger.add_flops(flops[0], 0)
+        # the table, and what one call's embedding costs
+        return run.memo.put("temb", run.stream, Memo(temb.view(steps, batch, -1), flops[0] // steps))
 
     def block_adapters(self, settings: EngineSettings) -> list[BlockAdapter]:
         # Both streams take the layer factor by index, spread over the single-stream depth.

@@ -18,7 +18,7 @@ from .. import scores as S
 from ..config import EngineSettings
 from ..merging import TokenMatch, bipartite_match, merge, unmerge
 from ..selection import choose_tokens
-from ..state import BlockCache, RunState
+from ..state import BlockCache, Memo, RunState
 
 
 @contextmanager
@@ -84,15 +84,14 @@ def step_table(run: RunState, key: str, make, made_from: torch.Tensor | None = N
     A block's per-step modulation is a matrix-vector product with its largest weight: memory traffic that a
     partial step's FLOPs do not show. One product over all steps reads the weight once per run.
     """
-    if not run.on_schedule:
+    if not run.plan.on_schedule:
         return None
-    key = f"{key}/{run.stream}"
-    held = run.tables.get(key)
-    if held is None or (made_from is not None and not torch.equal(held[0], made_from)):
+    memo = run.memo.get(key, run.stream)
+    if memo is None or (made_from is not None and not torch.equal(memo.sources[0], made_from)):
         entries, flops = make()
-        held = run.tables[key] = (made_from, entries)
-        run.add_flops(flops, 0)
-    return held[1][run.step]
+        memo = run.memo.put(key, run.stream, Memo(entries, flops, (made_from,)))
+        run.ledger.add_flops(flops, 0)
+    return memo.value[run.plan.step]
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -156,21 +155,21 @@ class BlockAdapter:
         differences when the settings forecast); under error control, first measure the error the
         cached value would have made on this step."""
         if self.settings.caches:
-            if run.meter is not None and branch in cache.branches and branch in self.measured_branches:
+            if run.plan.meter is not None and branch in cache.branches and branch in self.measured_branches:
                 run.measure_kept(cache, branch, output)
-            cache.store(branch, output.contiguous(), run.step, self.settings.forecast_order)
+            cache.store(branch, output.contiguous(), run.plan.step, self.settings.forecast_order)
 
     @torch.compiler.disable
     def measure(self, run: RunState, cached: torch.Tensor, selection: "Selection", fresh: torch.Tensor) -> None:
         """Under error control, add the error of the recomputed rows' cached value (or forecast) ``cached``
         (the whole branch, before the fresh rows are written in) against their fresh values to the step's
         measurement; with a random share, of the randomly drawn rows only."""
-        if run.meter is None:
+        if run.plan.meter is None:
             return
         start = selection.measured_from
         cached_rows, fresh_rows = gather_rows(cached, selection)[:, start:], fresh[:, start:]
         run.measure_rows(cached_rows, fresh_rows)
-        if run.recorder is not None and run.recorder and run.recorder[-1].step == run.step:
+        if run.recorder is not None and run.recorder and run.recorder[-1].step == run.plan.step:
             error = torch.linalg.vector_norm(fresh_rows - cached_rows) / torch.linalg.vector_norm(fresh_rows).clamp_min(1e-30)
             run.recorder[-1] = replace(run.recorder[-1], error=float(error))
 
@@ -182,8 +181,8 @@ class BlockAdapter:
 
     @torch.compiler.disable  # the step enters as a Python number: keep it out of compiled graphs
     def _forecast(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
-        value = cache.current(branch, run.step, self.settings.forecaster)
-        run.add_flops(2 * len(cache.differences[branch]) * value.numel(), 0)
+        value = cache.current(branch, run.plan.step, self.settings.forecaster)
+        run.ledger.add_flops(2 * len(cache.differences[branch]) * value.numel(), 0)
         return value
 
     def reuse_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
@@ -195,8 +194,8 @@ class BlockAdapter:
 
     @torch.compiler.disable
     def _forecast_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
-        terms = cache.forecast_terms(branch, run.step, selection.flat, self.settings.forecaster)
-        run.add_flops(2 * len(cache.differences[branch]) * terms.numel(), 0)
+        terms = cache.forecast_terms(branch, run.plan.step, selection.flat, self.settings.forecaster)
+        run.ledger.add_flops(2 * len(cache.differences[branch]) * terms.numel(), 0)
         return terms
 
     # -- token merging --------------------------------------------------------------------------
@@ -214,8 +213,8 @@ class BlockAdapter:
             return None
         batch, tokens, dim = image_tokens.shape
         sources = tokens - match.destinations.shape[1]
-        run.add_flops(2 * batch * sources * match.destinations.shape[1] * dim, 0)
-        run.add_merged(match.merged.shape[1] / tokens)
+        run.ledger.add_flops(2 * batch * sources * match.destinations.shape[1] * dim, 0)
+        run.ledger.add_merged(match.merged.shape[1] / tokens)
         return match
 
     @torch.compiler.disable  # bookkeeping: Python numbers and a memo stay out of compiled graphs
@@ -224,7 +223,7 @@ class BlockAdapter:
         executed, the same call uncached beside it. Both depend on shapes only: each combination is
         computed once per adapter (walking the layers on every call costs more than the partial step saves)."""
         executed = self._call_flops(shape, rows, modulation)
-        run.add_flops(executed + extra, self._call_flops(shape, None, True))
+        run.ledger.add_flops(executed + extra, self._call_flops(shape, None, True))
 
     def _call_flops(self, shape: tuple, rows: dict[str, int] | None, modulation: bool) -> int:
         key = (shape, tuple(sorted(rows.items())) if rows is not None else None, modulation)
@@ -282,9 +281,9 @@ class BlockAdapter:
     def select(self, run: RunState, cache: BlockCache, branch: str, tokens: int) -> Selection | None:
         """The tokens ``branch`` recomputes on this partial step, or None when it recomputes none."""
         settings = self.settings
-        fraction = settings.schedule.recompute_fraction(run.progress, self.layer_position, branch)
+        fraction = settings.schedule.recompute_fraction(run.plan.progress, self.layer_position, branch)
         count = round(fraction * tokens)
-        run.add_recompute(count / tokens)
+        run.ledger.add_recompute(count / tokens)
         if count == 0:
             return None
         control = settings.control

@@ -62,7 +62,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     def _modulation(self, run, hidden_states, timestep, class_labels):
         """Six ``(batch, 1, dim)`` tensors: shift, scale, gate for attention, then for the MLP."""
         block = self.block
-        if self.zero and not run.is_full:
+        if self.zero and not run.plan.is_full:
             scheduled = self._scheduled_modulation(run, timestep, class_labels, hidden_states.dtype)
             if scheduled is not None:
                 return scheduled
@@ -79,8 +79,8 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         """DiT's per-block modulation of this step, from the run's table (``step_table``)."""
 
         def make():
-            norm1, steps, batch = self.block.norm1, len(run.schedule), class_labels.shape[0]
-            timesteps = torch.tensor(run.schedule, dtype=timestep.dtype, device=timestep.device)
+            norm1, steps, batch = self.block.norm1, len(run.plan.schedule), class_labels.shape[0]
+            timesteps = torch.tensor(run.plan.schedule, dtype=timestep.dtype, device=timestep.device)
             emb = norm1.emb(timesteps.repeat_interleave(batch), class_labels.repeat(steps), hidden_dtype=dtype)
             values = norm1.linear(norm1.silu(emb)).view(steps, batch, -1)
             entries = [tuple(chunk[:, None] for chunk in values[step].chunk(6, dim=1)) for step in range(steps)]
@@ -122,7 +122,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             raise ValueError("GLIGEN inputs (cross_attention_kwargs['gligen']) are not supported by ditcache.")
         modulation = self._modulation(run, hidden_states, timestep, class_labels)
         text = (encoder_hidden_states, encoder_attention_mask)
-        if run.is_full:
+        if run.plan.is_full:
             return self._full(run, cache, hidden_states, modulation, attention_mask, text, attn_kwargs)
         return self._partial(run, cache, hidden_states, modulation, text, attn_kwargs)
 
@@ -159,7 +159,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
         self.recomputed_whole(cache, *self.branch_groups)
         score_flops = self._refresh_scores(run, cache, score, taps, encoder_attention_mask, hidden_states.shape, match)
-        run.add_flops(self._flops(hidden_states.shape, encoder_hidden_states, rows) + score_flops,
+        run.ledger.add_flops(self._flops(hidden_states.shape, encoder_hidden_states, rows) + score_flops,
                       self._flops(hidden_states.shape, encoder_hidden_states, None))
         return hidden_states
 
@@ -207,8 +207,8 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
     @torch.compiler.disable
     def _account_partial(self, run, shape, encoder_hidden_states, rows) -> None:
-        executed = self._flops(shape, encoder_hidden_states, rows, modulation=not run.on_schedule)
-        run.add_flops(executed, self._flops(shape, encoder_hidden_states, None))
+        executed = self._flops(shape, encoder_hidden_states, rows, modulation=not run.plan.on_schedule)
+        run.ledger.add_flops(executed, self._flops(shape, encoder_hidden_states, None))
 
     # -- scores --------------------------------------------------------------------------------
     def _self_attention_taps(self, score):
@@ -244,7 +244,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         rows, flops = S.token_scores("cross_attention_entropy", projections, scale=cross.scale,
                                      bias=_bias(encoder_attention_mask))
         self.store_score_rows(run, cache, "image", index, rows)
-        run.add_flops(flops, 0)
+        run.ledger.add_flops(flops, 0)
 
     # -- accounting ----------------------------------------------------------------------------
     def _flops(self, shape, encoder_hidden_states, rows: dict[str, int] | None, modulation: bool = True) -> int:

@@ -68,7 +68,7 @@ def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunk
         return None
 
     def make():
-        temb = run.tables[f"temb.{run.stream}"]
+        temb = run.memo.get("temb", run.stream).value
         steps, batch, dim = temb.shape
         table = linear(torch.nn.functional.silu(temb.reshape(steps * batch, dim))).view(steps, batch, -1)
         return [table[step].chunk(chunks, dim=1) for step in range(steps)], linear_flops(linear, steps * batch)
@@ -77,7 +77,7 @@ def scheduled_modulation(run: RunState, key: str, linear: torch.nn.Linear, chunk
 
 
 def _scheduled(run: RunState) -> bool:
-    return f"temb.{run.stream}" in run.tables and run.on_schedule
+    return run.memo.get("temb", run.stream) is not None and run.plan.on_schedule
 
 
 def _modulation(run: RunState, key: str, norm, temb: torch.Tensor, chunks: int) -> tuple:
@@ -142,7 +142,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
         joint_attention_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         attn_kwargs = joint_attention_kwargs or {}
-        if run.is_full:
+        if run.plan.is_full:
             return self._full(run, cache, hidden_states, encoder_hidden_states, temb, image_rotary_emb, attn_kwargs)
         return self._partial(run, cache, hidden_states, encoder_hidden_states, temb)
 
@@ -260,7 +260,7 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         text = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # owned by this call
-        if run.is_full:
+        if run.plan.is_full:
             hidden_states = self._full(run, cache, hidden_states, temb, image_rotary_emb, joint_attention_kwargs or {}, text)
         else:
             hidden_states = self._partial(run, cache, hidden_states, temb)

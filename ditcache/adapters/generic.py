@@ -111,8 +111,8 @@ class BlockTokens:
         """The tokens ``group`` recomputes in this block call, ``(batch, count)`` with both guidance halves;
         None when none. One choice per step serves every branch of the group and every guidance stream
         (``ditcache.selection``)."""
-        count = round(self.settings.schedule.recompute_fraction(run.progress, self.layer_position, branch) * tokens)
-        run.add_recompute(count / tokens)
+        count = round(self.settings.schedule.recompute_fraction(run.plan.progress, self.layer_position, branch) * tokens)
+        run.ledger.add_recompute(count / tokens)
         if not count:
             return None
 
@@ -174,7 +174,7 @@ class BranchAdapter:
         self._calls = (run.call_serial, calls)
         key = f"{self.branch}.{calls}"
         group = None if self.group is None else (self.group if calls == 0 else f"{self.group}.{calls}")
-        if run.is_full or key not in cache.layouts:
+        if run.plan.is_full or key not in cache.layouts:
             output = self._compute(run, cache, key, compute, args, kwargs)
             if group is not None and isinstance(output, torch.Tensor):
                 self.tokens.full_step(run, cache, group, *output.shape[:2])
@@ -196,15 +196,15 @@ class BranchAdapter:
         shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
         output, executed = self._measured(run, shapes, call)
         flops = executed - score_flops  # the branch's own, as an uncached call costs
-        run.add_flops(executed, flops)
+        run.ledger.add_flops(executed, flops)
         layout, tensors = _flatten(output, self.branch)
         cache.layouts[branch] = (layout, flops)
         order = self.settings.forecast_order
         for index, tensor in enumerate(tensors):
             key = f"{branch}.{index}"
-            if run.meter is not None and self.measured and key in cache.branches:
+            if run.plan.meter is not None and self.measured and key in cache.branches:
                 run.measure_kept(cache, key, tensor)
-            cache.store(key, tensor, run.step, order)
+            cache.store(key, tensor, run.plan.step, order)
             cache.versions[key] = None if tensor.is_inference() else tensor._version
         return output
 
@@ -244,10 +244,10 @@ class BranchAdapter:
                     f"{self.block_name}.{self.branch}: the block changed this branch's output in place after it was "
                     "kept, so reusing it would be wrong; this branch cannot be cached on the generic path."
                 )
-            value = cache.current(key, run.step, self.settings.forecaster)
+            value = cache.current(key, run.plan.step, self.settings.forecaster)
             forecast_flops += 2 * len(cache.differences.get(key, ())) * value.numel()
             tensors.append(value)
-        run.add_flops(forecast_flops, flops)
+        run.ledger.add_flops(forecast_flops, flops)
         return _unflatten(layout, tensors)
 
     def _recompute_rows(self, run: RunState, cache: BlockCache, key: str, group: str, compute, args: tuple, kwargs: dict):
@@ -264,8 +264,8 @@ class BranchAdapter:
         rows = inputs.gather(1, index[..., None].expand(-1, -1, inputs.shape[-1]))
         row_args, row_kwargs = ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, name: rows})
         fresh, flops = self._measured(run, ("rows", tuple(rows.shape)), lambda: compute(*row_args, **row_kwargs))
-        run.add_flops(flops, 0)
-        if run.meter is not None:
+        run.ledger.add_flops(flops, 0)
+        if run.plan.meter is not None:
             drawn = self.tokens.drawn(index.shape[1])
             start = index.shape[1] - drawn if drawn else 0
             cached_rows = value.gather(1, index[:, start:, None].expand(-1, -1, value.shape[-1]))

@@ -58,7 +58,7 @@ class STDiT3BlockAdapter(BlockAdapter):
             raise ValueError("conditioning frames (`x_mask`) are not supported by ditcache's STDiT3 caching.")
         self.frames = frames  # for the spatial bonus, which the shared selection code applies per frame
         modulation = self.block.modulation(t)
-        if run.is_full:
+        if run.plan.is_full:
             return self._full(run, cache, x, y, mask, modulation, frames, rope)
         return self._partial(run, cache, x, y, mask, modulation, frames)
 
@@ -75,7 +75,7 @@ class STDiT3BlockAdapter(BlockAdapter):
         x = x + gate_msa * attn
         self.keep(run, cache, "attn", attn)
 
-        cross_due = "cross_attn" not in cache.branches or self.settings.schedule.branch_due("cross_attn", run.step, run.full_steps_done)
+        cross_due = "cross_attn" not in cache.branches or self.settings.schedule.branch_due("cross_attn", run.plan.step, len(run.plan.full_step_indices))
         if cross_due:
             text = block.cross_attn.text_keys_values(y)
             query = block.cross_attn.queries(x)
@@ -96,7 +96,7 @@ class STDiT3BlockAdapter(BlockAdapter):
         score_flops = self._refresh_scores(run, cache, score, taps, cross_taps, mask, x.shape, frames, rope)
         rows = {branch: x.shape[1] if not self.merges(branch, match) else frames * match.merged_tokens for branch in ("attn", "mlp")}
         rows["cross_attn"] = x.shape[1] if cross_due else 0
-        run.add_flops(self._flops(x.shape, y, frames, rows) + score_flops, self._flops(x.shape, y, frames, None))
+        run.ledger.add_flops(self._flops(x.shape, y, frames, rows) + score_flops, self._flops(x.shape, y, frames, None))
         return x
 
     def _recomputes_cross_rows(self) -> bool:
@@ -151,7 +151,7 @@ class STDiT3BlockAdapter(BlockAdapter):
             scatter_rows(mlp, selection, fresh)
             recomputed["mlp"] = selection.count
         x = x + gate_mlp * mlp
-        run.add_flops(self._flops(x.shape, y, frames, recomputed, text_projected=False), self._flops(x.shape, y, frames, None))
+        run.ledger.add_flops(self._flops(x.shape, y, frames, recomputed, text_projected=False), self._flops(x.shape, y, frames, None))
         return x
 
     # -- scores --------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class STDiT3BlockAdapter(BlockAdapter):
         """Recomputed tokens get their current cross-attention entropy."""
         rows, flops = self._entropy(query, cache.text_keys, mask)
         self.store_score_rows(run, cache, "image", index, rows)
-        run.add_flops(flops, 0)
+        run.ledger.add_flops(flops, 0)
 
     # -- accounting ----------------------------------------------------------------------------
     def _flops(self, shape, y, frames, rows: dict[str, int] | None, text_projected: bool = True) -> int:
