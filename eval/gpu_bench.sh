@@ -41,8 +41,8 @@ bench() {  # a title, then the arguments of `ditcache bench`
 }
 
 echo "# GPU benchmark, $(date -u +%Y-%m-%d)" >"$report"
-if [ "$device" = cuda ]; then  # the Triton kernels against their torch references on the GPU (CI has none)
-    { echo '## Kernel check'; echo; echo '```'; python -m pytest -q tests/test_kernels.py 2>&1 | tail -3; echo '```'; echo; } >>"$report"
+if [ "$device" = cuda ]; then  # the tests that need CUDA (CI has none): Triton kernels, offloading with streams
+    { echo '## Tests that need CUDA'; echo; echo '```'; python -m pytest -q tests/test_kernels.py tests/test_stack.py -k 'kernels or offloading' 2>&1 | tail -3; echo '```'; echo; } >>"$report"
 fi
 bench "FLUX.1-dev geometry, $long steps, eager" "${flux[@]}" --steps "$long" --methods "${methods[@]}" "${common[@]}"
 DITCACHE_TRITON=1 bench "FLUX.1-dev geometry, $long steps, eager, Triton kernels on" \

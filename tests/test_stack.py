@@ -116,22 +116,27 @@ def check_flex_attention(model, run):
     assert cache_stats(model).flops_speedup > 1.2
 
 
-@pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "disk"])
-@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
-def test_group_offloading_composes_in_the_order_that_works_and_the_other_is_refused(saved_pipelines, tmp_path, offload_type, to_disk):
-    """Without streams (they need CUDA): block-level offloading under the cache is refused at apply time."""
+# streams need CUDA: those cases run where a GPU is (eval/gpu_bench.sh runs this file's offloading tests there)
+OFFLOAD_CASES = [(kind, to_disk, "cpu") for kind in ("block_level", "leaf_level") for to_disk in (False, True)]
+if torch.cuda.is_available():
+    OFFLOAD_CASES += [(kind, False, "cuda") for kind in ("block_level", "leaf_level")]
+
+
+@pytest.mark.parametrize(("offload_type", "to_disk", "device"), OFFLOAD_CASES)
+def test_group_offloading_composes_in_the_order_that_works_and_the_other_is_refused(saved_pipelines, tmp_path, offload_type, to_disk, device):
+    """Block-level offloading under the cache is refused at apply time; on CUDA, with streams."""
     from diffusers import FluxPipeline
     from diffusers.hooks import apply_group_offloading
 
     def pipe():
-        loaded = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+        loaded = FluxPipeline.from_pretrained(saved_pipelines / "flux").to(device)
         loaded.set_progress_bar_config(disable=True)
         return loaded
 
     def offload(loaded, folder):
-        apply_group_offloading(loaded.transformer, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+        apply_group_offloading(loaded.transformer, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                                offload_type=offload_type, num_blocks_per_group=1 if offload_type == "block_level" else None,
-                               offload_to_disk_path=str(tmp_path / folder) if to_disk else None)
+                               offload_to_disk_path=str(tmp_path / folder) if to_disk else None, use_stream=device == "cuda")
 
     config = ToCaConfig(cache_interval=2, cache_ratio=0.7)
     plain = apply_cache(pipe(), config)
