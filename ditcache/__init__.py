@@ -20,6 +20,7 @@ _EXPORTS = {
     "cache_stats": ".hooks",
     "cache_config": ".hooks",
     "record_selections": ".hooks",
+    "estimate_cache_bytes": ".memory",
     # The core never depends on ``pipelines`` or ``models``; diffusers finds a saved component's class here.
     "ToCaPipeline": ".pipelines",
     "OpenSoraPipeline": ".pipelines",

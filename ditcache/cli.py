@@ -120,6 +120,20 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
 
 
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a released name (flux1-dev, wan2.1-t2v-14b, wan2.1-t2v-1.3b), "
+                        "a transformer's config.json, or a model folder (a pipeline's or a transformer's)")
+    parser.add_argument("--height", type=_at_least(16), default=1024, help="image height in pixels (default: 1024)")
+    parser.add_argument("--width", type=_at_least(16), default=1024, help="image width in pixels (default: 1024)")
+    parser.add_argument("--frames", type=_at_least(1), default=81, help="video frames (Wan; default: 81)")
+    parser.add_argument("--batch", type=_at_least(1), default=1, help="images per call (default: 1)")
+    parser.add_argument("--steps", type=_at_least(1), default=50, help="denoising steps (default: 50)")
+    parser.add_argument("--text-tokens", type=_at_least(1), default=512, help="prompt tokens (default: 512, as released)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--methods", nargs="+", metavar="SPEC", help="ditcache's methods to estimate (default: fora:4, "
+                        "fora:4:order=1, toca:4:0.9:auto:auto, ditcache): " + METHOD_SPEC_HELP.split(", or diffusers")[0])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ditcache", description="Token-wise caching for diffusers' Diffusion Transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_arguments(commands.add_parser(
         "sweep", help="run or resume an evaluation sweep from a YAML config",
         description="Run or resume an evaluation sweep: images, metrics, results.csv/json and plots."))
+    add_memory_arguments(commands.add_parser(
+        "memory", help="each method's cache memory at a model's size, before any run",
+        description="Each method's cache memory at a model's size (a released name, a config.json or a model folder), "
+        "estimated by a run without data: no weights are loaded. H is one hidden-state tensor of a call.\n\n"
+        "  ditcache memory --model flux1-dev --height 1024 --width 1024\n"
+        "  ditcache memory --model wan2.1-t2v-14b --height 720 --width 1280 --frames 81 --steps 50",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     evaluation = commands.add_parser("eval", help="the metrics' weights: what is here, and fetching them",
                                      description="check: list the metrics' weights and where they are (exit 1 when some are "
                                      "missing); fetch: download them on a machine that is online.")
@@ -196,6 +217,10 @@ def _run(args: argparse.Namespace) -> int:
         from ditcache.eval import speed
 
         speed.run(args)
+    elif args.command == "memory":
+        from ditcache import memory
+
+        memory.run(args)
     elif args.command == "sweep":
         from ditcache.eval import sweep
 

@@ -20,7 +20,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from .adapters import TransformerAdapter, transformer_adapter
-from .config import CacheConfig, resolve_configs
+from .config import CacheConfig, EngineSettings, resolve_configs
 from .flops import record_layer_flops
 from .state import CacheStats, CallSignature, Memo, RunState, SelectionEvent
 
@@ -374,19 +374,25 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
         _refuse_block_offloading_beneath(adapters)
     for transformer, model, settings, adapters, branch_adapters in prepared:
         remove_cache(transformer)
-        run = RunState(settings)
-        step_hook = StepHook(run, model, config, pipeline, tuple(adapter.module for adapter in branch_adapters))
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
-        for adapter in adapters:
-            HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(AdapterHook(run, adapter), BLOCK_HOOK)
-        for adapter in branch_adapters:
-            HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(AdapterHook(run, adapter), BRANCH_HOOK)
-        for name, (module, sources) in model.run_constants().items():
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
-        for module, lookup in model.step_tables().values():
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(StepTableHook(run, lookup), TABLE_HOOK)
-        transformer._diffusers_hook.invalidate_child_registries_cache()
+        attach(transformer, model, settings, config, pipeline, adapters, branch_adapters)
     return target
+
+
+def attach(transformer: nn.Module, model, settings: EngineSettings, config, pipeline, adapters: list, branch_adapters: list) -> RunState:
+    """Register the engine's hooks on ``transformer`` (checked and prepared by ``apply_cache``); its run state."""
+    run = RunState(settings)
+    step_hook = StepHook(run, model, config, pipeline, tuple(adapter.module for adapter in branch_adapters))
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(step_hook, STEP_HOOK)
+    for adapter in adapters:
+        HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(AdapterHook(run, adapter), BLOCK_HOOK)
+    for adapter in branch_adapters:
+        HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(AdapterHook(run, adapter), BRANCH_HOOK)
+    for name, (module, sources) in model.run_constants().items():
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
+    for module, lookup in model.step_tables().values():
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(StepTableHook(run, lookup), TABLE_HOOK)
+    transformer._diffusers_hook.invalidate_child_registries_cache()
+    return run
 
 
 def _refuse_block_offloading_beneath(adapters: list) -> None:

@@ -31,7 +31,9 @@ class CacheStats:
             (cross-attention, MLP) over the partial steps; 0 for FORA.
         flops: FLOPs the transformer executed, scoring included, by the engine's own accounting.
         flops_full: what the same run costs without caching.
-        cache_bytes: the most memory the cache held during the run.
+        cache_bytes: the most memory the cache held during the run: the blocks' caches and the run's memos
+            (modulation tables, outputs constant within the run). ``ditcache.estimate_cache_bytes`` gives it
+            before the run.
         full_step_indices: which steps were full.
         merged_fraction: with token merging, the mean share of image tokens merged away in the merged
             branches; 0 without.
@@ -222,6 +224,19 @@ class RunMemo:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the memos hold, each stored tensor once (a table's per-step entries are views)."""
+        stored = {}
+        pending = [memo.value for memo in self._entries.values()]
+        while pending:
+            value = pending.pop()
+            if isinstance(value, (tuple, list)):
+                pending.extend(value)
+            elif isinstance(value, torch.Tensor):
+                base = value if value._base is None else value._base
+                stored[id(base)] = base.numel() * base.element_size()
+        return sum(stored.values())
 
 
 class StepPlan:
@@ -450,7 +465,7 @@ class RunState:
         ledger, plan = self.ledger, self.plan
         ledger.add_flops(ledger.outside_flops or 0, ledger.outside_flops or 0)
         if plan.is_full:  # only full steps store: partial steps leave the caches' size as it was
-            ledger.cache_bytes = max(ledger.cache_bytes, self.caches.nbytes())
+            ledger.cache_bytes = max(ledger.cache_bytes, self.caches.nbytes() + self.memo.nbytes())
         self.completed_stats, self.completed_marker = self.stats(), self.marker
         if plan.run_finished:  # this call's stream is done: hold no memory until the next run
             self.caches.drop_stream(self.stream)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
 from ditcache.adapters import transformer_adapter
 from ditcache.models import STDiT3Model
-from ditcache.state import BlockCache, RunState
+from ditcache.state import BlockCache, CallSignature, RunState
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8, input_sq_size=64)
@@ -112,7 +112,7 @@ def test_block_adapter_full_path_equals_the_block(temporal, score):
     expected = block(x, y, t, mask, None, None, frames, per_frame, rope=rope)
     run = RunState(settings)
     run.generator = torch.Generator().manual_seed(0)
-    run.signature = type("Signature", (), {"grid": (frames * 4, 5)})()
+    run.signature = CallSignature(2, (frames * 4, 5), torch.float32, torch.device("cpu"))
     run.plan.is_full, run.plan.step = True, 0
     cache = BlockCache()
     got = adapter.forward(run, cache, x, y, t, mask, None, None, frames, per_frame, rope)

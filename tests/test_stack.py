@@ -33,6 +33,27 @@ def test_a_lora_scale_reaches_the_tabulated_timestep_embedding(flux_pipe):
     torch.testing.assert_close(scaled_by_call, scaled_on_adapter, rtol=0, atol=0)
 
 
+def test_a_lora_fused_and_unfused_under_the_cache_gives_what_the_adapter_gives(flux_pipe):
+    """Fusing changes the weights the cached branches run with; each call starts a run, so no cache outlives it."""
+    from peft import LoraConfig
+
+    transformer = flux_pipe.transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "proj_mlp"], init_lora_weights=False))
+    apply_cache(flux_pipe, ToCaConfig(cache_interval=2, cache_ratio=0.7))
+    with_adapter = flux_images(flux_pipe)
+    assert cache_stats(flux_pipe).partial_steps
+    transformer.fuse_lora()
+    torch.testing.assert_close(flux_images(flux_pipe), with_adapter, rtol=1e-4, atol=1e-4)
+    transformer.unfuse_lora()
+    torch.testing.assert_close(flux_images(flux_pipe), with_adapter, rtol=1e-4, atol=1e-4)
+    transformer.disable_adapters()
+    without = flux_images(flux_pipe)
+    remove_cache(flux_pipe)
+    assert (with_adapter - without).abs().max() > 1e-3  # the adapter matters to this model
+    apply_cache(flux_pipe, ToCaConfig(cache_interval=2, cache_ratio=0.7))
+    torch.testing.assert_close(flux_images(flux_pipe), without, rtol=0, atol=0)
+
+
 def test_a_bare_flux_transformer_runs_under_inference_mode(flux_pipe):
     transformer = flux_pipe.transformer
     generator = torch.Generator().manual_seed(0)

@@ -52,6 +52,7 @@ class TransformerAdapter:
         self.latents_argument = spec.latents_argument
         self.timestep_argument = spec.timestep_argument
         self.signature = inspect.signature(type(transformer).forward)
+        self.dry_timestep: float | None = None  # set in a dry run (ditcache.memory), whose tensors hold no values
         parameters = self.signature.parameters
         if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
             for field in ("latents_argument", "timestep_argument"):
@@ -104,7 +105,10 @@ class TransformerAdapter:
         latents, timestep = bound[self.latents_argument], bound.get(self.timestep_argument)
         if timestep is None:
             raise ValueError(f"{type(self.transformer).__name__} was called without `{self.timestep_argument}`; ditcache needs it.")
-        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self.dry_timestep is not None:
+            value = self.dry_timestep
+        else:
+            value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         return CallInfo(latents, value, self.token_grid(latents, bound), bound)
 
     def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
@@ -112,10 +116,11 @@ class TransformerAdapter:
         patch = self.transformer.config.patch_size
         return latents.shape[-2] // patch, latents.shape[-1] // patch
 
-    @staticmethod
-    def is_guidance_batch(latents: torch.Tensor) -> bool:
+    def is_guidance_batch(self, latents: torch.Tensor) -> bool:
         """A classifier-free-guidance batch repeats the same latents in both halves."""
         batch = latents.shape[0]
+        if self.dry_timestep is not None:  # a dry run: only the halves' score rows depend on it, a few bytes
+            return False
         return batch % 2 == 0 and torch.equal(latents[: batch // 2], latents[batch // 2 :])
 
 
@@ -182,7 +187,7 @@ class FluxAdapter(TransformerAdapter):
     def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
         """From the last image position id (raster order); packed latents carry no grid of their own."""
         img_ids = arguments.get("img_ids")
-        if img_ids is None:
+        if img_ids is None or self.dry_timestep is not None:  # a dry run (ditcache.memory) reads no grid
             return latents.shape[1], 1
         _, row, col = img_ids.reshape(-1, img_ids.shape[-1])[-1].tolist()
         return int(row) + 1, int(col) + 1

@@ -1,0 +1,238 @@
+"""What a cache will hold, known before the run: the engine runs dry on a copy of the model without data.
+
+The copy is the model's class built from its config with fake tensors (``torch._subclasses.fake_tensor``,
+what ``torch.compile`` traces with): every tensor has its real shape, dtype and device type and no storage, so
+nothing is allocated and no call computes anything, and the engine keeps tensors of exactly the sizes a real
+run keeps. (The meta device would do as much, but some models' forwards refuse it, e.g. Mochi's autocast.) The
+cache is largest once the forecast holds all its terms (after ``forecast order + 1`` full steps) and partial
+steps have made their per-step tables; so the dry run takes that many full steps, one partial step and one full
+step, and reads the engine's own count (``CacheStats.cache_bytes``) of the blocks' caches and the run's memos.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+
+from .adapters import transformer_adapter
+from .config import CacheConfig, resolve_configs
+from .hooks import _refuse_compiled, attach
+from .schedule import FLAT
+
+_TRAINING_STEPS = 1000  # the schedulers' timestep range, from which the dry run's timesteps are drawn
+
+
+class _Timesteps:
+    """A scheduler stand-in: the timesteps of a run of the requested length, in the scheduler's units."""
+
+    def __init__(self, steps: int):
+        self.timesteps = torch.linspace(_TRAINING_STEPS, _TRAINING_STEPS / steps, steps)
+
+
+class _DryPipeline:
+    """Stands for the user's pipeline, whose scheduler tells the engine the run's step count."""
+
+    def __init__(self, steps: int):
+        self.scheduler = _Timesteps(steps)
+
+
+def fake_copy(transformer: nn.Module, mode: FakeTensorMode, dtype: torch.dtype | None = None) -> nn.Module:
+    """``transformer``'s class built from its config, its parameters and buffers fake CPU tensors of ``mode``
+    in ``dtype`` (default: the model's floating dtype). Built on the meta device first: nothing is allocated."""
+    _refuse_compiled(transformer)
+    dtype = dtype or next((p.dtype for p in transformer.parameters() if p.is_floating_point()), torch.float32)
+    with torch.device("meta"):
+        copy = type(transformer).from_config(transformer.config)
+    nn.Module.to(copy, dtype)  # nn.Module.to: diffusers' own warns of fp32-kept modules, which a copy has none of
+    cpu, to_fake = torch.device("cpu"), mode.fake_tensor_converter.from_meta_and_device
+    for module in copy.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                module._parameters[name] = nn.Parameter(to_fake(mode, parameter, cpu), requires_grad=False)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = to_fake(mode, buffer, cpu)
+    return copy.eval()
+
+
+def _fake(value, dtype: torch.dtype):
+    """A call argument as the copy takes it (inside the fake mode): tensors of the same shape, floating ones in
+    ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fake(item, dtype) for item in value)
+    return value
+
+
+def estimate_cache_bytes(
+    transformer: nn.Module,
+    config: CacheConfig | list[CacheConfig],
+    *,
+    num_inference_steps: int = 50,
+    calls_per_step: int = 1,
+    dtype: torch.dtype | None = None,
+    **call,
+) -> int:
+    """The most bytes ``config``'s cache holds during a run of ``transformer``, without running it on data.
+
+    Args:
+        transformer: the model, or one built on the meta device from a released config.json; it is not
+            changed (the estimate runs on a copy without data).
+        config: the caching config, as for ``apply_cache``.
+        num_inference_steps: the run's step count (per-step tables grow with it).
+        calls_per_step: transformer calls per denoising step: 2 where the pipeline runs classifier-free
+            guidance as two calls (Wan, true CFG); 1 where it batches them (then ``call``'s batch holds both).
+        dtype: the model's compute dtype (default: its parameters').
+        **call: the keyword arguments of one transformer call; only its tensors' shapes and dtypes are read
+            (they may be on the meta device).
+    """
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+    if not isinstance(calls_per_step, int) or calls_per_step < 1:
+        raise ValueError(f"`calls_per_step` must be an integer >= 1, got {calls_per_step!r}.")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    copy = fake_copy(transformer, mode, dtype)
+    dtype = next(copy.parameters()).dtype
+    model = transformer_adapter(copy)
+    settings = resolve_configs(config, model.family)
+    if not settings.caches:
+        return 0
+    # full steps until the forecast holds all its terms, then a partial step (which makes the per-step tables
+    # partial steps read), then the full step that counts it all; the same branches, scores and terms are kept
+    order = settings.forecast_order
+    schedule = replace(settings.schedule, full_steps_at_start=order + 1, cache_interval=2, full_step_rule="interval",
+                       interval_divisor=FLAT, forced_interval=None)
+    dry = replace(settings, schedule=schedule, control=None)
+    pipeline = _DryPipeline(num_inference_steps)  # held here: the step hook keeps it by weak reference
+    run = attach(copy, model, dry, config, pipeline, model.block_adapters(dry), model.branch_adapters(dry))
+    timesteps = pipeline.scheduler.timesteps.tolist()
+    with mode, torch.no_grad():
+        arguments = {name: _fake(value, dtype) for name, value in call.items()}
+        for step in range(min(num_inference_steps, order + 3)):
+            model.dry_timestep = timesteps[step] * model.timestep_scale + model.timestep_offset
+            for _ in range(calls_per_step):
+                try:
+                    copy(**arguments)
+                except (DataDependentOutputException, DynamicOutputShapeException) as error:
+                    raise ValueError(
+                        f"{type(transformer).__name__}'s forward reads its inputs' values to shape its tensors "
+                        f"({error.func}), which a run without data cannot: measure the cache on a real run instead "
+                        "(ditcache.cache_stats(...).cache_bytes)."
+                    ) from None
+    return run.ledger.cache_bytes
+
+
+# -- `ditcache memory`: each method's cache at a model's size -----------------------------------------------
+RELEASED_CONFIGS = Path(__file__).parent / "models" / "configs"  # released transformers' config.json, by name
+MEMORY_METHODS = ("fora:4", "fora:4:order=1", "toca:4:0.9:auto:auto", "ditcache")
+
+
+def load_config(source: str) -> dict:
+    """A transformer's config: a released name (``RELEASED_CONFIGS``), a config.json, or a model folder (a
+    pipeline's, with ``transformer/config.json``, or the transformer's own)."""
+    path = Path(source)
+    candidates = [RELEASED_CONFIGS / f"{source}.json", path, path / "transformer" / "config.json", path / "config.json"]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if found is None:
+        names = ", ".join(sorted(p.stem for p in RELEASED_CONFIGS.glob("*.json")))
+        raise ValueError(f"{source!r} is neither a released name ({names}) nor a config.json or a model folder with one.")
+    config = json.loads(found.read_text())
+    if not isinstance(config, dict) or "_class_name" not in config:
+        raise ValueError(f"{found} is not a diffusers model config (it has no `_class_name`).")
+    return config
+
+
+def vae_scale(source: str) -> int:
+    """The spatial downsampling of the pipeline's VAE: from a pipeline folder's ``vae/config.json``, else 8 (the
+    released FLUX.1 and Wan 2.1 VAEs)."""
+    path = Path(source) / "vae" / "config.json"
+    if not path.is_file():
+        return 8
+    config = json.loads(path.read_text())
+    if "scale_factor_spatial" in config:  # Wan's VAE
+        return int(config["scale_factor_spatial"])
+    return 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+
+
+def meta_transformer(config: dict) -> nn.Module:
+    """The transformer ``config`` describes, built on the meta device (no memory)."""
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"], None)
+    if cls is None:
+        raise ValueError(f"diffusers has no model class {config['_class_name']!r}.")
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+@dataclass(frozen=True)
+class CallAtSize:
+    """One transformer call of a pipeline at an image or video size: its arguments (meta tensors), the calls
+    per step (two where the pipeline runs guidance as two calls) and H, one hidden-state tensor of a call."""
+
+    arguments: dict
+    calls_per_step: int
+    hidden_bytes: int
+
+
+def call_at_size(transformer: nn.Module, height: int, width: int, frames: int, batch: int, text_tokens: int,
+                 dtype: torch.dtype, scale: int = 8) -> CallAtSize:
+    """The call that the family's pipeline makes at ``height`` x ``width`` (x ``frames``), its VAE downsampling
+    by ``scale``."""
+    config, name = transformer.config, type(transformer).__name__
+
+    def empty(*shape, kind=dtype):
+        return torch.empty(*shape, dtype=kind, device="meta")
+
+    if name == "FluxTransformer2DModel":  # VAE, then 2x2 patches packed into tokens
+        tokens, width_ = (height // (2 * scale)) * (width // (2 * scale)), config.num_attention_heads * config.attention_head_dim
+        arguments = {"hidden_states": empty(batch, tokens, config.in_channels),
+                     "encoder_hidden_states": empty(batch, text_tokens, config.joint_attention_dim),
+                     "pooled_projections": empty(batch, config.pooled_projection_dim), "timestep": empty(batch),
+                     "img_ids": empty(tokens, 3), "txt_ids": empty(text_tokens, 3)}
+        if config.guidance_embeds:
+            arguments["guidance"] = empty(batch)
+        return CallAtSize(arguments, 1, batch * (tokens + text_tokens) * width_ * dtype.itemsize)
+    if name == "WanTransformer3DModel":  # VAE / 4 in time, then 1x2x2 patches; guidance in two calls
+        latent = ((frames - 1) // 4 + 1, height // scale, width // scale)
+        patch = config.patch_size
+        tokens = (latent[0] // patch[0]) * (latent[1] // patch[1]) * (latent[2] // patch[2])
+        arguments = {"hidden_states": empty(batch, config.in_channels, *latent),
+                     "encoder_hidden_states": empty(batch, text_tokens, config.text_dim), "timestep": empty(batch)}
+        return CallAtSize(arguments, 2, batch * tokens * config.num_attention_heads * config.attention_head_dim * dtype.itemsize)
+    raise ValueError(f"`ditcache memory` builds the calls of FLUX.1 and Wan 2.1 pipelines, not {name}'s: "
+                     "call ditcache.estimate_cache_bytes with one call's arguments.")
+
+
+def run(args) -> list[tuple[str, int, float]]:
+    """``ditcache memory``: each method's cache at the model's size, in GiB and in H; the rows."""
+    from .cli import CommandError
+    from .eval.speed import parse_method
+
+    try:
+        methods = [parse_method(spec) for spec in args.methods or MEMORY_METHODS]
+        transformer = meta_transformer(load_config(args.model))
+        dtype = getattr(torch, args.dtype)
+        call = call_at_size(transformer, args.height, args.width, args.frames, args.batch, args.text_tokens, dtype, vae_scale(args.model))
+    except (ValueError, OSError) as error:
+        raise CommandError(str(error)) from None
+    rows = []
+    for method in methods:
+        if method.config is None:
+            raise CommandError(f"{method.spec}: `ditcache memory` estimates ditcache's own methods (fora, toca, ditcache).")
+        size = estimate_cache_bytes(transformer, method.config, num_inference_steps=args.steps, calls_per_step=call.calls_per_step,
+                                    dtype=dtype, **call.arguments)
+        rows.append((method.spec, size, size / call.hidden_bytes))
+    print(f"{args.model} at {args.height}x{args.width}" + (f"x{args.frames}" if "Wan" in type(transformer).__name__ else "")
+          + f", batch {args.batch}, {args.dtype}, {args.steps} steps, {call.calls_per_step} call(s) per step; "
+          f"H = {call.hidden_bytes / 2**20:.0f} MiB")
+    print(f"{'method':<24} {'cache':>10} {'in H':>8}")
+    for name, size, in_h in rows:
+        print(f"{name:<24} {size / 2**30:>6.2f} GiB {in_h:>8.1f}")
+    return rows

@@ -1,0 +1,145 @@
+"""Cache memory known before the run: ``estimate_cache_bytes`` (a dry run on a meta copy) against the bytes a
+real run measures, on every registered family, and at released sizes without allocating a weight."""
+
+import inspect
+
+import pytest
+import torch
+from test_generic import FAMILIES, build, timesteps
+
+from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, estimate_cache_bytes, preset
+from ditcache.specs import SPECS
+from eval import builders
+
+STEPS = 7
+VALUE_SHAPED = {"mochi"}  # its attention keeps the prompt tokens its mask's values select (torch.nonzero)
+GENERIC_CONFIGS = {
+    "fora": FORAConfig(cache_interval=3),
+    "forecast": FORAConfig(cache_interval=3, forecast_order=2),
+    "ditcache": preset("ditcache"),
+}
+
+
+def first_call(model):
+    """Records the arguments of the model's next call, by name."""
+    calls, signature = [], inspect.signature(model.forward)
+
+    def record(_module, args, kwargs):
+        if not calls:
+            calls.append(signature.bind(*args, **kwargs).arguments)
+
+    return calls, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("config", sorted(GENERIC_CONFIGS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_estimate_is_what_a_run_holds_on_every_generic_family(family, config):
+    model, config = build(family), GENERIC_CONFIGS[config]
+    call = FAMILIES[family][1]() | {SPECS[type(model).__name__].timestep_argument: timesteps(family)[0]}
+    apply_cache(model, config)
+    with torch.no_grad():
+        for t in timesteps(family):
+            model(**(call | {SPECS[type(model).__name__].timestep_argument: t}))
+    measured = cache_stats(model).cache_bytes
+    if family in VALUE_SHAPED:
+        with pytest.raises(ValueError, match=r"reads its inputs' values .*aten.nonzero.*cache_stats"):
+            estimate_cache_bytes(model, config, num_inference_steps=len(timesteps(family)), **call)
+        return
+    estimate = estimate_cache_bytes(model, config, num_inference_steps=len(timesteps(family)), **call)
+    assert measured > 0 and estimate == pytest.approx(measured, rel=0.05)
+
+
+PIPELINES = {  # the block adapters' families, run by their pipelines (per-step tables need the schedule)
+    "dit": (builders.dit_pipeline, {"class_labels": [1, 2]}),
+    "pixart": (builders.pixart_pipeline, {"prompt": "a red fox", "use_resolution_binning": False, "clean_caption": False}),
+    "flux": (builders.flux_pipeline, {"prompt": "a red fox", "height": 32, "width": 32, "max_sequence_length": 16}),
+    "opensora": (builders.opensora_pipeline, {"prompt": "a red fox", "num_frames": 5, "height": 16, "width": 24}),
+}
+BLOCK_CONFIGS = {
+    "fora": FORAConfig(cache_interval=3),
+    "toca": ToCaConfig(cache_interval=3, cache_ratio=0.7),
+    "ditcache": preset("ditcache"),
+}
+
+
+@pytest.mark.parametrize("config", sorted(BLOCK_CONFIGS))
+@pytest.mark.parametrize("family", sorted(PIPELINES))
+def test_the_estimate_is_what_a_pipeline_run_holds_on_the_block_adapters(family, config):
+    make, arguments = PIPELINES[family]
+    pipe, config = make(), BLOCK_CONFIGS[config]
+    pipe.set_progress_bar_config(disable=True)
+    calls, handle = first_call(pipe.transformer)
+    apply_cache(pipe, config)
+    pipe(**arguments, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    measured, call = cache_stats(pipe).cache_bytes, calls[0]
+    if family == "opensora":  # STDiT3 reads the size's values (its position scale), on which no size depends
+        with pytest.raises(ValueError, match="reads its inputs' values"):
+            estimate_cache_bytes(pipe.transformer, config, num_inference_steps=STEPS, **call)
+        call = call | {"height": None, "width": None}
+    estimate = estimate_cache_bytes(pipe.transformer, config, num_inference_steps=STEPS, **call)
+    assert measured > 0 and estimate == pytest.approx(measured, rel=0.05)
+
+
+def test_two_calls_per_step_hold_two_streams():
+    model, config = build("wan"), FORAConfig(cache_interval=3)
+    call = FAMILIES["wan"][1]() | {"timestep": timesteps("wan")[0]}
+    one = estimate_cache_bytes(model, config, num_inference_steps=STEPS, **call)
+    assert estimate_cache_bytes(model, config, num_inference_steps=STEPS, calls_per_step=2, **call) == 2 * one
+
+
+def test_a_released_size_is_estimated_on_a_meta_model_without_allocating_it():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(builders.flux_transformer().config)
+    call = {"hidden_states": torch.empty(1, 64, 16, device="meta"), "encoder_hidden_states": torch.empty(1, 8, 32, device="meta"),
+            "pooled_projections": torch.empty(1, 32, device="meta"), "timestep": torch.empty(1, device="meta"),
+            "img_ids": torch.empty(64, 3, device="meta"), "txt_ids": torch.empty(8, 3, device="meta"),
+            "guidance": torch.empty(1, device="meta")}
+    fora = estimate_cache_bytes(model, FORAConfig(cache_interval=3), **call)
+    assert fora > 0 and all(p.is_meta for p in model.parameters())
+    assert estimate_cache_bytes(model, FORAConfig(cache_interval=3), dtype=torch.bfloat16, **call) < fora
+    assert estimate_cache_bytes(model, FORAConfig(cache_interval=1), **call) == 0  # nothing cached
+
+
+@pytest.mark.parametrize(("argument", "value", "message"), [
+    ("num_inference_steps", 0, "`num_inference_steps` must be an integer >= 1"),
+    ("calls_per_step", 0, "`calls_per_step` must be an integer >= 1"),
+])
+def test_bad_estimate_arguments_are_named(argument, value, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_cache_bytes(build("wan"), FORAConfig(cache_interval=3), **{argument: value})
+
+
+def test_the_memory_command_at_a_pipelines_size_is_what_its_run_holds(saved_pipelines, capsys):
+    from diffusers import FluxPipeline
+
+    from ditcache import memory
+    from ditcache.cli import build_parser
+
+    pipe = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+    pipe.set_progress_bar_config(disable=True)
+    apply_cache(pipe, preset("ditcache"))
+    pipe("a red fox", num_inference_steps=STEPS, height=64, width=48, max_sequence_length=8, output_type="latent")
+    args = build_parser().parse_args(["memory", "--model", str(saved_pipelines / "flux"), "--height", "64", "--width", "48",
+                                      "--text-tokens", "8", "--steps", str(STEPS), "--dtype", "float32", "--methods", "ditcache", "fora:3"])
+    (name, size, in_h), _ = memory.run(args)
+    assert name == "ditcache" and size == pytest.approx(cache_stats(pipe).cache_bytes, rel=0.05)
+    tokens = (64 // (2 * pipe.vae_scale_factor)) * (48 // (2 * pipe.vae_scale_factor)) + 8  # image and text
+    hidden = tokens * pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim * 4
+    assert in_h == pytest.approx(size / hidden)
+    assert "H = " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "nope"], "neither a released name (flux1-dev, wan2.1-t2v-1.3b, wan2.1-t2v-14b)"),
+    (["--model", "flux1-dev", "--methods", "fbc:0.1"], "estimates ditcache's own methods"),
+    (["--model", "flux1-dev", "--methods", "fora:0"], "cache_interval"),
+])
+def test_memory_command_mistakes_are_one_line(argv, message, capsys):
+    from ditcache.cli import main
+
+    assert main(["memory", *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
