@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from .adapters import TransformerAdapter, transformer_adapter
@@ -39,11 +40,14 @@ FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_b
 class StepHook(ModelHook):
     """Transformer-level hook: one call per denoising step (or per guidance stream).
 
-    The start of a run is known, not guessed, when the cache was applied to a pipeline: every
-    pipeline call sets its scheduler's timesteps anew (a new tensor), so a call that sees another
-    timesteps object than the run's starts a new run, whatever happened to the last one (a callback
-    that raised, Ctrl-C between steps) and whichever way timesteps run. On a bare transformer the
-    start is inferred: a rising timestep, or a finished run.
+    Where a denoising loop says where it is, with diffusers' ``transformer.cache_context(name,
+    step_index=i, num_inference_steps=n)``, runs and steps follow it: step 0 starts a run, a name not yet
+    seen at a step is another guidance stream of it, and ``n`` is the step count. Otherwise the start
+    of a run is known, not guessed, when a pipeline calls: every pipeline call sets its scheduler's
+    timesteps anew (a new tensor), so a call that sees another timesteps object than the run's starts a
+    new run, whatever happened to the last one (a callback that raised, Ctrl-C between steps) and
+    whichever way timesteps run. On a bare transformer the start is inferred: a rising timestep, or a
+    finished run.
 
     A run belongs to the thread that started it. A call that enters while another thread's call is
     inside the transformer, or that would continue another thread's run, raises ``RuntimeError``; a
@@ -70,6 +74,9 @@ class StepHook(ModelHook):
         self._taken_over: dict[int, object] = {}  # thread -> marker (or last timestep) of the run it lost
         self._refused_markers: dict[int, object] = {}  # markers set by calls refused during this run, by id
         self._converted: tuple[object, tuple[float, ...] | None] = (None, None)  # a marker and its schedule
+        self.loop = StateManager(BaseState)  # diffusers sets the loop's CacheContext here (cache_context)
+        self._loop_start: int | None = None  # the loop's step_index at the run's start, where the loop gives one
+        self._step_names: set[str] = set()  # the context names served at this step: each is a guidance stream
 
     # The bookkeeping around the forward runs outside compiled graphs (``torch.compiler.disable``): under a
     # whole-model ``torch.compile`` its Python counters would become guards that change on every call.
@@ -125,14 +132,17 @@ class StepHook(ModelHook):
             )
         latents = call.latents
         signature = CallSignature(latents.shape[0], call.grid, latents.dtype, latents.device)
-        if marker is not None:  # the pipeline tells where runs start
+        position = self._loop_position()
+        if position is not None:
+            same_step, fresh = self._placed(position, thread)
+        elif marker is not None:  # the pipeline tells where runs start
             new_marker = marker is not run.marker and id(marker) not in self._refused_markers
             same_step = run.signature is not None and not new_marker and timestep == run.plan.last_timestep
             fresh = run.signature is None or new_marker or (run.plan.run_finished and not same_step)
         else:
             same_step = run.signature is not None and timestep == run.plan.last_timestep
             fresh = run.signature is None or (not same_step and (run.plan.run_finished or self._went_back(timestep)))
-        if fresh and marker is not None and self._continues_own_run(thread, timestep):
+        if fresh and position is None and marker is not None and self._continues_own_run(thread, timestep):
             raise RuntimeError(
                 "the pipeline's scheduler set new timesteps in the middle of this thread's run (another call on the "
                 "same pipeline, from another thread?), and this call continues the old run: its image would be "
@@ -164,14 +174,40 @@ class StepHook(ModelHook):
                 self._taken_over[run.owner] = run.marker if run.marker is not None else run.plan.last_timestep
             self._refused_markers.clear()
             group = self.model.sequence_group(run.settings)
-            run.start(signature, timestep, self._schedule(marker), self.model.is_guidance_batch(latents), marker, thread, group)
+            schedule, steps = self._schedule(marker), None
+            if position is not None:
+                self._loop_start, steps = position[1], position[2] - position[1]
+                schedule = schedule if schedule is not None and len(schedule) == steps else None
+            run.start(signature, timestep, schedule, self.model.is_guidance_batch(latents), marker, thread, group, steps)
             run.begin_step(timestep)
+            self._step_names.clear()
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
         else:
             run.begin_step(timestep)
+            self._step_names.clear()
+        if position is not None:
+            self._step_names.add(position[0])
         run.call_serial += 1
         run.in_call = True
+
+    def _loop_position(self) -> tuple[str, int, int] | None:
+        """``(name, step_index, num_inference_steps)`` of the loop's ``cache_context``, where it gives both."""
+        context = self.loop._context
+        if context is None or context.step_index is None or context.num_inference_steps is None:
+            return None
+        return context.name, int(context.step_index), int(context.num_inference_steps)
+
+    def _placed(self, position: tuple[str, int, int], thread: int) -> tuple[bool, bool]:
+        """``(same_step, fresh)`` for a call at the loop's ``position``: the next stream of this step (a name not
+        yet served at it), the next step of this thread's run, or else a new run."""
+        name, index, count = position
+        run = self.run
+        ours = run.signature is not None and run.owner == thread and self._loop_start is not None
+        ours = ours and count - self._loop_start == run.plan.steps
+        step = index - self._loop_start if ours else None
+        same_step = ours and step == run.plan.step and name not in self._step_names
+        return same_step, not same_step and not (ours and step == run.plan.step + 1)
 
     def _continues_own_run(self, thread: int, timestep: float) -> bool:
         """Whether a call that a new marker would start a run with is the next step of the unfinished run this

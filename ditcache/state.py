@@ -244,9 +244,10 @@ class StepPlan:
     and its decisions."""
 
     def __init__(self, settings: EngineSettings, schedule: tuple[float, ...] | None = None,
-                 first_timestep: float | None = None, meter: ErrorMeter | None = None):
+                 first_timestep: float | None = None, meter: ErrorMeter | None = None, steps: int | None = None):
         self.settings = settings
         self.schedule = schedule  # the run's timesteps as the model sees them, if known
+        self.steps = len(schedule) if schedule is not None else steps  # the run's step count, if known
         self.first_timestep = first_timestep
         self.meter = meter  # with a tolerance: the measured errors
         self.step = -1
@@ -257,15 +258,8 @@ class StepPlan:
         self.full_step_indices: list[int] = []
         self.full_step_reasons: list[str] = []
         self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
-        if meter is None and settings.schedule.needs_step_count:
-            if schedule is None:
-                warnings.warn(
-                    "the grid full-step rule needs the run's step count, which a bare transformer does not "
-                    "know: full steps follow the interval rule. Apply the cache to the pipeline to get the grid.",
-                    stacklevel=3,
-                )
-            else:
-                self.full_step_plan = settings.schedule.full_step_plan(len(schedule))
+        if meter is None and settings.schedule.needs_step_count and self.steps is not None:
+            self.full_step_plan = settings.schedule.full_step_plan(self.steps)
 
     def begin_step(self, timestep: float) -> None:
         """Advance to the next denoising step and decide, once, whether it is full."""
@@ -297,15 +291,15 @@ class StepPlan:
         return max(min(self.settings.forecast_order, len(self.full_step_indices) - 1), 0)
 
     def _progress(self, timestep: float) -> float:
-        if self.schedule is not None and len(self.schedule) > 1:
-            return self.settings.schedule.progress(self.step, len(self.schedule))
+        if self.steps is not None and self.steps > 1:
+            return self.settings.schedule.progress(self.step, self.steps)
         if self.first_timestep:  # no step count known: progress of the timestep itself
             return min(max(1.0 - timestep / self.first_timestep, 0.0), 1.0)
         return 0.0
 
     @property
     def run_finished(self) -> bool:
-        return self.schedule is not None and self.step + 1 >= len(self.schedule)
+        return self.steps is not None and self.step + 1 >= self.steps
 
     @property
     def on_schedule(self) -> bool:
@@ -423,16 +417,25 @@ class RunState:
         marker: object | None = None,
         owner: int | None = None,
         sequence_group=None,
+        steps: int | None = None,
     ) -> None:
         """Start a run. ``sequence_group``: under context parallelism, the ranks the sequence is sharded over,
-        whose measurements decide together (``ErrorMeter``)."""
+        whose measurements decide together (``ErrorMeter``); ``steps``: the step count, where no schedule
+        gives it (a loop's ``cache_context``)."""
         self.reset()
         self.signature = signature
         self.marker, self.owner = marker, owner
         self.started = next(_RUN_STARTS)
         self.guidance_batch = guidance_batch
         meter = ErrorMeter(signature.device, sequence_group) if self.settings.control is not None else None
-        self.plan = StepPlan(self.settings, schedule, timestep, meter)
+        self.plan = StepPlan(self.settings, schedule, timestep, meter, steps)
+        if meter is None and self.settings.schedule.needs_step_count and self.plan.steps is None:
+            warnings.warn(
+                "the grid full-step rule needs the run's step count, which a bare transformer does not know: full "
+                "steps follow the interval rule. Apply the cache to the pipeline to get the grid, or give the step in "
+                "the loop's transformer.cache_context(name, step_index=i, num_inference_steps=n).",
+                stacklevel=2,
+            )
         self.generator = torch.Generator(device=signature.device).manual_seed(self.settings.seed)
         merging = self.settings.merging
         if merging is not None and merging.seed is not None:

@@ -1,6 +1,9 @@
 """ToCa as published: the reference presets' full steps, the cache-frequency counter, pre-norm keys and
 the frequency term's divisor, each checked against what the reference code does."""
 
+import contextlib
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,9 @@ import torch
 import ditcache
 from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, record_selections
 from ditcache.adapters.flux import _score_taps
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+from ditcache.hooks import STEP_HOOK
 from ditcache.eval.builders import flux_transformer
 from ditcache.schedule import REFERENCE_PRESETS
 from test_opensora import call_inputs, sample, tiny_stdit3
@@ -81,6 +87,49 @@ def test_bare_transformer_with_the_grid_rule_warns_and_falls_back(dit_pipe):
     latents = torch.randn(2, 4, 8, 8)
     with pytest.warns(UserWarning, match="step count"):
         dit_pipe.transformer(latents, timestep=torch.tensor([999, 999]), class_labels=torch.tensor([1, 1000]))
+
+
+@contextlib.contextmanager
+def cache_context(transformer, name: str, **where):
+    """What ``transformer.cache_context(name, **where)`` does on the models that have it (DiT's has not)."""
+    _set_cache_context(transformer, CacheContext(name, **where))
+    try:
+        yield
+    finally:
+        _set_cache_context(transformer, None)
+
+
+def custom_loop(transformer, scheduler, steps: int, names=("cfg",), context=True):
+    """A hand-written DDIM loop over a bare DiT transformer; each name one call per step, in the loop's
+    cache context with ``step_index`` and ``num_inference_steps`` (with ``context``)."""
+    scheduler.set_timesteps(steps)
+    latents, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 1000])
+    for index, t in enumerate(scheduler.timesteps):
+        for name in names:
+            where = {"step_index": index, "num_inference_steps": steps} if context else {}
+            with cache_context(transformer, name, **where):
+                out = transformer(latents, timestep=t.expand(2), class_labels=labels).sample
+        latents = scheduler.step(out[:, :4], t, latents).prev_sample
+    return latents
+
+
+def test_a_custom_loop_that_gives_its_step_in_the_cache_context_runs_the_grid(dit_pipe):
+    """The step count comes from diffusers' CacheContext where a loop sets it: the reference grid on a bare
+    transformer, as the pipeline runs it; two names at a step are two guidance streams; step 0 starts a run."""
+    transformer = dit_pipe.transformer
+    apply_cache(transformer, ditcache.preset("toca-reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "needs the run's step count" fallback
+        custom_loop(transformer, dit_pipe.scheduler, 50)
+    assert list(cache_stats(transformer).full_step_indices) == REFERENCE_FULL_STEPS["dit", 50, 3]
+    custom_loop(transformer, dit_pipe.scheduler, 6, names=("cond", "uncond"))
+    run = transformer._diffusers_hook.get_hook(STEP_HOOK).run
+    assert cache_stats(transformer).steps == 6 and run.caches.blocks == {}  # a finished run keeps no cache
+    custom_loop(transformer, dit_pipe.scheduler, 1, names=("cond", "uncond"))
+    custom_loop(transformer, dit_pipe.scheduler, 1, names=("cond", "uncond"))  # the same first timestep: a new run
+    assert cache_stats(transformer).steps == 1
+    with pytest.warns(UserWarning, match="step count"):  # without the step in the context: the bare-transformer fallback
+        custom_loop(transformer, dit_pipe.scheduler, 6, context=False)
 
 
 # -- the cache-frequency counter ------------------------------------------------------------------
