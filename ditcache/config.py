@@ -15,6 +15,7 @@ from functools import partial
 
 import numpy as np
 
+from .codecs import CACHE_PRECISIONS
 from .control import ErrorControl
 from .forecast import FORECASTERS, NEWTON, Forecaster
 from .schedule import PRESETS, REFERENCE_PRESETS, CacheSchedule, Preset
@@ -150,6 +151,7 @@ class EngineSettings:
     forecast_order: int = 0
     forecaster: Forecaster = NEWTON
     control: ErrorControl | None = None
+    cache_precision: str = "model"
 
     @property
     def caches(self) -> bool:
@@ -199,6 +201,9 @@ class ToCaConfig:
         max_interval: with a tolerance, the most steps between two full steps.
         random_share: with a tolerance, the share of each partial step's recomputed tokens drawn at random
             rather than by score, on which the error is measured without bias (0: on all recomputed tokens).
+        cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
+            computed) or ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of
+            bf16's bytes; recomputed rows then serve their step only).
     """
 
     cache_interval: int | None = None
@@ -216,11 +221,13 @@ class ToCaConfig:
     tolerance: float | None = None
     max_interval: int = DEFAULT_MAX_INTERVAL
     random_share: float = DEFAULT_RANDOM_SHARE
+    cache_precision: str = "model"
 
     def __post_init__(self) -> None:
         _normalise(self)
         _check_control(self)
         _check_float("random_share", self.random_share, 0.0, 1.0)
+        _check_choice("cache_precision", self.cache_precision, CACHE_PRECISIONS)
         if self.cache_interval is not None:
             _check_int("cache_interval", self.cache_interval, 1, MAX_SIZE)
         if self.cache_ratio is not None:
@@ -256,6 +263,7 @@ class ToCaConfig:
             forecast_order=self.forecast_order,
             forecaster=_forecaster(self),
             control=_control(self, schedule.cache_interval, self.random_share),
+            cache_precision=self.cache_precision,
         )
 
 
@@ -276,6 +284,9 @@ class FORAConfig:
         probe_ratio: with a tolerance, the share of tokens that partial steps compute afresh, drawn at
             random, to measure the error between full steps (their fresh values are kept; their FLOPs
             counted), in [0, 1).
+        cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
+            computed) or ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of
+            bf16's bytes; recomputed rows then serve their step only).
     """
 
     cache_interval: int = 3
@@ -287,10 +298,12 @@ class FORAConfig:
     tolerance: float | None = None
     max_interval: int = DEFAULT_MAX_INTERVAL
     probe_ratio: float = 0.0
+    cache_precision: str = "model"
 
     def __post_init__(self) -> None:
         _normalise(self)
         _check_control(self)
+        _check_choice("cache_precision", self.cache_precision, CACHE_PRECISIONS)
         _check_float("probe_ratio", self.probe_ratio, 0.0, 1.0)
         if self.probe_ratio >= 1.0:
             raise ValueError(f"`probe_ratio` must be a number in [0, 1), got {self.probe_ratio!r}.")
@@ -310,6 +323,7 @@ class FORAConfig:
             method="fora", schedule=schedule, score="random" if self.probe_ratio else None, frequency_weight=0.0,
             spatial_bonus=0.0, spatial_grid=1, seed=0, forecast_order=self.forecast_order,
             forecaster=_forecaster(self), control=_control(self, schedule.cache_interval, 1.0),
+            cache_precision=self.cache_precision,
         )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from . import codecs
+from .codecs import Stored
 from .config import EngineSettings
 from .control import ErrorMeter
 from .forecast import Forecaster
@@ -105,10 +107,14 @@ class BlockCache:
     step's forecast only (without a forecast, into the stored value, where they persist, as ToCa
     defines it). Re-anchoring recomputed rows in the stored value was measured too: within 0.2 dB on the
     reference DiT, 0.2-1.0 dB worse on the reference FLUX (eval/BENCHMARKS.md).
+
+    With ``precision="float8"`` values and differences are kept in float8 with a scale per token
+    (``ditcache.codecs``) and decoded when read: a partial step's recomputed rows then serve that step only,
+    as with a forecast.
     """
 
-    branches: dict[str, torch.Tensor] = field(default_factory=dict)  # value at the last full step
-    differences: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # f[s0, s1], f[s0, s1, s2], ...
+    branches: dict[str, Stored] = field(default_factory=dict)  # value at the last full step
+    differences: dict[str, list[Stored]] = field(default_factory=dict)  # f[s0, s1], f[s0, s1, s2], ...
     nodes: dict[str, list[int]] = field(default_factory=dict)  # full steps s0 > s1 > ... behind them
     base_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # per token group
     normalized_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # the same at unit L2 norm
@@ -117,31 +123,36 @@ class BlockCache:
     text_values: torch.Tensor | None = None  # cross-attention values, where partial steps recompute its rows
     layouts: dict[str, tuple] = field(default_factory=dict)  # generic path: each branch's output structure and FLOPs
     versions: dict[str, int | None] = field(default_factory=dict)  # generic path: kept tensors' version counters
+    precision: str = "model"  # how values and differences are stored (ditcache.codecs.CACHE_PRECISIONS)
 
     def store(self, branch: str, value: torch.Tensor, step: int, order: int) -> None:
         """Keep a full step's output and update its divided differences up to ``order``."""
         previous, nodes = self.branches.get(branch), self.nodes.get(branch, [])
         differences = []
         if order and previous is not None:
-            old = self.differences.get(branch, [])
-            difference = (value - previous) / (step - nodes[0])
+            old = [codecs.decode(d) for d in self.differences.get(branch, [])]
+            difference = (value - codecs.decode(previous)) / (step - nodes[0])
             differences.append(difference)
             for k in range(1, min(order, len(old) + 1)):
                 difference = (difference - old[k - 1]) / (step - nodes[k])
                 differences.append(difference)
-        self.branches[branch] = value
-        self.differences[branch] = differences
+        self.branches[branch] = codecs.encode(value, self.precision)
+        self.differences[branch] = [codecs.encode(d, self.precision) for d in differences]
         self.nodes[branch] = [step, *nodes][: order + 1]
 
+    def kept(self, branch: str) -> torch.Tensor:
+        """The value kept at the last full step: the stored tensor itself as computed (recomputed rows written
+        into it persist), a decoded copy in float8."""
+        return codecs.decode(self.branches[branch])
+
     def current(self, branch: str, step: int, forecaster: Forecaster) -> torch.Tensor:
-        """The value a partial step uses for a branch. Without differences: the stored tensor itself
-        (recomputed rows written into it persist). With them: a new tensor, ``forecaster``'s forecast at
-        ``step`` (recomputed rows written into it serve this step only)."""
-        value, differences = self.branches[branch], self.differences.get(branch)
+        """The value a partial step uses for a branch. Without differences: ``kept(branch)``. With them: a new
+        tensor, ``forecaster``'s forecast at ``step`` (recomputed rows written into it serve this step only)."""
+        value, differences = self.kept(branch), self.differences.get(branch)
         if not differences:
             return value
         for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
-            value = torch.add(value, difference, alpha=factor)
+            value = torch.add(value, codecs.decode(difference), alpha=factor)
         return value
 
     def forecast_terms(self, branch: str, step: int, flat: torch.Tensor, forecaster: Forecaster) -> torch.Tensor | None:
@@ -152,7 +163,7 @@ class BlockCache:
             return None
         terms = None
         for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
-            rows = difference.view(-1, difference.shape[-1]).index_select(0, flat) * factor
+            rows = codecs.rows(difference, flat) * factor
             terms = rows if terms is None else terms + rows
         return terms
 
@@ -160,7 +171,7 @@ class BlockCache:
         differences = [t for values in self.differences.values() for t in values]
         tensors = [*self.branches.values(), *differences, *self.base_scores.values(), *self.normalized_scores.values(),
                    *self.since_recompute.values(), self.text_keys, self.text_values]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(codecs.nbytes(t) for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -357,7 +368,8 @@ class StreamCaches:
     """The blocks' caches, one per block and guidance stream, and the step's token choices, which every
     stream of a step shares (``ditcache.selection``)."""
 
-    def __init__(self):
+    def __init__(self, precision: str = "model"):
+        self.precision = precision
         self.blocks: dict[tuple[str, int], BlockCache] = {}
         # (block, group or branch) -> (tokens, transformer calls served), for the current step
         self.step_selections: dict[tuple[str, str], tuple] = {}
@@ -365,7 +377,7 @@ class StreamCaches:
     def block(self, name: str, stream: int) -> BlockCache:
         key = (name, stream)
         if key not in self.blocks:
-            self.blocks[key] = BlockCache()
+            self.blocks[key] = BlockCache(precision=self.precision)
         return self.blocks[key]
 
     def nbytes(self) -> int:
@@ -398,7 +410,7 @@ class RunState:
         self.owner: int | None = None  # the thread that started the run
         self.plan = StepPlan(self.settings)
         self.ledger = Ledger()
-        self.caches = StreamCaches()
+        self.caches = StreamCaches(self.settings.cache_precision)
         self.memo = RunMemo()
         self.stream = 0  # the guidance stream of the call in progress
         self.guidance_batch = False

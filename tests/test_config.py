@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ditcache import FORAConfig, ToCaConfig, ToMeConfig
+from ditcache import FORAConfig, ToCaConfig, ToMeConfig, preset
 from ditcache.config import config_from_dict, config_to_dict
 from ditcache.schedule import PRESETS, CacheSchedule, Ramp
 
@@ -157,3 +157,9 @@ def test_fora_resolves_to_no_recompute():
     settings = FORAConfig(cache_interval=2).resolve("pixart")
     assert not settings.recomputes_tokens and settings.score is None
     assert settings.schedule.recompute_fraction(0.5, 0.5, "mlp") == 0.0
+
+
+@pytest.mark.parametrize("make", [ToCaConfig, FORAConfig, lambda **kwargs: preset("ditcache", **kwargs)])
+def test_an_unknown_cache_precision_is_named_with_the_allowed_ones(make):
+    with pytest.raises(ValueError, match="`cache_precision` must be one of 'model', 'float8'; got 'fp4'"):
+        make(cache_precision="fp4")

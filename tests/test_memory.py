@@ -15,6 +15,7 @@ STEPS = 7
 VALUE_SHAPED = {"mochi"}  # its attention keeps the prompt tokens its mask's values select (torch.nonzero)
 GENERIC_CONFIGS = {
     "fora": FORAConfig(cache_interval=3),
+    "float8": preset("ditcache", cache_precision="float8"),
     "forecast": FORAConfig(cache_interval=3, forecast_order=2),
     "ditcache": preset("ditcache"),
 }
@@ -59,6 +60,7 @@ BLOCK_CONFIGS = {
     "fora": FORAConfig(cache_interval=3),
     "toca": ToCaConfig(cache_interval=3, cache_ratio=0.7),
     "ditcache": preset("ditcache"),
+    "float8": ToCaConfig(cache_interval=3, cache_ratio=0.7, forecast_order=1, cache_precision="float8"),
 }
 
 
@@ -101,6 +103,40 @@ def test_a_released_size_is_estimated_on_a_meta_model_without_allocating_it():
     assert fora > 0 and all(p.is_meta for p in model.parameters())
     assert estimate_cache_bytes(model, FORAConfig(cache_interval=3), dtype=torch.bfloat16, **call) < fora
     assert estimate_cache_bytes(model, FORAConfig(cache_interval=1), **call) == 0  # nothing cached
+
+
+def test_float8_rows_round_trip_within_their_stated_error():
+    from ditcache.codecs import FLOAT8_MAX, FLOAT8_RELATIVE_ERROR, Float8Rows
+
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(3, 40, 64, generator=generator) * torch.logspace(-8, 3, 40)[:, None]  # rows of every size
+    value[0, 0, :32] *= 1e-6  # tiny entries beside large ones in a row
+    stored = Float8Rows.encode(value)
+    error, largest = (stored.decode() - value).abs(), value.abs().amax(dim=-1, keepdim=True)
+    normal = value.abs() >= largest * 2.0**-6 / FLOAT8_MAX
+    assert (error[normal] <= FLOAT8_RELATIVE_ERROR * value.abs()[normal]).all()
+    assert (error[~normal] <= (largest * 2.0**-10 / FLOAT8_MAX).expand_as(value)[~normal]).all() and (~normal).any()
+    flat = torch.tensor([0, 41, 119])
+    torch.testing.assert_close(stored.rows(flat), stored.decode().view(-1, 64)[flat], rtol=0, atol=0)
+    assert stored.nbytes() == value.numel() + 4 * 3 * 40
+
+
+def test_float8_storage_holds_half_of_bf16_and_stays_close(saved_pipelines):
+    """The preset with its cache in float8 on bf16 FLUX: about half the bytes, the same steps, close images."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(saved_pipelines / "flux", torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    images, sizes = {}, {}
+    for precision in ("model", "float8"):
+        apply_cache(pipe, preset("ditcache", tolerance=0.4, cache_precision=precision))
+        images[precision] = pipe("a red fox", num_inference_steps=20, height=64, width=64, max_sequence_length=8,
+                                 generator=torch.Generator().manual_seed(0), output_type="latent").images.float()
+        sizes[precision] = cache_stats(pipe)
+    assert sizes["float8"].full_step_indices == sizes["model"].full_step_indices and sizes["model"].partial_steps
+    blocks = sizes["model"].cache_bytes
+    assert 0.5 * blocks < sizes["float8"].cache_bytes < 0.65 * blocks
+    assert (images["float8"] - images["model"]).abs().max() < 0.1 * images["model"].abs().max()
 
 
 @pytest.mark.parametrize(("argument", "value", "message"), [

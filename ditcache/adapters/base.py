@@ -176,7 +176,7 @@ class BlockAdapter:
     def reuse(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
         """The value of ``branch`` on this partial step: its last output, or its forecast."""
         if not cache.differences.get(branch):
-            return cache.branches[branch]
+            return cache.kept(branch)
         return self._forecast(run, cache, branch)
 
     @torch.compiler.disable  # the step enters as a Python number: keep it out of compiled graphs
@@ -187,7 +187,7 @@ class BlockAdapter:
 
     def reuse_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
         """The selected rows of ``reuse(run, cache, branch)``, forecasting those rows only."""
-        rows = gather_rows(cache.branches[branch], selection)
+        rows = gather_rows(cache.kept(branch), selection)
         if not cache.differences.get(branch):
             return rows
         return rows + self._forecast_rows(run, cache, branch, selection).view_as(rows)

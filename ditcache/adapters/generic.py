@@ -205,7 +205,8 @@ class BranchAdapter:
             if run.plan.meter is not None and self.measured and key in cache.branches:
                 run.measure_kept(cache, key, tensor)
             cache.store(key, tensor, run.plan.step, order)
-            cache.versions[key] = None if tensor.is_inference() else tensor._version
+            # a tensor kept as computed could be changed in place by the model; an encoded copy cannot
+            cache.versions[key] = None if tensor.is_inference() or cache.precision != "model" else tensor._version
         return output
 
     def _measured(self, run: RunState, shapes: tuple, call) -> tuple[object, int]:

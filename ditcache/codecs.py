@@ -1,0 +1,73 @@
+"""How the cache stores a tensor: as computed, or in float8 (e4m3) with one scale per token.
+
+Pure tensor math; ``ditcache.state.BlockCache`` decides what it stores with which codec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT8 = torch.float8_e4m3fn
+FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448: each row is scaled so that its largest magnitude lands here
+FLOAT8_RELATIVE_ERROR = 2.0**-4  # e4m3 keeps 3 mantissa bits: rounding moves a normal value by at most 1/16 of it
+CACHE_PRECISIONS = ("model", "float8")
+
+
+@dataclass(frozen=True)
+class Float8Rows:
+    """A tensor kept in float8 e4m3 with one float32 scale per row (per token, the last dimension being the
+    features): 1 byte an element plus 4 a row, against 2 (bf16) or 4 (fp32). Values down to 2**-6 / 448 of their
+    row's largest magnitude keep a relative error of at most ``FLOAT8_RELATIVE_ERROR``; smaller ones (e4m3's
+    subnormals) an absolute error of at most 2**-10 / 448 of that largest magnitude."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @classmethod
+    def encode(cls, value: torch.Tensor) -> "Float8Rows":
+        scale = value.abs().amax(dim=-1, keepdim=True).float().clamp_min(torch.finfo(torch.float32).tiny) / FLOAT8_MAX
+        return cls((value.float() / scale).to(FLOAT8), scale, value.dtype)
+
+    def decode(self) -> torch.Tensor:
+        return (self.data.float() * self.scale).to(self.dtype)
+
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """The decoded rows ``flat`` (indices over the leading dimensions flattened), ``(len(flat), features)``."""
+        features = self.data.shape[-1]
+        data = self.data.view(-1, features).index_select(0, flat)
+        return (data.float() * self.scale.view(-1, 1).index_select(0, flat)).to(self.dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+Stored = torch.Tensor | Float8Rows
+
+
+def encode(value: torch.Tensor, precision: str) -> Stored:
+    """``value`` as the cache keeps it with ``precision`` (one of ``CACHE_PRECISIONS``)."""
+    return Float8Rows.encode(value) if precision == "float8" else value
+
+
+def decode(stored: Stored) -> torch.Tensor:
+    return stored.decode() if isinstance(stored, Float8Rows) else stored
+
+
+def rows(stored: Stored, flat: torch.Tensor) -> torch.Tensor:
+    """Rows ``flat`` of a stored tensor (indices over its leading dimensions flattened)."""
+    if isinstance(stored, Float8Rows):
+        return stored.rows(flat)
+    return stored.view(-1, stored.shape[-1]).index_select(0, flat)
+
+
+def nbytes(stored: Stored | None) -> int:
+    if stored is None:
+        return 0
+    return stored.nbytes() if isinstance(stored, Float8Rows) else stored.numel() * stored.element_size()
