@@ -40,10 +40,6 @@ class Float8Rows:
         data = self.data.view(-1, features).index_select(0, flat)
         return (data.float() * self.scale.view(-1, 1).index_select(0, flat)).to(self.dtype)
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 

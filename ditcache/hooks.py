@@ -180,11 +180,11 @@ class StepHook(ModelHook):
                 schedule = schedule if schedule is not None and len(schedule) == steps else None
             run.start(signature, timestep, schedule, self.model.is_guidance_batch(latents), marker, thread, group, steps)
             run.begin_step(timestep)
-            self._step_names.clear()
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
         else:
             run.begin_step(timestep)
+        if fresh or not same_step:
             self._step_names.clear()
         if position is not None:
             self._step_names.add(position[0])

@@ -33,13 +33,12 @@ def token_scores(
     bias: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     shape: tuple[int, int] | None = None,
-    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Each token's ``score`` from the ``(batch, heads, tokens, head_dim)`` projections ``SCORES`` names for
     it, and the FLOPs it cost. ``scale`` is the attention's softmax scale (default ``head_dim ** -0.5``),
-    ``bias`` the cross-attention mask; ``random`` draws ``shape = (batch, tokens)`` from ``generator``, onto ``device`` (default: the generator's)."""
+    ``bias`` the cross-attention mask; ``random`` draws ``shape = (batch, tokens)`` from ``generator``."""
     if score == "random":
-        return random_scores(*shape, generator).to(device or generator.device), 0
+        return random_scores(*shape, generator), 0
     if score in ("k_norm", "v_norm"):
         (name,) = SCORES[score]
         return projection_norm(projections[name]), 0

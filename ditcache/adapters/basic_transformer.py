@@ -228,7 +228,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         attn = self.block.attn2 if cross else self.block.attn1
         projections = {name: split_heads(value, attn.heads) for name, value in taps.items()}
         value, flops = S.token_scores(score, projections, scale=attn.scale, bias=_bias(encoder_attention_mask) if cross else None,
-                                      generator=run.generator, device=run.signature.device, shape=shape[:2])
+                                      generator=run.generator, shape=shape[:2])
         if cross:
             cache.text_keys = projections["cross_key"]
         if value.shape[-1] != shape[1]:

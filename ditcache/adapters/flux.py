@@ -57,7 +57,7 @@ def _token_scores(run: RunState, attn, score: str, taps: dict, rotary, batch: in
         if rotary is not None and score == "attention":  # the queries and keys the attention multiplies
             projection = apply_rotary_emb(projection, rotary, sequence_dim=1)
         projections[name] = projection.transpose(1, 2)
-    return S.token_scores(score, projections, generator=run.generator, device=run.signature.device, shape=(batch, tokens))
+    return S.token_scores(score, projections, generator=run.generator, shape=(batch, tokens))
 
 
 @torch.compiler.disable

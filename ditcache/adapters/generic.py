@@ -133,7 +133,7 @@ class BlockTokens:
     def _group_scores(self, run: RunState, cache: BlockCache, group: str, tokens: int) -> torch.Tensor:
         rows = cache.since_recompute[group].shape[0]
         if self.attention is None or self.settings.score == "random":
-            return S.token_scores("random", {}, generator=run.generator, device=run.signature.device, shape=(rows, tokens))[0]
+            return S.token_scores("random", {}, generator=run.generator, shape=(rows, tokens))[0]
         sequence = cache.base_scores.get("sequence")
         if sequence is None or group not in self.order:
             raise RuntimeError(f"{self.block_name}: no {self.settings.score} score of its {group!r} tokens was kept on the last full step.")

@@ -183,7 +183,7 @@ class STDiT3BlockAdapter(BlockAdapter):
                 groups, length, _ = taps["qkv"].shape
                 parts = taps["qkv"].view(groups, length, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, groups, heads, length, dim)
                 projections = {name: parts[index] for index, name in ((1, "key"), (2, "value")) if name in S.SCORES[score]}
-            value, flops = S.token_scores(score, projections, scale=attn.scale, generator=run.generator, device=run.signature.device, shape=(batch, tokens))
+            value, flops = S.token_scores(score, projections, scale=attn.scale, generator=run.generator, shape=(batch, tokens))
         if value.shape != (batch, tokens):  # per attention group (frame or position): back to frame-major
             value = self.block.groups_to_frames(value[..., None], batch, frames)[..., 0]
         self.store_base_score(run, cache, "image", value)
