@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: FLUX.1-dev geometry (19 double + 38 single blocks, 3072 wide, 4096 image +
 # 512 text tokens) with random weights in bf16, and OpenSora 1.2 (STDiT3-XL, 51 frames), uncached against
-# FORA, ToCa (the preset), a forecast and diffusers' caches; eager and compiled; the Triton kernels off
+# FORA, ToCa (the preset), a forecast (its cache also in float8) and diffusers' caches; eager and compiled; the Triton kernels off
 # and on. Every table is appended to $OUT/gpu_bench.md (default: runs/) with the device named; copy the
 # tables into eval/BENCHMARKS.md. Meant to fit one 8-minute call on an H200 (an estimate: not run on a GPU yet).
 #
@@ -47,6 +47,8 @@ fi
 bench "FLUX.1-dev geometry, $long steps, eager" "${flux[@]}" --steps "$long" --methods "${methods[@]}" "${common[@]}"
 DITCACHE_TRITON=1 bench "FLUX.1-dev geometry, $long steps, eager, Triton kernels on" \
     "${flux[@]}" --steps "$long" --methods uncached toca:4:0.9:auto:auto "${common[@]}"
+bench "FLUX.1-dev geometry, $short steps, eager, the cache in float8 (time and memory against the model's precision)" \
+    "${flux[@]}" --steps "$short" --methods uncached fora:4:order=1 fora:4:order=1:store=float8 "${common[@]}"
 bench "FLUX.1-dev geometry, $short steps, compiled blocks" \
     "${flux[@]}" --steps "$short" --methods uncached fora:4 toca:4:0.9:auto:auto --compile "${common[@]}"
 bench "OpenSora 1.2 (STDiT3-XL), $video_steps steps, eager" \
