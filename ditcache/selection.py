@@ -31,14 +31,17 @@ def choose_tokens(
     drawn: int,
     grid: tuple[int, tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """The ``(rows, count)`` tokens ``key`` (a branch or token group of ``block``) recomputes in this call.
+    """The ``(rows, count)`` tokens ``key`` (a branch or token group of ``block``) recomputes in this call;
+    ``count`` is that of the step's first call for ``key``.
 
     ``base()`` gives the group's normalised base score (read only when this step has no choice yet),
     ``since`` the stream's steps since each token was recomputed (advanced here), ``grid`` the frames and
     per-frame token grid of the image tokens for the spatial bonus (None: no bonus)."""
     memo = (block, key)
     made = run.caches.step_selections.get(memo)
-    if made is None or made[0].shape != (since.shape[0], count):  # a stream of another batch size chooses for itself
+    # the first call of the step chooses, its count included (every branch of a token group takes the group's
+    # choice); a stream of another batch size chooses for itself
+    if made is None or made[0].shape[0] != since.shape[0]:
         made = run.caches.step_selections[memo] = (_choose(run, settings, block, key, base(), since, count, drawn, grid), set())
     index, served = made
     if run.call_serial not in served:  # once per call: the branches of one group share the call's choice

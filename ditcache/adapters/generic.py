@@ -112,8 +112,8 @@ class BlockTokens:
         None when none. One choice per step serves every branch of the group and every guidance stream
         (``ditcache.selection``)."""
         count = round(self.settings.schedule.recompute_fraction(run.plan.progress, self.layer_position, branch) * tokens)
-        run.ledger.add_recompute(count / tokens)
         if not count:
+            run.ledger.add_recompute(0.0)
             return None
 
         def base() -> torch.Tensor:
@@ -123,6 +123,7 @@ class BlockTokens:
 
         since = cache.since_recompute[group]
         index = choose_tokens(run, self.settings, self.block_name, group, base, since, count, self.drawn(count))
+        run.ledger.add_recompute(index.shape[1] / tokens)
         return torch.cat([index, index]) if run.guidance_batch else index
 
     def drawn(self, count: int) -> int:
