@@ -15,6 +15,7 @@ from functools import partial
 
 import numpy as np
 
+from .budget import WHOLE_CHAIN, CacheLayout, MemoryBudget, parse_budget
 from .codecs import CACHE_PRECISIONS
 from .control import ErrorControl
 from .forecast import FORECASTERS, NEWTON, Forecaster
@@ -33,6 +34,9 @@ DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps
 DEFAULT_RANDOM_SHARE = 0.25  # error control's share of ToCa's recomputed tokens drawn at random
 DITCACHE_TOLERANCE = 0.2  # preset("ditcache")'s default: about 4.2-4.6x fewer FLOPs at 42-50 dB at 50 steps
 DITCACHE_MAX_INTERVAL = 12  # preset("ditcache")'s longest interval, or 3 initial intervals where longer
+# preset("ditcache")'s cache budget: 16 hidden states for all guidance streams, at most 2 GiB at FLUX.1-dev 1024x1024
+# and 12 GiB at Wan 2.1 14B 1280x720x81 (eval/BENCHMARKS.md, "A cache memory budget").
+DITCACHE_CACHE_MEMORY = "16H"
 
 
 def family_preset(schedule: str, family: str) -> Preset:
@@ -58,6 +62,38 @@ def _check_forecast(config) -> None:
         raise ValueError("`forecaster='hermite'` forecasts from differences: give a `forecast_order` in [1, 4].")
     if config.forecaster == "bdf2_heun" and config.forecast_order != 2:
         raise ValueError(f"`forecaster='bdf2_heun'` uses the last three full steps: `forecast_order` must be 2, got {config.forecast_order}.")
+
+
+def cache_span(layout: str) -> int:
+    """``cache_layout`` as a span size: 0 per branch, 1 per block, N per span of N blocks."""
+    if layout == "branch":
+        return 0
+    if layout == "block":
+        return 1
+    if layout == "chain":
+        return WHOLE_CHAIN
+    name, _, size = layout.partition(":") if isinstance(layout, str) else ("", "", "")
+    if name != "span" or not size.isdigit() or not 2 <= int(size) <= MAX_SIZE:
+        raise ValueError(f"`cache_layout` must be 'branch', 'block', 'span:N' with N in [2, {MAX_SIZE}] or 'chain', got {layout!r}.")
+    return int(size)
+
+
+def _check_storage(config) -> None:
+    """The cache's precision, layout and budget; a residual layout keeps no branch output, so no token of a
+    branch can be recomputed from it (ToCa, FORA's probe)."""
+    _check_choice("cache_precision", config.cache_precision, CACHE_PRECISIONS)
+    span = cache_span(config.cache_layout)
+    if config.cache_memory is not None:
+        parse_budget(config.cache_memory)
+    recomputes = isinstance(config, ToCaConfig) or getattr(config, "probe_ratio", 0.0) > 0
+    if span and recomputes:
+        what = "ToCa recomputes tokens of branch outputs" if isinstance(config, ToCaConfig) else "`probe_ratio` recomputes tokens of branch outputs"
+        raise ValueError(f"`cache_layout={config.cache_layout!r}` keeps block residuals, not branch outputs, and {what}: "
+                         "use cache_layout='branch' (a `cache_memory` budget then gives up precision and forecast order only).")
+
+
+def _budget(config) -> MemoryBudget | None:
+    return None if config.cache_memory is None else parse_budget(config.cache_memory)
 
 
 def _forecaster(config) -> Forecaster:
@@ -152,6 +188,14 @@ class EngineSettings:
     forecaster: Forecaster = NEWTON
     control: ErrorControl | None = None
     cache_precision: str = "model"
+    cache_span: int = 0  # 0: per branch; N: the residual of each span of N blocks (ditcache.residual)
+    cache_memory: MemoryBudget | None = None
+    residual_allowed: bool = False  # whether a budget may choose a residual layout (nothing recomputes branch tokens)
+
+    @property
+    def layout(self) -> CacheLayout:
+        """The layout the config asks for, before any budget."""
+        return CacheLayout(self.cache_span, self.cache_precision, self.forecast_order)
 
     @property
     def caches(self) -> bool:
@@ -204,6 +248,13 @@ class ToCaConfig:
         cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
             computed) or ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of
             bf16's bytes; recomputed rows then serve their step only).
+        cache_layout: ``"branch"`` only: ToCa recomputes tokens of branch outputs (see :class:`FORAConfig`).
+        cache_memory: a budget for the cache, for all guidance streams together: bytes, or a string such as
+            ``"4GiB"`` or ``"16H"`` (H: one hidden-state tensor of a call). Within it the engine keeps the
+            config's own layout where it fits, else gives up storage precision (float8), then forecast order (``ditcache.budget.layouts_to_try``), choosing at the
+            start of each run from the call's shapes; a budget that no layout meets raises ``ValueError`` there,
+            before anything runs, stating the minimum (``ditcache.estimate_cache_bytes`` tells it beforehand).
+            ``cache_stats(...).cache_layout`` says what was chosen. ``None``: no budget.
     """
 
     cache_interval: int | None = None
@@ -222,12 +273,14 @@ class ToCaConfig:
     max_interval: int = DEFAULT_MAX_INTERVAL
     random_share: float = DEFAULT_RANDOM_SHARE
     cache_precision: str = "model"
+    cache_layout: str = "branch"
+    cache_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         _normalise(self)
         _check_control(self)
         _check_float("random_share", self.random_share, 0.0, 1.0)
-        _check_choice("cache_precision", self.cache_precision, CACHE_PRECISIONS)
+        _check_storage(self)
         if self.cache_interval is not None:
             _check_int("cache_interval", self.cache_interval, 1, MAX_SIZE)
         if self.cache_ratio is not None:
@@ -264,6 +317,7 @@ class ToCaConfig:
             forecaster=_forecaster(self),
             control=_control(self, schedule.cache_interval, self.random_share),
             cache_precision=self.cache_precision,
+            cache_memory=_budget(self),
         )
 
 
@@ -287,6 +341,17 @@ class FORAConfig:
         cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
             computed) or ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of
             bf16's bytes; recomputed rows then serve their step only).
+        cache_layout: what the cache keeps: ``"branch"`` (each cached branch's output), ``"block"`` (each block's
+            residual, its output minus its input: one tensor per block), ``"span:N"`` (the residual of each span
+            of N consecutive blocks, which partial steps skip whole) or ``"chain"`` (one residual per unbroken run
+            of blocks; ``ditcache.residual``). Only ``"branch"`` serves tokens recomputed on partial steps.
+        cache_memory: a budget for the cache, for all guidance streams together: bytes, or a string such as
+            ``"4GiB"`` or ``"16H"`` (H: one hidden-state tensor of a call). Within it the engine keeps the
+            config's own layout where it fits, else gives up, in this order, storage precision (float8), then
+            coarser residual layouts, then forecast order (``ditcache.budget.layouts_to_try``), choosing at the
+            start of each run from the call's shapes; a budget that no layout meets raises ``ValueError`` there,
+            before anything runs, stating the minimum (``ditcache.estimate_cache_bytes`` tells it beforehand).
+            ``cache_stats(...).cache_layout`` says what was chosen. ``None``: no budget.
     """
 
     cache_interval: int = 3
@@ -299,11 +364,12 @@ class FORAConfig:
     max_interval: int = DEFAULT_MAX_INTERVAL
     probe_ratio: float = 0.0
     cache_precision: str = "model"
+    cache_layout: str = "branch"
+    cache_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         _normalise(self)
         _check_control(self)
-        _check_choice("cache_precision", self.cache_precision, CACHE_PRECISIONS)
         _check_float("probe_ratio", self.probe_ratio, 0.0, 1.0)
         if self.probe_ratio >= 1.0:
             raise ValueError(f"`probe_ratio` must be a number in [0, 1), got {self.probe_ratio!r}.")
@@ -314,6 +380,7 @@ class FORAConfig:
             _check_int("full_steps_at_start", self.full_steps_at_start, 1, MAX_SIZE)
         _check_forecast(self)
         _check_choice("schedule", self.schedule, FORA_SCHEDULES)
+        _check_storage(self)
 
     def resolve(self, family: str) -> EngineSettings:
         preset = family_preset(self.schedule, family)
@@ -323,7 +390,8 @@ class FORAConfig:
             method="fora", schedule=schedule, score="random" if self.probe_ratio else None, frequency_weight=0.0,
             spatial_bonus=0.0, spatial_grid=1, seed=0, forecast_order=self.forecast_order,
             forecaster=_forecaster(self), control=_control(self, schedule.cache_interval, 1.0),
-            cache_precision=self.cache_precision,
+            cache_precision=self.cache_precision, cache_span=cache_span(self.cache_layout), cache_memory=_budget(self),
+            residual_allowed=self.probe_ratio == 0,
         )
 
 
@@ -402,7 +470,13 @@ def resolve_configs(configs: CacheConfig | list[CacheConfig] | tuple[CacheConfig
     if not caching:
         return merging[0].resolve(family)
     settings = caching[0].resolve(family)
-    return replace(settings, merging=merging[0].merge_settings()) if merging else settings
+    if not merging:
+        return settings
+    if settings.cache_span:
+        raise ValueError("token merging runs inside the branches, which a residual `cache_layout` skips on partial steps "
+                         "and runs as diffusers wrote them on full steps: use cache_layout='branch' with ToMeConfig.")
+    # a budget keeps the merged branches' layout: merging runs through the block adapters
+    return replace(settings, merging=merging[0].merge_settings(), residual_allowed=False)
 
 
 def ditcache_initial_interval(tolerance: float) -> int:
@@ -420,8 +494,8 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     reused between full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
     against fidelity): it sets the controller's bound and the interval before its first measurement
-    (``ditcache_initial_interval``; from 3 on, one first full step on every family). ``changes`` override
-    any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
+    (``ditcache_initial_interval``; from 3 on, one first full step on every family). Its cache holds at most 16
+    hidden states (``cache_memory="16H"``; ``cache_memory=None`` lifts the budget). ``changes`` override any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
     _check_float("tolerance", tolerance, 0.0)
     initial = ditcache_initial_interval(tolerance)
     # A long start replaces the family's first full steps (three on FLUX) by one: 3-11 dB at 5.6-6.4x on the
@@ -429,7 +503,7 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     start = 1 if initial >= 3 else None
     # the largest tolerances ask for intervals past any run: held at the longest a config takes
     settings = dict(cache_interval=min(initial, MAX_SIZE), full_steps_at_start=start, forecast_order=2, forecaster="bdf2_heun",
-                    max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE))
+                    max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE), cache_memory=DITCACHE_CACHE_MEMORY)
     return FORAConfig(tolerance=tolerance, **settings | changes)
 
 

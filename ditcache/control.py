@@ -37,6 +37,8 @@ FULL_STEP_REASONS = {
     "error": "the measured error, extrapolated to this step, passed the tolerance",
     "max_interval": "the error was under the tolerance, but max_interval steps had passed",
     "non_finite": "the measured error was not finite (a NaN or infinite sample): nothing bounds it, so no step is skipped",
+    "memory": "a guidance stream more than the cache_memory budget was planned for appeared at the first step: the caches "
+              "were dropped for a layout that fits them all, and this step keeps them anew",
 }
 
 

@@ -4,6 +4,7 @@ matrix products and convolutions (2 FLOPs per multiply-add); norms, activations 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,3 +116,28 @@ def count_flops(fn: Callable[[], object], module: nn.Module | None = None) -> tu
     if module is None:
         return result, counter.get_total_flops()
     return result, sum(counter.get_flop_counts().get(type(module).__name__, {}).values())
+
+
+def measured_flops(run, counted: dict, shapes: tuple, name: str, module: nn.Module, call: Callable[[], object]) -> tuple[object, int]:
+    """``call()`` and its FLOPs, measured with ``FlopCounterMode`` (the counter diffusers' own numbers use) on
+    the first call with these input ``shapes`` and remembered in ``counted`` for the next ones.
+
+    Counting never breaks a run: where the counter cannot run the call (flex attention's higher-order op), it
+    runs again without it and only ``module``'s linear layers are counted; ``run.flops_uncounted`` (read by
+    ``CacheStats.flops_uncounted``) names ``name`` and why."""
+    flops = counted.get(shapes)
+    if flops is not None:
+        return call(), flops
+    try:
+        output, flops = count_flops(call)
+    except Exception as error:  # noqa: BLE001 - the model's own errors raise again from the plain call
+        with record_layer_flops(module, lambda: True) as total:
+            output = call()
+        flops = total[0]
+        why = f"{type(error).__name__}: {str(error)[:200]}"
+        if not run.flops_uncounted:  # once; cache_stats lists every such call
+            warnings.warn(f"{name} (and the branches that cache_stats(...).flops_uncounted names): FLOPs counted "
+                          f"from their linear layers only; FlopCounterMode failed with {why}", stacklevel=3)
+        run.flops_uncounted[name] = why
+    counted[shapes] = flops
+    return output, flops

@@ -7,8 +7,10 @@ block adapter. Nothing is patched on a class: ``remove_cache`` restores the orig
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import replace
@@ -21,8 +23,10 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from .adapters import TransformerAdapter, transformer_adapter
+from .budget import WHOLE_CHAIN, CacheLayout
 from .config import CacheConfig, EngineSettings, resolve_configs
 from .flops import record_layer_flops
+from .residual import block_streams, residual_hooks
 from .state import CacheStats, CallSignature, Memo, RunState, SelectionEvent
 
 STEP_HOOK = "ditcache.step"
@@ -30,8 +34,10 @@ BLOCK_HOOK = "ditcache.block"
 CONSTANT_HOOK = "ditcache.run_constant"
 TABLE_HOOK = "ditcache.step_table"
 BRANCH_HOOK = "ditcache.branch"
+RESIDUAL_HOOK = "ditcache.residual"
 # diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
 # same work twice, so ``apply_cache`` refuses a transformer that carries one.
+DEFAULT_PLANNED_STEPS = 50  # a budget's plan where the run's step count is unknown (per-step tables grow with it)
 CALLER_SEARCH_DEPTH = 32  # frames searched for the calling pipeline's __call__ (hooks, no_grad, progress wrappers)
 GROUP_OFFLOADING_HOOK = "group_offloading"  # diffusers' name for the hook that loads a group's weights
 FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache")
@@ -77,6 +83,7 @@ class StepHook(ModelHook):
         self.loop = StateManager(BaseState)  # diffusers sets the loop's CacheContext here (cache_context)
         self._loop_start: int | None = None  # the loop's step_index at the run's start, where the loop gives one
         self._step_names: set[str] = set()  # the context names served at this step: each is a guidance stream
+        self._layouts: dict[tuple, object] = {}  # with a cache_memory budget: the layout chosen per call shape and streams
 
     # The bookkeeping around the forward runs outside compiled graphs (``torch.compiler.disable``): under a
     # whole-model ``torch.compile`` its Python counters would become guards that change on every call.
@@ -118,6 +125,7 @@ class StepHook(ModelHook):
         run = self.run
         run.in_call = False
         run.arguments = {}  # hold none of the call's tensors between calls
+
         run.end_call()
 
     def _enter(self, module: nn.Module, call) -> None:
@@ -178,18 +186,81 @@ class StepHook(ModelHook):
             if position is not None:
                 self._loop_start, steps = position[1], position[2] - position[1]
                 schedule = schedule if schedule is not None and len(schedule) == steps else None
-            run.start(signature, timestep, schedule, self.model.is_guidance_batch(latents), marker, thread, group, steps)
+            guidance_batch = self.model.is_guidance_batch(latents)
+            steps = steps if steps is not None else (len(schedule) if schedule is not None else None)
+            streams = 1 if guidance_batch else self._expected_streams(module)
+            plan = self._layout(module, call, streams, steps)
+            run.start(signature, timestep, schedule, guidance_batch, marker, thread, group, steps, plan and plan.layout)
+            run.planned_streams, run.ledger.cache_budget = streams, plan.limit if plan else 0
             run.begin_step(timestep)
         elif same_step:
             run.stream += 1  # a second call at the same step, e.g. unbatched guidance
+            if run.stream >= run.planned_streams and run.plan.step == 0 and run.settings.cache_memory is not None:
+                self._replan(module, call)
         else:
             run.begin_step(timestep)
+        run.begin_call()
         if fresh or not same_step:
             self._step_names.clear()
         if position is not None:
             self._step_names.add(position[0])
         run.call_serial += 1
         run.in_call = True
+
+    def _expected_streams(self, module: nn.Module) -> int:
+        """Guidance streams a run is expected to have (its batch not being a guidance batch): two where the calling
+        pipeline runs guidance, as its ``do_classifier_free_guidance`` property (Wan, CogVideoX) or its call's
+        ``do_true_cfg`` (FLUX.1, Qwen-Image with a negative prompt) says, else one. A stream more than expected
+        changes the layout at the first step (``_replan``)."""
+        pipeline, local = self._caller(module)
+        if local.get("do_true_cfg") is True:
+            return 2
+        try:
+            return 2 if getattr(pipeline, "do_classifier_free_guidance", False) is True else 1
+        except Exception:  # noqa: BLE001 - a pipeline property reading state its call has not set
+            return 1
+
+    def _layout(self, module: nn.Module, call, streams: int, steps: int | None):
+        """With a ``cache_memory`` budget, the ``LayoutPlan`` that fits this call's shapes for ``streams`` guidance
+        streams (found once per shape by dry runs, ``ditcache.memory.choose_layout``); None without a budget."""
+        from .memory import DryRunError, LayoutPlan, choose_layout  # the planner runs the engine itself on a fake copy
+
+        settings = self.run.settings
+        if settings.cache_memory is None:
+            return None
+        shapes = tuple((name, tuple(value.shape), value.dtype) for name, value in call.arguments.items() if isinstance(value, torch.Tensor))
+        key = (shapes, streams, steps)
+        if key not in self._layouts:
+            arguments = {}
+            for name, value in call.arguments.items():
+                kind = self.model.signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(value)
+                elif name != "self":
+                    arguments[name] = value
+            arguments = self.model.dry_arguments(arguments)
+            try:
+                self._layouts[key] = choose_layout(module, settings, arguments, streams, steps or DEFAULT_PLANNED_STEPS,
+                                                   call.latents.dtype)
+            except DryRunError as error:
+                smallest = CacheLayout(WHOLE_CHAIN if residual_possible(self.model, settings) else settings.cache_span,
+                                       "float8", settings.forecast_order)
+                warnings.warn(f"cache_memory={settings.cache_memory} cannot be planned: {error} The cache keeps the smallest "
+                              f"layout at the config's forecast order ({smallest}) without a bound; pass cache_memory=None "
+                              "to keep the config's own layout.", stacklevel=2)
+                self._layouts[key] = LayoutPlan(smallest, 0, 0)
+        return self._layouts[key]
+
+    def _replan(self, module: nn.Module, call) -> None:
+        """A guidance stream more than planned at the first step: choose for them all; where the layout changes,
+        the caches kept so far are dropped and the next step is full."""
+        run = self.run
+        run.planned_streams = run.stream + 1
+        plan = self._layout(module, call, run.planned_streams, run.plan.steps)
+        run.ledger.cache_budget = plan.limit
+        if plan.layout != run.layout:
+            run.use_layout(plan.layout)
+            run.plan.full_next_step = True
 
     def _loop_position(self) -> tuple[str, int, int] | None:
         """``(name, step_index, num_inference_steps)`` of the loop's ``cache_context``, where it gives both."""
@@ -233,6 +304,11 @@ class StepHook(ModelHook):
         """The pipeline whose ``__call__`` is calling ``module`` now, read from the call stack: pipelines made
         with ``from_pipe(pipe, scheduler=...)`` share the transformer but not the scheduler, so the pipeline
         ``apply_cache`` was given (the fallback, for custom denoising loops) may not be the one running."""
+        return self._caller(module)[0]
+
+    def _caller(self, module: nn.Module) -> tuple[DiffusionPipeline | None, dict]:
+        """The calling pipeline (see ``_calling_pipeline``) and the local variables of its ``__call__`` (empty
+        where the pipeline is the fallback)."""
         frame = sys._getframe(1)
         for _ in range(CALLER_SEARCH_DEPTH):
             if frame is None:
@@ -242,9 +318,9 @@ class StepHook(ModelHook):
                 if isinstance(caller, DiffusionPipeline) and any(
                     getattr(caller, name, None) is module for name in ("transformer", "transformer_2")
                 ):
-                    return caller
+                    return caller, _read_locals(frame)
             frame = frame.f_back
-        return self._pipeline() if self._pipeline is not None else None
+        return (self._pipeline() if self._pipeline is not None else None), {}
 
     def _schedule(self, timesteps) -> tuple[float, ...] | None:
         """The timesteps a scheduler set (``timesteps``, the marker), in the model's units; None without any."""
@@ -258,6 +334,19 @@ class StepHook(ModelHook):
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.run.reset()
         return module
+
+
+def _read_locals(frame) -> dict:
+    """A copy of a running frame's locals, leaving nothing held on the frame. Before Python 3.13 ``f_locals`` is a
+    dict kept on the frame, filled from its locals at each read, whose references outlive them: read at each
+    transformer call, it kept the pipeline's last-step latents and predictions alive (measured: six latent-sized
+    tensors). It is emptied after the copy: before 3.13 the frame's locals are written back from that dict only
+    right after a Python trace function returns, and the dict is filled anew from them right before it is called."""
+    local = frame.f_locals
+    values = dict(local)
+    if sys.version_info < (3, 13):
+        local.clear()
+    return values
 
 
 class RunConstantHook(ModelHook):
@@ -348,7 +437,7 @@ class AdapterHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         run = self.run
-        if not run.in_call:
+        if not run.in_call or run.spans is not None:  # a residual layout runs the block as diffusers wrote it
             return self.fn_ref.original_forward(*args, **kwargs)
         was_in_block, run.in_block = run.in_block, True
         try:
@@ -405,6 +494,7 @@ def apply_cache(target, config: CacheConfig | list[CacheConfig]):
         model = transformer_adapter(transformer)
         settings = resolve_configs(config, model.family)
         model.sequence_group(settings)  # refuses what context parallelism cannot serve, when it is already on
+        residual_possible(model, settings)  # refuses a residual layout on blocks whose streams are not known
         prepared.append((transformer, model, settings, model.block_adapters(settings), model.branch_adapters(settings)))
     for _, _, _, adapters, _ in prepared:
         _refuse_block_offloading_beneath(adapters)
@@ -423,12 +513,25 @@ def attach(transformer: nn.Module, model, settings: EngineSettings, config, pipe
         HookRegistry.check_if_exists_or_initialize(adapter.block).register_hook(AdapterHook(run, adapter), BLOCK_HOOK)
     for adapter in branch_adapters:
         HookRegistry.check_if_exists_or_initialize(adapter.module).register_hook(AdapterHook(run, adapter), BRANCH_HOOK)
+    if residual_possible(model, settings):  # registered last: outermost on the block
+        for block, hook in residual_hooks(run, model.blocks()):
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, RESIDUAL_HOOK)
     for name, (module, sources) in model.run_constants().items():
         HookRegistry.check_if_exists_or_initialize(module).register_hook(RunConstantHook(run, name, sources), CONSTANT_HOOK)
     for module, lookup in model.step_tables().values():
         HookRegistry.check_if_exists_or_initialize(module).register_hook(StepTableHook(run, lookup), TABLE_HOOK)
     transformer._diffusers_hook.invalidate_child_registries_cache()
     return run
+
+
+def residual_possible(model: TransformerAdapter, settings: EngineSettings) -> bool:
+    """Whether runs may keep residuals: asked for by the config, or open to its budget where every block's
+    streams are known. A config asking for one on a model whose blocks are not known is refused."""
+    if settings.cache_span:
+        residual_hooks(None, model.blocks())  # raises, naming the block, where one is not known
+        return True
+    return settings.cache_memory is not None and settings.residual_allowed and all(
+        block_streams(block) is not None for _, block in model.blocks())
 
 
 def _refuse_block_offloading_beneath(adapters: list) -> None:
@@ -467,7 +570,7 @@ def remove_cache(target):
             registry = getattr(module, "_diffusers_hook", None)
             if registry is None:
                 continue
-            for name in (BLOCK_HOOK, CONSTANT_HOOK, TABLE_HOOK, BRANCH_HOOK):
+            for name in (BLOCK_HOOK, CONSTANT_HOOK, TABLE_HOOK, BRANCH_HOOK, RESIDUAL_HOOK):
                 registry.remove_hook(name, recurse=False)
             if not registry.hooks:
                 drop_empty_registry(module)

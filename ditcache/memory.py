@@ -12,6 +12,7 @@ step, and reads the engine's own count (``CacheStats.cache_bytes``) of the block
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,12 +20,19 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
+from . import codecs
 from .adapters import transformer_adapter
-from .config import CacheConfig, resolve_configs
-from .hooks import _refuse_compiled, attach
+from .budget import CacheLayout, layouts_to_try, readable_bytes
+from .config import CacheConfig, EngineSettings, resolve_configs
+from .hooks import _refuse_compiled, attach, residual_possible
 from .schedule import FLAT
+from .state import RunState
 
 _TRAINING_STEPS = 1000  # the schedulers' timestep range, from which the dry run's timesteps are drawn
+
+
+class DryRunError(ValueError):
+    """The model's forward reads its inputs' values to shape its tensors, which a run without data cannot do."""
 
 
 class _Timesteps:
@@ -80,6 +88,7 @@ def estimate_cache_bytes(
     **call,
 ) -> int:
     """The most bytes ``config``'s cache holds during a run of ``transformer``, without running it on data.
+    With a ``cache_memory`` budget: what the layout the budget chooses holds (``ValueError`` where none fits).
 
     Args:
         transformer: the model, or one built on the meta device from a released config.json; it is not
@@ -92,45 +101,160 @@ def estimate_cache_bytes(
         **call: the keyword arguments of one transformer call; only its tensors' shapes and dtypes are read
             (they may be on the meta device).
     """
+    return estimate_cache(transformer, config, num_inference_steps=num_inference_steps, calls_per_step=calls_per_step,
+                          dtype=dtype, **call)[0]
+
+
+def estimate_cache(transformer: nn.Module, config: CacheConfig | list[CacheConfig], *, num_inference_steps: int = 50,
+                   calls_per_step: int = 1, dtype: torch.dtype | None = None, **call) -> tuple[int, CacheLayout | None]:
+    """``estimate_cache_bytes``, and the layout the cache keeps (None where nothing is cached)."""
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
     if not isinstance(calls_per_step, int) or calls_per_step < 1:
         raise ValueError(f"`calls_per_step` must be an integer >= 1, got {calls_per_step!r}.")
+    _refuse_compiled(transformer)
+    model = transformer_adapter(transformer)
+    settings = resolve_configs(config, model.family)
+    if not settings.caches:
+        return 0, None
+    if settings.cache_memory is not None:
+        plan = choose_layout(transformer, settings, model.dry_arguments(call), calls_per_step, num_inference_steps, dtype)
+        settings = with_layout(settings, plan.layout)
+    return _dry_run(transformer, settings, call, num_inference_steps, calls_per_step, dtype).ledger.cache_bytes, settings.layout
+
+
+def with_layout(settings: EngineSettings, layout: CacheLayout) -> EngineSettings:
+    """``settings`` keeping their caches in ``layout``, with no budget left to apply."""
+    return replace(settings, cache_span=layout.span, cache_precision=layout.precision, forecast_order=layout.order, cache_memory=None)
+
+
+def _dry_run(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, calls_per_step: int,
+             dtype: torch.dtype | None, dry_steps: int | None = None) -> RunState:
+    """The engine run on a fake copy of ``transformer`` with ``settings``: full steps until the forecast holds all
+    its terms, then a partial step (which makes the per-step tables partial steps read), then the full step
+    that counts it all (``dry_steps`` first calls only, where given); the run state it leaves."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     copy = fake_copy(transformer, mode, dtype)
     dtype = next(copy.parameters()).dtype
     model = transformer_adapter(copy)
-    settings = resolve_configs(config, model.family)
-    if not settings.caches:
-        return 0
-    # full steps until the forecast holds all its terms, then a partial step (which makes the per-step tables
-    # partial steps read), then the full step that counts it all; the same branches, scores and terms are kept
     order = settings.forecast_order
     schedule = replace(settings.schedule, full_steps_at_start=order + 1, cache_interval=2, full_step_rule="interval",
                        interval_divisor=FLAT, forced_interval=None)
     dry = replace(settings, schedule=schedule, control=None)
-    pipeline = _DryPipeline(num_inference_steps)  # held here: the step hook keeps it by weak reference
-    run = attach(copy, model, dry, config, pipeline, model.block_adapters(dry), model.branch_adapters(dry))
+    pipeline = _DryPipeline(steps)  # held here: the step hook keeps it by weak reference
+    run = attach(copy, model, dry, None, pipeline, model.block_adapters(dry), model.branch_adapters(dry))
+    run.keep_after_run = True
     timesteps = pipeline.scheduler.timesteps.tolist()
     with mode, torch.no_grad():
         arguments = {name: _fake(value, dtype) for name, value in call.items()}
-        for step in range(min(num_inference_steps, order + 3)):
+        for step in range(min(steps, dry_steps or order + 3)):
             model.dry_timestep = timesteps[step] * model.timestep_scale + model.timestep_offset
             for _ in range(calls_per_step):
                 try:
                     copy(**arguments)
                 except (DataDependentOutputException, DynamicOutputShapeException) as error:
-                    raise ValueError(
+                    raise DryRunError(
                         f"{type(transformer).__name__}'s forward reads its inputs' values to shape its tensors "
                         f"({error.func}), which a run without data cannot: measure the cache on a real run instead "
                         "(ditcache.cache_stats(...).cache_bytes)."
                     ) from None
-    return run.ledger.cache_bytes
+    return run
+
+
+def _stored_bytes(stored, precision: str) -> int:
+    """Bytes of a kept tensor if it were kept in ``precision``."""
+    shape = stored.data.shape if isinstance(stored, codecs.Float8Rows) else stored.shape
+    numel = math.prod(shape)
+    if precision == "float8":
+        return numel + numel // shape[-1] * 4
+    dtype = stored.dtype
+    return numel * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class LayoutCosts:
+    """What each layout holds for one call's shapes, per guidance stream, from dry runs: ``memo`` the run's memos;
+    ``branch`` per branch key its kept value and the other per-block state (scores, counters) in bytes;
+    ``chains`` the unbroken runs of blocks, and ``residuals`` each block's residual tensors; ``hidden`` H."""
+
+    memo: int
+    branch_values: tuple
+    branch_other: int
+    branch_memo: int
+    chains: tuple
+    residuals: dict
+    hidden: int
+
+    def bytes(self, layout: CacheLayout) -> int:
+        terms = layout.order + 1
+        if layout.span == 0:
+            return self.branch_memo + self.branch_other + terms * sum(_stored_bytes(v, layout.precision) for v in self.branch_values)
+        total = self.memo
+        for chain in self.chains:
+            for start in chain[:: layout.span]:
+                total += terms * sum(_stored_bytes(v, layout.precision) for v in self.residuals[start])
+        return total
+
+
+def layout_costs(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, dtype: torch.dtype | None,
+                 residual: bool) -> LayoutCosts:
+    """Dry runs of one guidance stream: the config's branch layout (if it is one) and a residual per block (if
+    ``residual``)."""
+    memo, values, other, chains, residuals, hidden = 0, (), 0, (), {}, 0
+    branch_memo = 0
+    if settings.cache_span == 0:
+        run = _dry_run(transformer, with_layout(settings, settings.layout), call, steps, 1, dtype)
+        caches = run.caches.blocks.values()
+        values = tuple(value for cache in caches for value in cache.branches.values())
+        kept = sum(codecs.nbytes(value) for cache in caches for values_ in ([*cache.branches.values()], *cache.differences.values()) for value in values_)
+        other = sum(cache.nbytes() for cache in caches) - kept
+        branch_memo = run.memo.nbytes()
+    if residual:
+        run = _dry_run(transformer, with_layout(settings, CacheLayout(1, "model", 0)), call, steps, 1, dtype, dry_steps=1)
+        chains = tuple(tuple(chain) for chain in run.spans.chains)
+        residuals = {name: tuple(cache.branches.values()) for (name, _), cache in run.caches.blocks.items()}
+        memo = run.memo.nbytes()
+        hidden = max(sum(codecs.nbytes(v) for v in values_) for values_ in residuals.values())
+    return LayoutCosts(memo, values, other, branch_memo, chains, residuals, hidden)
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """What a budget chose for a call: the layout, the budget in bytes there, and what the layout holds."""
+
+    layout: CacheLayout
+    limit: int
+    size: int
+
+
+def choose_layout(transformer: nn.Module, settings: EngineSettings, call: dict, streams: int, steps: int,
+                  dtype: torch.dtype | None = None, residual: bool | None = None) -> LayoutPlan:
+    """The first of ``ditcache.budget.layouts_to_try`` whose cache, for ``streams`` guidance streams of this
+    call, fits ``settings.cache_memory``; ``ValueError`` stating the smallest where none does."""
+    if residual is None:
+        residual = residual_possible(transformer_adapter(transformer), settings)
+    residual = residual or settings.cache_span > 0
+    costs = layout_costs(transformer, settings, call, steps, dtype, residual)
+    hidden = costs.hidden or max((_stored_bytes(v, "model") for v in costs.branch_values), default=1)
+    limit = settings.cache_memory.limit(hidden)
+    candidates = layouts_to_try(settings.layout, residual)
+    sizes = []
+    for layout in candidates:
+        size = streams * costs.bytes(layout)
+        if size <= limit:
+            return LayoutPlan(layout, limit, size)
+        sizes.append((size, layout))
+    smallest, layout = min(reversed(sizes), key=lambda item: item[0])  # the coarsest of equal sizes
+    raise ValueError(
+        f"cache_memory={settings.cache_memory} ({readable_bytes(limit)} here, H = {readable_bytes(hidden)}) is below what any "
+        f"layout can keep for this call and {streams} guidance stream(s): the smallest is {readable_bytes(smallest)} "
+        f"({smallest / hidden:.2f}H, {layout}). Give at least that, or leave cache_memory out."
+    )
 
 
 # -- `ditcache memory`: each method's cache at a model's size -----------------------------------------------
 RELEASED_CONFIGS = Path(__file__).parent / "models" / "configs"  # released transformers' config.json, by name
-MEMORY_METHODS = ("fora:4", "fora:4:order=1", "toca:4:0.9:auto:auto", "ditcache")
+MEMORY_METHODS = ("fora:4", "fora:4:order=1", "toca:4:0.9:auto:auto", "ditcache:memory=none", "ditcache")
 
 
 def load_config(source: str) -> dict:
@@ -226,13 +350,13 @@ def run(args) -> list[tuple[str, int, float]]:
     for method in methods:
         if method.config is None:
             raise CommandError(f"{method.spec}: `ditcache memory` estimates ditcache's own methods (fora, toca, ditcache).")
-        size = estimate_cache_bytes(transformer, method.config, num_inference_steps=args.steps, calls_per_step=call.calls_per_step,
-                                    dtype=dtype, **call.arguments)
-        rows.append((method.spec, size, size / call.hidden_bytes))
+        size, layout = estimate_cache(transformer, method.config, num_inference_steps=args.steps, calls_per_step=call.calls_per_step,
+                                      dtype=dtype, **call.arguments)
+        rows.append((method.spec, size, size / call.hidden_bytes, layout))
     print(f"{args.model} at {args.height}x{args.width}" + (f"x{args.frames}" if "Wan" in type(transformer).__name__ else "")
           + f", batch {args.batch}, {args.dtype}, {args.steps} steps, {call.calls_per_step} call(s) per step; "
           f"H = {call.hidden_bytes / 2**20:.0f} MiB")
-    print(f"{'method':<24} {'cache':>10} {'in H':>8}")
-    for name, size, in_h in rows:
-        print(f"{name:<24} {size / 2**30:>6.2f} GiB {in_h:>8.1f}")
+    print(f"{'method':<24} {'cache':>10} {'in H':>8}  layout")
+    for name, size, in_h, layout in rows:
+        print(f"{name:<24} {size / 2**30:>6.2f} GiB {in_h:>8.1f}  {layout}")
     return rows

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 
 from . import codecs
+from .budget import CacheLayout
 from .codecs import Stored
 from .config import EngineSettings
 from .control import ErrorMeter
 from .forecast import Forecaster
+from .residual import SpanTracker
 
 _RUN_STARTS = itertools.count()  # orders the runs of several transformers (Wan 2.2's experts)
 
@@ -43,6 +45,8 @@ class CacheStats:
         forecast_errors: with a ``tolerance``, each step's measured relative error of the cached branch
             outputs (nan where nothing was measured: the first step, steps recomputing nothing).
         estimate_flops: with a ``tolerance``, what measuring the error cost (included in ``flops``).
+        cache_budget: with ``cache_memory``, the budget in bytes for this run's shapes and guidance streams (0: none).
+        cache_layout: how the run kept its caches (``CacheLayout``: the config's, or what ``cache_memory`` chose).
         flops_uncounted: the branches whose FLOPs ``FlopCounterMode`` could not count (flex attention), so that
             only their linear layers are in ``flops`` and ``flops_full``, each as ``"name: why"``.
     """
@@ -60,6 +64,8 @@ class CacheStats:
     forecast_errors: tuple[float, ...] = ()
     estimate_flops: int = 0
     flops_uncounted: tuple[str, ...] = ()
+    cache_layout: str = ""
+    cache_budget: int = 0
 
     @classmethod
     def joined(cls, parts: list["CacheStats"]) -> "CacheStats":
@@ -81,6 +87,8 @@ class CacheStats:
             forecast_errors=tuple(error for part in parts for error in part.forecast_errors),
             estimate_flops=sum(part.estimate_flops for part in parts),
             flops_uncounted=tuple(sorted({note for part in parts for note in part.flops_uncounted})),
+            cache_layout=" / ".join(dict.fromkeys(part.cache_layout for part in parts)),
+            cache_budget=sum(part.cache_budget for part in parts),
         )
 
     @property
@@ -124,9 +132,11 @@ class BlockCache:
     layouts: dict[str, tuple] = field(default_factory=dict)  # generic path: each branch's output structure and FLOPs
     versions: dict[str, int | None] = field(default_factory=dict)  # generic path: kept tensors' version counters
     precision: str = "model"  # how values and differences are stored (ditcache.codecs.CACHE_PRECISIONS)
+    max_order: int = 4  # the run's layout's forecast order: ``store`` keeps no more differences
 
     def store(self, branch: str, value: torch.Tensor, step: int, order: int) -> None:
-        """Keep a full step's output and update its divided differences up to ``order``."""
+        """Keep a full step's output and update its divided differences up to ``order`` (at most ``max_order``)."""
+        order = min(order, self.max_order)
         previous, nodes = self.branches.get(branch), self.nodes.get(branch, [])
         differences = []
         if order and previous is not None:
@@ -255,8 +265,10 @@ class StepPlan:
     and its decisions."""
 
     def __init__(self, settings: EngineSettings, schedule: tuple[float, ...] | None = None,
-                 first_timestep: float | None = None, meter: ErrorMeter | None = None, steps: int | None = None):
+                 first_timestep: float | None = None, meter: ErrorMeter | None = None, steps: int | None = None,
+                 order: int | None = None):
         self.settings = settings
+        self.order = settings.forecast_order if order is None else order  # the run's layout's forecast order
         self.schedule = schedule  # the run's timesteps as the model sees them, if known
         self.steps = len(schedule) if schedule is not None else steps  # the run's step count, if known
         self.first_timestep = first_timestep
@@ -269,6 +281,7 @@ class StepPlan:
         self.full_step_indices: list[int] = []
         self.full_step_reasons: list[str] = []
         self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
+        self.full_next_step = False  # the caches were dropped: the next step must be full (reason "memory")
         if meter is None and settings.schedule.needs_step_count and self.steps is not None:
             self.full_step_plan = settings.schedule.full_step_plan(self.steps)
 
@@ -281,6 +294,8 @@ class StepPlan:
         schedule, reason = self.settings.schedule, "interval"
         if self.step < schedule.full_steps_at_start:
             self.is_full, reason = True, "start"
+        elif self.full_next_step:
+            self.is_full, reason, self.full_next_step = True, "memory", False
         elif self.meter is not None:
             measurements = self.meter.deciding(self.step, self.forecast_order, self.full_step_indices[-1])
             interval, reason = self.settings.control.interval(measurements)
@@ -299,7 +314,7 @@ class StepPlan:
     @property
     def forecast_order(self) -> int:
         """The order of the forecasts the caches hold now: lower until enough full steps were stored."""
-        return max(min(self.settings.forecast_order, len(self.full_step_indices) - 1), 0)
+        return max(min(self.order, len(self.full_step_indices) - 1), 0)
 
     def _progress(self, timestep: float) -> float:
         if self.steps is not None and self.steps > 1:
@@ -331,6 +346,7 @@ class Ledger:
         self.estimate_flops = 0
         self.outside_flops: int | None = None  # one call's FLOPs outside the blocks, counted on the first call
         self.cache_bytes = 0
+        self.cache_budget = 0  # a cache_memory budget's bytes for this run (0: none)
         self._recompute = [0.0, 0]
         self._merged = [0.0, 0]
 
@@ -368,8 +384,8 @@ class StreamCaches:
     """The blocks' caches, one per block and guidance stream, and the step's token choices, which every
     stream of a step shares (``ditcache.selection``)."""
 
-    def __init__(self, precision: str = "model"):
-        self.precision = precision
+    def __init__(self, layout: CacheLayout = CacheLayout()):
+        self.layout = layout
         self.blocks: dict[tuple[str, int], BlockCache] = {}
         # (block, group or branch) -> (tokens, transformer calls served), for the current step
         self.step_selections: dict[tuple[str, str], tuple] = {}
@@ -377,7 +393,7 @@ class StreamCaches:
     def block(self, name: str, stream: int) -> BlockCache:
         key = (name, stream)
         if key not in self.blocks:
-            self.blocks[key] = BlockCache(precision=self.precision)
+            self.blocks[key] = BlockCache(precision=self.layout.precision, max_order=self.layout.order)
         return self.blocks[key]
 
     def nbytes(self) -> int:
@@ -401,6 +417,7 @@ class RunState:
         self.recorder: list[SelectionEvent] | None = None  # set by ditcache.record_selections
         self.call_serial = 0  # counts every transformer call, across runs: tells one call from the next
         self.flops_uncounted: dict[str, str] = {}  # branch -> why FlopCounterMode could not count it (kept across runs)
+        self.keep_after_run = False  # a dry run's caches outlive its last step, for ditcache.memory to read
         self.reset()
 
     def reset(self) -> None:
@@ -410,9 +427,12 @@ class RunState:
         self.owner: int | None = None  # the thread that started the run
         self.plan = StepPlan(self.settings)
         self.ledger = Ledger()
-        self.caches = StreamCaches(self.settings.cache_precision)
+        self.layout = self.settings.layout
+        self.caches = StreamCaches(self.layout)
+        self.spans: SpanTracker | None = None  # a residual layout's spans (ditcache.residual)
         self.memo = RunMemo()
         self.stream = 0  # the guidance stream of the call in progress
+        self.planned_streams = 1  # the guidance streams the layout was chosen for (with a cache_memory budget)
         self.guidance_batch = False
         self.in_call = False
         self.in_block = False
@@ -430,17 +450,19 @@ class RunState:
         owner: int | None = None,
         sequence_group=None,
         steps: int | None = None,
+        layout: CacheLayout | None = None,
     ) -> None:
         """Start a run. ``sequence_group``: under context parallelism, the ranks the sequence is sharded over,
         whose measurements decide together (``ErrorMeter``); ``steps``: the step count, where no schedule
-        gives it (a loop's ``cache_context``)."""
+        gives it (a loop's ``cache_context``); ``layout``: how the caches are kept (default: the settings')."""
         self.reset()
         self.signature = signature
         self.marker, self.owner = marker, owner
         self.started = next(_RUN_STARTS)
         self.guidance_batch = guidance_batch
         meter = ErrorMeter(signature.device, sequence_group) if self.settings.control is not None else None
-        self.plan = StepPlan(self.settings, schedule, timestep, meter, steps)
+        self.use_layout(layout or self.settings.layout)
+        self.plan = StepPlan(self.settings, schedule, timestep, meter, steps, self.layout.order)
         if meter is None and self.settings.schedule.needs_step_count and self.plan.steps is None:
             warnings.warn(
                 "the grid full-step rule needs the run's step count, which a bare transformer does not know: full "
@@ -452,6 +474,17 @@ class RunState:
         merging = self.settings.merging
         if merging is not None and merging.seed is not None:
             self.merge_generator = torch.Generator(device=signature.device).manual_seed(merging.seed)
+
+    def use_layout(self, layout: CacheLayout) -> None:
+        """Keep this run's caches in ``layout`` from now on (what was kept before is dropped)."""
+        self.layout = layout
+        self.caches = StreamCaches(layout)
+        self.spans = SpanTracker(layout.span) if layout.span else None
+        self.plan.order = layout.order
+
+    def begin_call(self) -> None:
+        if self.spans is not None:
+            self.spans.begin_call(self.plan.is_full)
 
     def begin_step(self, timestep: float) -> None:
         """Advance to the next denoising step (its first call, guidance stream 0)."""
@@ -479,10 +512,12 @@ class RunState:
     def end_call(self) -> None:
         ledger, plan = self.ledger, self.plan
         ledger.add_flops(ledger.outside_flops or 0, ledger.outside_flops or 0)
+        if self.spans is not None:
+            self.spans.end_call(self, plan.is_full)
         if plan.is_full:  # only full steps store: partial steps leave the caches' size as it was
             ledger.cache_bytes = max(ledger.cache_bytes, self.caches.nbytes() + self.memo.nbytes())
         self.completed_stats, self.completed_marker = self.stats(), self.marker
-        if plan.run_finished:  # this call's stream is done: hold no memory until the next run
+        if plan.run_finished and not self.keep_after_run:  # this call's stream is done: hold no memory until the next run
             self.caches.drop_stream(self.stream)
             self.memo.clear()
 
@@ -497,6 +532,8 @@ class RunState:
             flops=ledger.flops,
             flops_full=ledger.flops_full,
             cache_bytes=ledger.cache_bytes,
+            cache_layout=str(self.layout),
+            cache_budget=ledger.cache_budget,
             full_step_indices=tuple(plan.full_step_indices),
             merged_fraction=ledger.merged_fraction,
             full_step_reasons=tuple(plan.full_step_reasons),

@@ -129,7 +129,7 @@ def test_float8_storage_holds_half_of_bf16_and_stays_close(saved_pipelines):
     pipe.set_progress_bar_config(disable=True)
     images, sizes = {}, {}
     for precision in ("model", "float8"):
-        apply_cache(pipe, preset("ditcache", tolerance=0.4, cache_precision=precision))
+        apply_cache(pipe, preset("ditcache", tolerance=0.4, cache_precision=precision, cache_memory=None))
         images[precision] = pipe("a red fox", num_inference_steps=20, height=64, width=64, max_sequence_length=8,
                                  generator=torch.Generator().manual_seed(0), output_type="latent").images.float()
         sizes[precision] = cache_stats(pipe)
@@ -160,12 +160,27 @@ def test_the_memory_command_at_a_pipelines_size_is_what_its_run_holds(saved_pipe
     pipe("a red fox", num_inference_steps=STEPS, height=64, width=48, max_sequence_length=8, output_type="latent")
     args = build_parser().parse_args(["memory", "--model", str(saved_pipelines / "flux"), "--height", "64", "--width", "48",
                                       "--text-tokens", "8", "--steps", str(STEPS), "--dtype", "float32", "--methods", "ditcache", "fora:3"])
-    (name, size, in_h), _ = memory.run(args)
+    (name, size, in_h, _), _ = memory.run(args)
     assert name == "ditcache" and size == pytest.approx(cache_stats(pipe).cache_bytes, rel=0.05)
     tokens = (64 // (2 * pipe.vae_scale_factor)) * (48 // (2 * pipe.vae_scale_factor)) + 8  # image and text
     hidden = tokens * pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim * 4
     assert in_h == pytest.approx(size / hidden)
     assert "H = " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("model", "size", "limit"), [
+    ("flux1-dev", ["--height", "1024", "--width", "1024"], 2 * 2**30),
+    ("wan2.1-t2v-14b", ["--height", "720", "--width", "1280", "--frames", "81"], 12 * 2**30),
+])
+def test_the_presets_default_budget_fits_the_released_models_at_their_sizes(model, size, limit):
+    """The released configs shipped as data, built on the meta device: the preset's cache without its budget, and
+    with its default one (16 H), which the issue bounds at 2 GiB for FLUX.1-dev and 12 GiB for Wan 2.1 14B."""
+    from ditcache import memory
+    from ditcache.cli import build_parser
+
+    args = build_parser().parse_args(["memory", "--model", model, *size, "--methods", "ditcache"])
+    [(name, bounded, in_h, layout)] = memory.run(args)
+    assert bounded <= limit and in_h <= 16 and layout.span > 0 and layout.order == 2
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -111,6 +111,11 @@ class TransformerAdapter:
             value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         return CallInfo(latents, value, self.token_grid(latents, bound), bound)
 
+    def dry_arguments(self, arguments: dict) -> dict:
+        """A call's arguments as a dry run without data takes them (``ditcache.memory``): as they are, but where
+        the forward reads an argument's values for something no shape depends on."""
+        return arguments
+
     def token_grid(self, latents: torch.Tensor, arguments: dict) -> tuple[int, int]:
         """(height, width) of the image tokens: the patchified latent grid."""
         patch = self.transformer.config.patch_size
@@ -211,6 +216,10 @@ class STDiT3Adapter(TransformerAdapter):
         back into frames."""
         frames, rows, cols = self.transformer.token_grid(latents)
         return frames * rows, cols
+
+    def dry_arguments(self, arguments: dict) -> dict:
+        """Without the image size, whose values only scale the positions."""
+        return arguments | {"height": None, "width": None}
 
 
 def transformer_adapter(transformer: nn.Module) -> TransformerAdapter:

@@ -15,7 +15,6 @@ last computed; the guidance halves of a batch recompute the same tokens.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 
 import torch
@@ -25,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import scores as S
 from ..config import EngineSettings
-from ..flops import count_flops, record_layer_flops
+from ..flops import measured_flops
 from ..selection import choose_tokens
 from ..state import BlockCache, RunState
 from . import TransformerAdapter
@@ -195,7 +194,7 @@ class BranchAdapter:
             return output
 
         shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
-        output, executed = self._measured(run, shapes, call)
+        output, executed = measured_flops(run, self._flops, shapes, f"{self.block_name}.{self.branch}", self.module, call)
         flops = executed - score_flops  # the branch's own, as an uncached call costs
         run.ledger.add_flops(executed, flops)
         layout, tensors = _flatten(output, self.branch)
@@ -209,31 +208,6 @@ class BranchAdapter:
             # a tensor kept as computed could be changed in place by the model; an encoded copy cannot
             cache.versions[key] = None if tensor.is_inference() or cache.precision != "model" else tensor._version
         return output
-
-    def _measured(self, run: RunState, shapes: tuple, call) -> tuple[object, int]:
-        """``call()`` and its FLOPs, measured with ``FlopCounterMode`` (the counter diffusers' own numbers use)
-        on the first call with these input ``shapes`` and remembered for the next ones.
-
-        Counting never breaks a run: where the counter cannot run the branch (flex attention's higher-order
-        op), the branch runs again without it and only its linear layers are counted; the run's
-        ``CacheStats.flops_uncounted`` names the branch and why."""
-        flops = self._flops.get(shapes)
-        if flops is not None:
-            return call(), flops
-        try:
-            output, flops = count_flops(call)
-        except Exception as error:  # noqa: BLE001 - the model's own errors raise again from the plain call
-            with record_layer_flops(self.module, lambda: True) as counted:
-                output = call()
-            flops = counted[0]
-            name = f"{self.block_name}.{self.branch}"
-            why = f"{type(error).__name__}: {str(error)[:200]}"
-            if not run.flops_uncounted:  # once; cache_stats lists every such branch
-                warnings.warn(f"{name} (and the branches that cache_stats(...).flops_uncounted names): FLOPs counted "
-                              f"from their linear layers only; FlopCounterMode failed with {why}", stacklevel=2)
-            run.flops_uncounted[name] = why
-        self._flops[shapes] = flops
-        return output, flops
 
     def _reuse(self, run: RunState, cache: BlockCache, branch: str):
         layout, flops = cache.layouts[branch]
@@ -265,7 +239,8 @@ class BranchAdapter:
         index = index.to(inputs.device)
         rows = inputs.gather(1, index[..., None].expand(-1, -1, inputs.shape[-1]))
         row_args, row_kwargs = ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, name: rows})
-        fresh, flops = self._measured(run, ("rows", tuple(rows.shape)), lambda: compute(*row_args, **row_kwargs))
+        fresh, flops = measured_flops(run, self._flops, ("rows", tuple(rows.shape)), f"{self.block_name}.{self.branch}", self.module,
+                                      lambda: compute(*row_args, **row_kwargs))
         run.ledger.add_flops(flops, 0)
         if run.plan.meter is not None:
             drawn = self.tokens.drawn(index.shape[1])

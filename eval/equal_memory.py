@@ -1,0 +1,110 @@
+"""ditcache at the memory its peers hold: on a reference model, in one process with the same seeds, each peer's
+PSNR against uncached, FLOPs speedup and the memory it really holds (``eval/held_memory.py``); then
+``preset("ditcache", cache_memory=B)`` at several tolerances, B the most any peer held, and the gap between the
+preset and the peers' envelope at matched FLOPs.
+
+    python -m ditcache.eval.equal_memory --model digits-flux --steps 50
+
+FLOPs are counted by ``FlopCounterMode`` on the same runs for every method. The envelope at x: the best PSNR any
+peer reaches at x, each peer's points joined linearly in PSNR against FLOPs speedup along its Pareto front (no
+extrapolation: a method counts only between its fastest and its slowest point).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ditcache import cache_stats
+from ditcache.eval import metrics
+from ditcache.eval.control_check import MODELS, reference_images
+from ditcache.eval.held_memory import held_bytes, live_bytes_at_calls
+from ditcache.eval.speed import parse_method
+from ditcache.flops import count_flops
+
+PEER_METHODS = ("fbc:0.05", "fbc:0.1", "fbc:0.2", "fbc:0.3", "magcache:0.06", "magcache:0.12", "magcache:0.24",
+                "dbcache:0.08", "dbcache:0.16", "dbcache:0.3", "dbcache:0.5",
+                "dbcache:0.08:1", "dbcache:0.16:1", "dbcache:0.3:1", "dbcache:0.5:1")
+TOLERANCES = (0.1, 0.2, 0.4, 0.8, 1.6)
+SPEEDUPS = (2, 3, 4, 5, 6)
+
+
+def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The Pareto front of (FLOPs speedup, PSNR) points: each kept point is better in PSNR than every faster one."""
+    kept, best = [], -float("inf")
+    for speed, psnr in sorted(points, reverse=True):
+        if psnr > best:
+            kept.append((speed, psnr))
+            best = psnr
+    return sorted(kept)
+
+
+def at(points: list[tuple[float, float]], speed: float) -> float | None:
+    """PSNR at ``speed`` on the front of ``points``, joined linearly; None outside it."""
+    line = front(points)
+    for (x0, y0), (x1, y1) in zip(line, line[1:]):
+        if x0 <= speed <= x1:
+            return y0 + (y1 - y0) * (speed - x0) / (x1 - x0)
+    return line[0][1] if len(line) == 1 and abs(line[0][0] - speed) < 1e-9 else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="digits-flux")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--peers", nargs="+", default=list(PEER_METHODS))
+    parser.add_argument("--tolerances", nargs="+", type=float, default=list(TOLERANCES))
+    args = parser.parse_args(argv)
+    peers = [parse_method(spec) for spec in args.peers]
+    pipe, images, call = reference_images(args.model, args.steps, with_call=True)
+    every = max(args.steps // 10, 1)
+
+    def measured(method):
+        if method is not None:
+            method.apply(pipe, args.steps, call)
+        try:
+            with live_bytes_at_calls(pipe, every) as samples:
+                output, flops = count_flops(images, pipe.transformer)
+            stats = cache_stats(pipe) if method is not None and method.config is not None else None
+        finally:
+            if method is not None:
+                method.remove(pipe)
+        return output, flops, samples, stats
+
+    with torch.no_grad():
+        uncached, flops_full, base, _ = measured(None)
+        print(f"{args.model}, {args.steps} steps, seed 0; held memory sampled every {every} transformer calls\n")
+        print("| method | PSNR (dB) | FLOPs speedup | held KiB | ditcache's count KiB | layout |\n|---|---|---|---|---|---|")
+
+        def row(method) -> tuple[float, float, int]:
+            output, flops, samples, stats = measured(method)
+            psnr, speed, held = float(metrics.psnr(output, uncached).mean()), flops_full / flops, held_bytes(samples, base)
+            counted = f"{stats.cache_bytes / 1024:.0f}" if stats else "-"
+            print(f"| `{method.spec}` | {psnr:.2f} | {speed:.2f} | {held / 1024:.0f} | {counted} | {stats.cache_layout if stats else '-'} |",
+                  flush=True)
+            return speed, psnr, held
+
+        peer_rows = {method.spec: row(method) for method in peers if method.unavailable() is None}
+        budget = max(held for _, _, held in peer_rows.values())
+        ours = [row(parse_method(f"ditcache:{t}:memory={budget}")) for t in args.tolerances]
+    mine = [(speed, psnr) for speed, psnr, _ in ours]
+    print(f"\nB = {budget / 1024:.0f} KiB (the most a peer held); ditcache held at most {max(h for *_, h in ours) / 1024:.0f} KiB\n")
+    print("| FLOPs speedup | peers' envelope (dB) | preset at B (dB) | gap (dB) |\n|---|---|---|---|")
+    families = {_family(spec) for spec in peer_rows}
+    for speed in SPEEDUPS:
+        values = [at([(s, p) for spec, (s, p, _) in peer_rows.items() if _family(spec) == family], speed) for family in families]
+        theirs = max((value for value in values if value is not None), default=None)
+        mine_at = at(mine, speed)
+        gap = f"{mine_at - theirs:+.2f}" if theirs is not None and mine_at is not None else "-"
+        print(f"| {speed} | {'-' if theirs is None else f'{theirs:.2f}'} | {'-' if mine_at is None else f'{mine_at:.2f}'} | {gap} |")
+
+
+def _family(spec: str) -> str:
+    """A peer's family: its name, and for DBCache whether its TaylorSeer calibrator is on."""
+    name, *values = spec.split(":")
+    return f"{name}:{values[1]}" if name == "dbcache" and len(values) > 1 else name
+
+
+if __name__ == "__main__":
+    main()
