@@ -21,6 +21,8 @@ from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
+from torch.nn.modules import module as torch_module
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .adapters import TransformerAdapter, transformer_adapter
 from .budget import WHOLE_CHAIN, CacheLayout
@@ -240,8 +242,9 @@ class StepHook(ModelHook):
                     arguments[name] = value
             arguments = self.model.dry_arguments(arguments)
             try:
-                self._layouts[key] = choose_layout(module, settings, arguments, streams, steps or DEFAULT_PLANNED_STEPS,
-                                                   call.latents.dtype)
+                with unobserved():
+                    self._layouts[key] = choose_layout(module, settings, arguments, streams, steps or DEFAULT_PLANNED_STEPS,
+                                                       call.latents.dtype)
             except DryRunError as error:
                 smallest = CacheLayout(WHOLE_CHAIN if residual_possible(self.model, settings) else settings.cache_span,
                                        "float8", settings.forecast_order)
@@ -334,6 +337,26 @@ class StepHook(ModelHook):
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.run.reset()
         return module
+
+
+_GLOBAL_MODULE_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called",
+                        "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks", "_global_backward_hooks")
+
+
+@contextmanager
+def unobserved():
+    """Run work that is not the user's (a budget's dry runs on a fake copy, inside the user's first call) unseen by
+    what observes the call: dispatch modes (a FLOP counter) and global module hooks (the counter's module tracker,
+    which would take the copy's root for the model's own and leave it when the copy's forward ends)."""
+    saved = {name: getattr(torch_module, name) for name in _GLOBAL_MODULE_HOOKS}
+    for name, hooks in saved.items():
+        setattr(torch_module, name, type(hooks)())
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(torch_module, name, hooks)
 
 
 def _read_locals(frame) -> dict:

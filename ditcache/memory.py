@@ -36,10 +36,11 @@ class DryRunError(ValueError):
 
 
 class _Timesteps:
-    """A scheduler stand-in: the timesteps of a run of the requested length, in the scheduler's units."""
+    """A scheduler stand-in: the timesteps of a run of the requested length, in the scheduler's units (a list: a
+    tensor would be read inside the fake mode, which cannot read a real tensor's values under inference mode)."""
 
     def __init__(self, steps: int):
-        self.timesteps = torch.linspace(_TRAINING_STEPS, _TRAINING_STEPS / steps, steps)
+        self.timesteps = torch.linspace(_TRAINING_STEPS, _TRAINING_STEPS / steps, steps).tolist()
 
 
 class _DryPipeline:
@@ -144,7 +145,7 @@ def _dry_run(transformer: nn.Module, settings: EngineSettings, call: dict, steps
     pipeline = _DryPipeline(steps)  # held here: the step hook keeps it by weak reference
     run = attach(copy, model, dry, None, pipeline, model.block_adapters(dry), model.branch_adapters(dry))
     run.keep_after_run = True
-    timesteps = pipeline.scheduler.timesteps.tolist()
+    timesteps = pipeline.scheduler.timesteps
     with mode, torch.no_grad():
         arguments = {name: _fake(value, dtype) for name, value in call.items()}
         for step in range(min(steps, dry_steps or order + 3)):

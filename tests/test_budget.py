@@ -183,3 +183,20 @@ def test_the_engines_count_is_what_the_process_holds_beyond_an_uncached_run(conf
             pipe(**arguments, generator=torch.Generator().manual_seed(0))
     counted, held = cache_stats(pipe).cache_bytes, held_bytes(cached, uncached)
     assert 0.5 * counted <= held <= counted + 256
+
+
+def test_the_budgets_dry_runs_are_unseen_by_a_flop_counter_around_the_first_call():
+    """The layout is chosen inside the first call, by dry runs on a fake copy: a FlopCounterMode around the call
+    counts the model's own FLOPs, as the engine does, neither the dry runs' nor fewer (its module tracker must not
+    take the copy for the model)."""
+    from ditcache.flops import count_flops
+
+    pipe = builders.flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    apply_cache(pipe, preset("ditcache", cache_memory="8H"))
+    arguments = dict(prompt="a red fox", height=32, width=32, max_sequence_length=16, num_inference_steps=8, output_type="latent")
+    with torch.no_grad():
+        _, counted = count_flops(lambda: pipe(**arguments, generator=torch.Generator().manual_seed(0)), pipe.transformer)
+    stats = cache_stats(pipe)
+    assert stats.cache_budget > 0 and stats.partial_steps > 0
+    assert counted == pytest.approx(stats.flops, rel=0.03)  # the engine also counts the forecasts' elementwise work
