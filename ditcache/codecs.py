@@ -1,4 +1,5 @@
-"""How the cache stores a tensor: as computed, or in float8 (e4m3) with one scale per token.
+"""How the cache stores a tensor: as computed, or in float8 (e4m3) with one scale per token; on the device, or
+offloaded to host memory (pinned where CUDA is, so that copies overlap compute).
 
 Pure tensor math; ``ditcache.state.BlockCache`` decides what it stores with which codec.
 """
@@ -67,3 +68,27 @@ def nbytes(stored: Stored | None) -> int:
     if stored is None:
         return 0
     return stored.nbytes() if isinstance(stored, Float8Rows) else stored.numel() * stored.element_size()
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu" and not torch.cuda.is_available():
+        return tensor.clone()  # a host copy of its own, so that the offloaded path runs as it would from a GPU
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    return host.copy_(tensor, non_blocking=True)
+
+
+def to_host(stored: Stored) -> Stored:
+    """``stored`` copied to host memory (asynchronously from a GPU, into pinned memory)."""
+    if isinstance(stored, Float8Rows):
+        return Float8Rows(_host_copy(stored.data), _host_copy(stored.scale), stored.dtype)
+    return _host_copy(stored)
+
+
+def to_device(stored: Stored, device: torch.device) -> Stored:
+    """A device copy of a host ``stored`` (asynchronous from pinned memory; a copy of its own on the CPU)."""
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone() if device.type == "cpu" else tensor.to(device, non_blocking=True)
+
+    if isinstance(stored, Float8Rows):
+        return Float8Rows(copy(stored.data), copy(stored.scale), stored.dtype)
+    return copy(stored)

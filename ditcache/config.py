@@ -82,9 +82,13 @@ def _check_storage(config) -> None:
     """The cache's precision, layout and budget; a residual layout keeps no branch output, so no token of a
     branch can be recomputed from it (ToCa, FORA's probe)."""
     _check_choice("cache_precision", config.cache_precision, CACHE_PRECISIONS)
+    _check_bool("cache_offload", config.cache_offload)
     span = cache_span(config.cache_layout)
     if config.cache_memory is not None:
         parse_budget(config.cache_memory)
+        if config.cache_offload:
+            raise ValueError("`cache_memory` bounds the cache on the device, where an offloaded cache (`cache_offload=True`) "
+                             "keeps only the copies of the block running and the next: give one or the other.")
     recomputes = isinstance(config, ToCaConfig) or getattr(config, "probe_ratio", 0.0) > 0
     if span and recomputes:
         what = "ToCa recomputes tokens of branch outputs" if isinstance(config, ToCaConfig) else "`probe_ratio` recomputes tokens of branch outputs"
@@ -189,6 +193,7 @@ class EngineSettings:
     control: ErrorControl | None = None
     cache_precision: str = "model"
     cache_span: int = 0  # 0: per branch; N: the residual of each span of N blocks (ditcache.residual)
+    cache_offload: bool = False  # values and differences in host memory, copied to the device block by block
     cache_memory: MemoryBudget | None = None
     residual_allowed: bool = False  # whether a budget may choose a residual layout (nothing recomputes branch tokens)
 
@@ -255,6 +260,9 @@ class ToCaConfig:
             start of each run from the call's shapes; a budget that no layout meets raises ``ValueError`` there,
             before anything runs, stating the minimum (``ditcache.estimate_cache_bytes`` tells it beforehand).
             ``cache_stats(...).cache_layout`` says what was chosen. ``None``: no budget.
+        cache_offload: keep the cache's values and forecast differences in host memory (pinned, where CUDA is)
+            and copy each block's to the device when it runs, the next block's prefetched on a side stream; for
+            caches no budget fits on the device. Rows a partial step recomputes then serve that step only.
     """
 
     cache_interval: int | None = None
@@ -275,6 +283,7 @@ class ToCaConfig:
     cache_precision: str = "model"
     cache_layout: str = "branch"
     cache_memory: int | str | None = None
+    cache_offload: bool = False
 
     def __post_init__(self) -> None:
         _normalise(self)
@@ -317,7 +326,7 @@ class ToCaConfig:
             forecaster=_forecaster(self),
             control=_control(self, schedule.cache_interval, self.random_share),
             cache_precision=self.cache_precision,
-            cache_memory=_budget(self),
+            cache_memory=_budget(self), cache_offload=self.cache_offload,
         )
 
 
@@ -352,6 +361,9 @@ class FORAConfig:
             start of each run from the call's shapes; a budget that no layout meets raises ``ValueError`` there,
             before anything runs, stating the minimum (``ditcache.estimate_cache_bytes`` tells it beforehand).
             ``cache_stats(...).cache_layout`` says what was chosen. ``None``: no budget.
+        cache_offload: keep the cache's values and forecast differences in host memory (pinned, where CUDA is)
+            and copy each block's to the device when it runs, the next block's prefetched on a side stream; for
+            caches no budget fits on the device. Rows a partial step recomputes then serve that step only.
     """
 
     cache_interval: int = 3
@@ -366,6 +378,7 @@ class FORAConfig:
     cache_precision: str = "model"
     cache_layout: str = "branch"
     cache_memory: int | str | None = None
+    cache_offload: bool = False
 
     def __post_init__(self) -> None:
         _normalise(self)
@@ -391,7 +404,7 @@ class FORAConfig:
             spatial_bonus=0.0, spatial_grid=1, seed=0, forecast_order=self.forecast_order,
             forecaster=_forecaster(self), control=_control(self, schedule.cache_interval, 1.0),
             cache_precision=self.cache_precision, cache_span=cache_span(self.cache_layout), cache_memory=_budget(self),
-            residual_allowed=self.probe_ratio == 0,
+            residual_allowed=self.probe_ratio == 0, cache_offload=self.cache_offload,
         )
 
 
@@ -503,7 +516,9 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     start = 1 if initial >= 3 else None
     # the largest tolerances ask for intervals past any run: held at the longest a config takes
     settings = dict(cache_interval=min(initial, MAX_SIZE), full_steps_at_start=start, forecast_order=2, forecaster="bdf2_heun",
-                    max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE), cache_memory=DITCACHE_CACHE_MEMORY)
+                    max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE),
+                    # an offloaded cache is bounded by host memory, not by the device budget
+                    cache_memory=None if changes.get("cache_offload") else DITCACHE_CACHE_MEMORY)
     return FORAConfig(tolerance=tolerance, **settings | changes)
 
 

@@ -45,6 +45,8 @@ class CacheStats:
         forecast_errors: with a ``tolerance``, each step's measured relative error of the cached branch
             outputs (nan where nothing was measured: the first step, steps recomputing nothing).
         estimate_flops: with a ``tolerance``, what measuring the error cost (included in ``flops``).
+        cache_host_bytes: with ``cache_offload``, the most bytes the cache held in host memory (its device bytes,
+            the blocks' copies while they run, are in ``cache_bytes``).
         cache_budget: with ``cache_memory``, the budget in bytes for this run's shapes and guidance streams (0: none).
         cache_layout: how the run kept its caches (``CacheLayout``: the config's, or what ``cache_memory`` chose).
         flops_uncounted: the branches whose FLOPs ``FlopCounterMode`` could not count (flex attention), so that
@@ -66,6 +68,7 @@ class CacheStats:
     flops_uncounted: tuple[str, ...] = ()
     cache_layout: str = ""
     cache_budget: int = 0
+    cache_host_bytes: int = 0
 
     @classmethod
     def joined(cls, parts: list["CacheStats"]) -> "CacheStats":
@@ -89,6 +92,7 @@ class CacheStats:
             flops_uncounted=tuple(sorted({note for part in parts for note in part.flops_uncounted})),
             cache_layout=" / ".join(dict.fromkeys(part.cache_layout for part in parts)),
             cache_budget=sum(part.cache_budget for part in parts),
+            cache_host_bytes=sum(part.cache_host_bytes for part in parts),
         )
 
     @property
@@ -133,6 +137,47 @@ class BlockCache:
     versions: dict[str, int | None] = field(default_factory=dict)  # generic path: kept tensors' version counters
     precision: str = "model"  # how values and differences are stored (ditcache.codecs.CACHE_PRECISIONS)
     max_order: int = 4  # the run's layout's forecast order: ``store`` keeps no more differences
+    offload: bool = False  # values and differences kept in host memory; device copies made on read or prefetched
+    device: torch.device | None = None  # where the values are computed (and their device copies go)
+    device_copies: dict[int, Stored] = field(default_factory=dict)  # offloaded: id(host copy) -> its device copy
+    ready: object | None = None  # offloaded: the CUDA event after which a prefetch's copies may be read
+
+    def on_device(self, stored: Stored) -> Stored:
+        """``stored`` where it is computed with: itself, or (offloaded) its device copy, made now if no prefetch
+        made it."""
+        if not self.offload:
+            return stored
+        if self.ready is not None:  # prefetched on the side stream: wait for the copies, and tell the allocator
+            current = torch.cuda.current_stream()  # that this stream uses them, so that it keeps them until it is done
+            current.wait_event(self.ready)
+            for copy in self.device_copies.values():
+                for tensor in (copy.data, copy.scale) if isinstance(copy, codecs.Float8Rows) else (copy,):
+                    tensor.record_stream(current)
+            self.ready = None
+        copy = self.device_copies.get(id(stored))
+        if copy is None:
+            copy = self.device_copies[id(stored)] = codecs.to_device(stored, self.device)
+        return copy
+
+    def prefetch(self, stream) -> None:
+        """Copy every offloaded value and difference to the device, on ``stream`` (a CUDA side stream; None on the
+        CPU, where the copies are made now), ahead of the block's call."""
+        stored = [*self.branches.values(), *(d for values in self.differences.values() for d in values)]
+        if stream is None:
+            for item in stored:
+                self.on_device(item)
+            return
+        stream.wait_stream(torch.cuda.current_stream())  # the host copies of the last full step are complete
+        with torch.cuda.stream(stream):
+            for item in stored:
+                self.device_copies.setdefault(id(item), codecs.to_device(item, self.device))
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def release(self) -> None:
+        """Drop the device copies (the block's call is over)."""
+        self.device_copies.clear()
+        self.ready = None
 
     def store(self, branch: str, value: torch.Tensor, step: int, order: int) -> None:
         """Keep a full step's output and update its divided differences up to ``order`` (at most ``max_order``)."""
@@ -140,20 +185,26 @@ class BlockCache:
         previous, nodes = self.branches.get(branch), self.nodes.get(branch, [])
         differences = []
         if order and previous is not None:
-            old = [codecs.decode(d) for d in self.differences.get(branch, [])]
-            difference = (value - codecs.decode(previous)) / (step - nodes[0])
+            old = [codecs.decode(self.on_device(d)) for d in self.differences.get(branch, [])]
+            difference = (value - codecs.decode(self.on_device(previous))) / (step - nodes[0])
             differences.append(difference)
             for k in range(1, min(order, len(old) + 1)):
                 difference = (difference - old[k - 1]) / (step - nodes[k])
                 differences.append(difference)
-        self.branches[branch] = codecs.encode(value, self.precision)
-        self.differences[branch] = [codecs.encode(d, self.precision) for d in differences]
+        kept = [codecs.encode(value, self.precision), *(codecs.encode(d, self.precision) for d in differences)]
+        if self.offload:
+            self.device = value.device
+            for item in (previous, *self.differences.get(branch, [])):
+                self.device_copies.pop(id(item), None)
+            kept = [codecs.to_host(item) for item in kept]
+        self.branches[branch], self.differences[branch] = kept[0], kept[1:]
         self.nodes[branch] = [step, *nodes][: order + 1]
 
     def kept(self, branch: str) -> torch.Tensor:
         """The value kept at the last full step: the stored tensor itself as computed (recomputed rows written
-        into it persist), a decoded copy in float8."""
-        return codecs.decode(self.branches[branch])
+        into it persist), a decoded copy in float8, the device copy when offloaded (rows written into it serve the
+        block's call only)."""
+        return codecs.decode(self.on_device(self.branches[branch]))
 
     def current(self, branch: str, step: int, forecaster: Forecaster) -> torch.Tensor:
         """The value a partial step uses for a branch. Without differences: ``kept(branch)``. With them: a new
@@ -162,7 +213,7 @@ class BlockCache:
         if not differences:
             return value
         for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
-            value = torch.add(value, codecs.decode(difference), alpha=factor)
+            value = torch.add(value, codecs.decode(self.on_device(difference)), alpha=factor)
         return value
 
     def forecast_terms(self, branch: str, step: int, flat: torch.Tensor, forecaster: Forecaster) -> torch.Tensor | None:
@@ -173,15 +224,23 @@ class BlockCache:
             return None
         terms = None
         for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
-            rows = codecs.rows(difference, flat) * factor
+            rows = codecs.rows(self.on_device(difference), flat) * factor
             terms = rows if terms is None else terms + rows
         return terms
 
     def nbytes(self) -> int:
+        """Device bytes: what is kept there (offloaded: the device copies alive now) and the per-token state."""
         differences = [t for values in self.differences.values() for t in values]
-        tensors = [*self.branches.values(), *differences, *self.base_scores.values(), *self.normalized_scores.values(),
-                   *self.since_recompute.values(), self.text_keys, self.text_values]
+        kept = list(self.device_copies.values()) if self.offload else [*self.branches.values(), *differences]
+        tensors = [*kept, *self.base_scores.values(), *self.normalized_scores.values(), *self.since_recompute.values(),
+                   self.text_keys, self.text_values]
         return sum(codecs.nbytes(t) for t in tensors)
+
+    def host_nbytes(self) -> int:
+        """Host bytes of an offloaded cache's values and differences (0 on the device)."""
+        if not self.offload:
+            return 0
+        return sum(codecs.nbytes(t) for t in [*self.branches.values(), *(d for v in self.differences.values() for d in v)])
 
 
 @dataclass(frozen=True)
@@ -347,6 +406,7 @@ class Ledger:
         self.outside_flops: int | None = None  # one call's FLOPs outside the blocks, counted on the first call
         self.cache_bytes = 0
         self.cache_budget = 0  # a cache_memory budget's bytes for this run (0: none)
+        self.cache_host_bytes = 0  # an offloaded cache's most bytes in host memory
         self._recompute = [0.0, 0]
         self._merged = [0.0, 0]
 
@@ -382,22 +442,45 @@ class Ledger:
 
 class StreamCaches:
     """The blocks' caches, one per block and guidance stream, and the step's token choices, which every
-    stream of a step shares (``ditcache.selection``)."""
+    stream of a step shares (``ditcache.selection``). Offloaded, a block's values are copied to the device when
+    it is read, and the block read after it last time is prefetched then (on a CUDA side stream); a block's
+    device copies are dropped when the next block is read."""
 
-    def __init__(self, layout: CacheLayout = CacheLayout()):
+    def __init__(self, layout: CacheLayout = CacheLayout(), offload: bool = False):
         self.layout = layout
+        self.offload = offload
         self.blocks: dict[tuple[str, int], BlockCache] = {}
         # (block, group or branch) -> (tokens, transformer calls served), for the current step
         self.step_selections: dict[tuple[str, str], tuple] = {}
+        self._last: tuple[str, int] | None = None  # offloaded: the block read last
+        self._following: dict[tuple[str, int], tuple[str, int]] = {}  # offloaded: the block read after each, last time
+        self._stream = torch.cuda.Stream() if offload and torch.cuda.is_available() else None
 
     def block(self, name: str, stream: int) -> BlockCache:
         key = (name, stream)
         if key not in self.blocks:
-            self.blocks[key] = BlockCache(precision=self.layout.precision, max_order=self.layout.order)
+            self.blocks[key] = BlockCache(precision=self.layout.precision, max_order=self.layout.order, offload=self.offload)
+        if self.offload and key != self._last:
+            if self._last is not None:
+                self._following[self._last] = key
+                self.blocks[self._last].release()
+            following = self._following.get(key)
+            if following is not None and following in self.blocks:
+                self.blocks[following].prefetch(self._stream)
+            self._last = key
         return self.blocks[key]
+
+    def end_call(self) -> None:
+        """Offloaded: hold no device copy between calls."""
+        for cache in self.blocks.values():
+            cache.release()
+        self._last = None
 
     def nbytes(self) -> int:
         return sum(cache.nbytes() for cache in self.blocks.values())
+
+    def host_nbytes(self) -> int:
+        return sum(cache.host_nbytes() for cache in self.blocks.values())
 
     def drop_stream(self, stream: int) -> None:
         for key in [key for key in self.blocks if key[1] == stream]:
@@ -428,7 +511,7 @@ class RunState:
         self.plan = StepPlan(self.settings)
         self.ledger = Ledger()
         self.layout = self.settings.layout
-        self.caches = StreamCaches(self.layout)
+        self.caches = StreamCaches(self.layout, self.settings.cache_offload)
         self.spans: SpanTracker | None = None  # a residual layout's spans (ditcache.residual)
         self.memo = RunMemo()
         self.stream = 0  # the guidance stream of the call in progress
@@ -478,7 +561,7 @@ class RunState:
     def use_layout(self, layout: CacheLayout) -> None:
         """Keep this run's caches in ``layout`` from now on (what was kept before is dropped)."""
         self.layout = layout
-        self.caches = StreamCaches(layout)
+        self.caches = StreamCaches(layout, self.settings.cache_offload)
         self.spans = SpanTracker(layout.span) if layout.span else None
         self.plan.order = layout.order
 
@@ -516,6 +599,8 @@ class RunState:
             self.spans.end_call(self, plan.is_full)
         if plan.is_full:  # only full steps store: partial steps leave the caches' size as it was
             ledger.cache_bytes = max(ledger.cache_bytes, self.caches.nbytes() + self.memo.nbytes())
+            ledger.cache_host_bytes = max(ledger.cache_host_bytes, self.caches.host_nbytes())
+        self.caches.end_call()
         self.completed_stats, self.completed_marker = self.stats(), self.marker
         if plan.run_finished and not self.keep_after_run:  # this call's stream is done: hold no memory until the next run
             self.caches.drop_stream(self.stream)
@@ -534,6 +619,7 @@ class RunState:
             cache_bytes=ledger.cache_bytes,
             cache_layout=str(self.layout),
             cache_budget=ledger.cache_budget,
+            cache_host_bytes=ledger.cache_host_bytes,
             full_step_indices=tuple(plan.full_step_indices),
             merged_fraction=ledger.merged_fraction,
             full_step_reasons=tuple(plan.full_step_reasons),

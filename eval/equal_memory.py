@@ -3,7 +3,9 @@ PSNR against uncached, FLOPs speedup and the memory it really holds (``eval/held
 ``preset("ditcache", cache_memory=B)`` at several tolerances, B the most any peer held, and the gap between the
 preset and the peers' envelope at matched FLOPs.
 
-    python -m ditcache.eval.equal_memory --model digits-flux --steps 50
+    python -m ditcache.eval.equal_memory --model digits-flux --steps 50 --plot eval/plots/digits-flux-memory-50.png
+
+The preset runs unbounded, at its default budget (16 H), at a quarter of what it held unbounded, and at B.
 
 FLOPs are counted by ``FlopCounterMode`` on the same runs for every method. The envelope at x: the best PSNR any
 peer reaches at x, each peer's points joined linearly in PSNR against FLOPs speedup along its Pareto front (no
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--peers", nargs="+", default=list(PEER_METHODS))
     parser.add_argument("--tolerances", nargs="+", type=float, default=list(TOLERANCES))
+    parser.add_argument("--plot", help="write PSNR against FLOPs speedup, every method labelled with its memory, here (PNG)")
     args = parser.parse_args(argv)
     peers = [parse_method(spec) for spec in args.peers]
     pipe, images, call = reference_images(args.model, args.steps, with_call=True)
@@ -77,27 +80,60 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.model}, {args.steps} steps, seed 0; held memory sampled every {every} transformer calls\n")
         print("| method | PSNR (dB) | FLOPs speedup | held KiB | ditcache's count KiB | layout |\n|---|---|---|---|---|---|")
 
-        def row(method) -> tuple[float, float, int]:
-            output, flops, samples, stats = measured(method)
+        def row(spec: str) -> tuple[float, float, int]:
+            output, flops, samples, stats = measured(parse_method(spec))
             psnr, speed, held = float(metrics.psnr(output, uncached).mean()), flops_full / flops, held_bytes(samples, base)
             counted = f"{stats.cache_bytes / 1024:.0f}" if stats else "-"
-            print(f"| `{method.spec}` | {psnr:.2f} | {speed:.2f} | {held / 1024:.0f} | {counted} | {stats.cache_layout if stats else '-'} |",
+            print(f"| `{spec}` | {psnr:.2f} | {speed:.2f} | {held / 1024:.0f} | {counted} | {stats.cache_layout if stats else '-'} |",
                   flush=True)
             return speed, psnr, held
 
-        peer_rows = {method.spec: row(method) for method in peers if method.unavailable() is None}
-        budget = max(held for _, _, held in peer_rows.values())
-        ours = [row(parse_method(f"ditcache:{t}:memory={budget}")) for t in args.tolerances]
-    mine = [(speed, psnr) for speed, psnr, _ in ours]
-    print(f"\nB = {budget / 1024:.0f} KiB (the most a peer held); ditcache held at most {max(h for *_, h in ours) / 1024:.0f} KiB\n")
-    print("| FLOPs speedup | peers' envelope (dB) | preset at B (dB) | gap (dB) |\n|---|---|---|---|")
-    families = {_family(spec) for spec in peer_rows}
+        rows = {method.spec: row(method.spec) for method in peers if method.unavailable() is None}
+        budget = max(held for _, _, held in rows.values())
+        presets = {"unbounded": [row(f"ditcache:{t}:memory=none") for t in args.tolerances]}
+        quarter = min(held for *_, held in presets["unbounded"]) // 4
+        presets["default (16H)"] = [row(f"ditcache:{t}") for t in args.tolerances]
+        presets["a quarter of unbounded"] = [row(f"ditcache:{t}:memory={quarter}") for t in args.tolerances]
+        presets["B"] = [row(f"ditcache:{t}:memory={budget}") for t in args.tolerances]
+    families = {_family(spec) for spec in rows}
+    at_b = max(held for *_, held in presets["B"])
+    print(f"\nB = {budget / 1024:.0f} KiB (the most a peer held); the preset at B held at most {at_b / 1024:.0f} KiB; "
+          f"a quarter of unbounded: {quarter / 1024:.0f} KiB\n")
+    print("| FLOPs speedup | peers' envelope (dB) | " + " | ".join(f"preset, {name}: gap (dB)" for name in presets) + " |")
+    print("|---|---|" + "---|" * len(presets))
     for speed in SPEEDUPS:
-        values = [at([(s, p) for spec, (s, p, _) in peer_rows.items() if _family(spec) == family], speed) for family in families]
+        values = [at([(s, p) for spec, (s, p, _) in rows.items() if _family(spec) == family], speed) for family in families]
         theirs = max((value for value in values if value is not None), default=None)
-        mine_at = at(mine, speed)
-        gap = f"{mine_at - theirs:+.2f}" if theirs is not None and mine_at is not None else "-"
-        print(f"| {speed} | {'-' if theirs is None else f'{theirs:.2f}'} | {'-' if mine_at is None else f'{mine_at:.2f}'} | {gap} |")
+        cells = []
+        for points in presets.values():
+            mine = at([(s, p) for s, p, _ in points], speed)
+            cells.append("-" if mine is None else f"{mine:.2f}" + ("" if theirs is None else f" ({mine - theirs:+.2f})"))
+        print(f"| {speed} | {'-' if theirs is None else f'{theirs:.2f}'} | " + " | ".join(cells) + " |")
+    if args.plot:
+        _plot(args, rows, presets, families)
+
+
+def _plot(args, rows: dict, presets: dict, families: set) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    for family in sorted(families):
+        points = sorted((s, p, h) for spec, (s, p, h) in rows.items() if _family(spec) == family)
+        axes.plot([s for s, _, _ in points], [p for _, p, _ in points], "o--", label=f"{family} (held {max(h for *_, h in points) / 1024:.0f} KiB)")
+    for name, points in presets.items():
+        points = sorted(points)
+        axes.plot([s for s, _, _ in points], [p for _, p, _ in points], "s-", linewidth=2,
+                  label=f"preset, {name} (held {max(h for *_, h in points) / 1024:.0f} KiB)")
+    axes.set_xlabel("FLOPs speedup")
+    axes.set_ylabel("PSNR against uncached (dB)")
+    axes.set_title(f"{args.model}, {args.steps} steps: quality against FLOPs, with each method's held memory")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(args.plot, dpi=120)
 
 
 def _family(spec: str) -> str:

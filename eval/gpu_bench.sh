@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: FLUX.1-dev geometry (19 double + 38 single blocks, 3072 wide, 4096 image +
 # 512 text tokens) with random weights in bf16, and OpenSora 1.2 (STDiT3-XL, 51 frames), uncached against
-# FORA, ToCa (the preset), a forecast (its cache also in float8) and diffusers' caches; eager and compiled; the Triton kernels off
+# FORA, ToCa (the preset), a forecast (its cache also in float8 and offloaded), the preset with and without its
+# budget, and diffusers' caches; eager and compiled; the Triton kernels off
 # and on. Every table is appended to $OUT/gpu_bench.md (default: runs/) with the device named; copy the
 # tables into eval/BENCHMARKS.md. Meant to fit one 8-minute call on an H200 (an estimate: not run on a GPU yet).
 #
@@ -42,13 +43,14 @@ bench() {  # a title, then the arguments of `ditcache bench`
 
 echo "# GPU benchmark, $(date -u +%Y-%m-%d)" >"$report"
 if [ "$device" = cuda ]; then  # the tests that need CUDA (CI has none): Triton kernels, offloading with streams
-    { echo '## Tests that need CUDA'; echo; echo '```'; python -m pytest -q tests/test_kernels.py tests/test_stack.py -k 'kernels or offloading' 2>&1 | tail -3; echo '```'; echo; } >>"$report"
+    { echo '## Tests that need CUDA'; echo; echo '```'; python -m pytest -q tests/test_kernels.py tests/test_stack.py tests/test_budget.py -k 'kernels or offloading or offloaded' 2>&1 | tail -3; echo '```'; echo; } >>"$report"
 fi
 bench "FLUX.1-dev geometry, $long steps, eager" "${flux[@]}" --steps "$long" --methods "${methods[@]}" "${common[@]}"
 DITCACHE_TRITON=1 bench "FLUX.1-dev geometry, $long steps, eager, Triton kernels on" \
     "${flux[@]}" --steps "$long" --methods uncached toca:4:0.9:auto:auto "${common[@]}"
-bench "FLUX.1-dev geometry, $short steps, eager, the cache in float8 (time and memory against the model's precision)" \
-    "${flux[@]}" --steps "$short" --methods uncached fora:4:order=1 fora:4:order=1:store=float8 "${common[@]}"
+bench "FLUX.1-dev geometry, $short steps, eager, the cache in float8 and offloaded to pinned host memory (time and memory against the model's precision)" \
+    "${flux[@]}" --steps "$short" --methods uncached fora:4:order=1 fora:4:order=1:store=float8 fora:4:order=1:offload=1 \
+    ditcache ditcache:memory=none ditcache:layout=chain "${common[@]}"
 bench "FLUX.1-dev geometry, $short steps, compiled blocks" \
     "${flux[@]}" --steps "$short" --methods uncached fora:4 toca:4:0.9:auto:auto --compile "${common[@]}"
 bench "OpenSora 1.2 (STDiT3-XL), $video_steps steps, eager" \

@@ -72,8 +72,15 @@ OPTIONS = {
     "share": ("random_share", float),
     "store": ("cache_precision", str),
     "layout": ("cache_layout", lambda value: f"span:{value[4:]}" if value.startswith("span") else value),
+    "offload": ("cache_offload", lambda value: _flag("offload", value)),
     "memory": ("cache_memory", lambda value: int(value) if value.isdigit() else None if value == "none" else value),
 }
+def _flag(name: str, value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"`{name}` takes 0 or 1, got {value!r}.")
+    return value == "1"
+
+
 ONLY = {"probe": "fora", "share": "toca"}
 
 
@@ -89,7 +96,7 @@ def parse_method(spec: str) -> Method:
     trailing options too: ``:tol=X`` (the tolerance), ``:max=M`` (the longest interval; N is then the
     interval before the first measurement), ``:probe=P`` (FORA's probe share), ``:share=S`` (ToCa's random
     share), e.g. ``toca:4:0.9:v_norm:order=1:tol=0.1``; and the forecast's form: ``:fc=hermite``
-    (``:sigma=X`` its scale) or ``:fc=bdf2_heun`` (with ``:order=2``); the storage: ``:store=float8``, ``:layout=block|spanN|chain`` (``spanN`` for ``span:N``), ``:memory=4GiB|16H|none``. ``ditcache[:tolerance]`` is
+    (``:sigma=X`` its scale) or ``:fc=bdf2_heun`` (with ``:order=2``); the storage: ``:store=float8``, ``:layout=block|spanN|chain`` (``spanN`` for ``span:N``), ``:memory=4GiB|16H|none``, ``:offload=1``. ``ditcache[:tolerance]`` is
     ``preset("ditcache")``, options as FORA's (e.g. ``ditcache:0.4:max=16``)."""
     try:
         return _parse_method(spec)

@@ -200,3 +200,54 @@ def test_the_budgets_dry_runs_are_unseen_by_a_flop_counter_around_the_first_call
     stats = cache_stats(pipe)
     assert stats.cache_budget > 0 and stats.partial_steps > 0
     assert counted == pytest.approx(stats.flops, rel=0.03)  # the engine also counts the forecasts' elementwise work
+
+
+OFFLOADED = {
+    "fora-forecast": FORAConfig(cache_interval=3, forecast_order=1),
+    "preset": preset("ditcache", tolerance=0.4, cache_memory=None),
+    "chain-float8": FORAConfig(cache_interval=3, forecast_order=2, cache_layout="chain", cache_precision="float8"),
+    "toca-forecast": ToCaConfig(cache_interval=3, cache_ratio=0.7, forecast_order=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFLOADED))
+def test_an_offloaded_cache_gives_the_images_of_the_cache_on_the_device(name):
+    """Values and differences kept in host memory, copied back block by block (the next one prefetched): the same
+    images as the cache on the device, with the cache's bytes on the host and only the running blocks' copies on
+    the device."""
+    from dataclasses import replace
+
+    pipe = builders.flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    arguments = dict(prompt="a red fox", height=32, width=32, max_sequence_length=16, num_inference_steps=10, output_type="latent")
+    images, stats = {}, {}
+    for offload in (False, True):
+        apply_cache(pipe, replace(OFFLOADED[name], cache_offload=offload))
+        images[offload] = pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
+        stats[offload] = cache_stats(pipe)
+    assert torch.equal(images[True], images[False]) and stats[True].full_step_indices == stats[False].full_step_indices
+    assert stats[False].cache_host_bytes == 0 and stats[True].partial_steps > 0
+    # every kept value on the host; on the device the run's memos and the copies of the blocks running
+    assert 0 < stats[True].cache_host_bytes <= stats[False].cache_bytes <= stats[True].cache_host_bytes + stats[True].cache_bytes
+    assert stats[True].cache_bytes < stats[False].cache_bytes
+
+
+def test_offloading_copies_each_block_back_when_it_runs_and_prefetches_the_next():
+    from ditcache.budget import CacheLayout
+    from ditcache.state import StreamCaches
+
+    caches = StreamCaches(CacheLayout(0, "model", 1), offload=True)
+    for name in ("a", "b", "c"):
+        caches.block(name, 0).store("x", torch.full((2, 3), float(ord(name))), step=0, order=1)
+    caches.end_call()
+    assert all(not cache.device_copies for cache in caches.blocks.values())  # nothing on the device between calls
+    a = caches.block("a", 0)
+    assert torch.equal(a.kept("x"), torch.full((2, 3), 97.0)) and len(caches.blocks[("b", 0)].device_copies) == 1
+    caches.block("b", 0)
+    assert not a.device_copies and len(caches.blocks[("c", 0)].device_copies) == 1  # a released, c prefetched
+
+
+def test_an_offloaded_cache_takes_no_device_budget():
+    with pytest.raises(ValueError, match="`cache_memory` bounds the cache on the device"):
+        FORAConfig(cache_offload=True, cache_memory="8H")
+    assert preset("ditcache", cache_offload=True).cache_memory is None

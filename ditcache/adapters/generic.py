@@ -206,7 +206,7 @@ class BranchAdapter:
                 run.measure_kept(cache, key, tensor)
             cache.store(key, tensor, run.plan.step, order)
             # a tensor kept as computed could be changed in place by the model; an encoded copy cannot
-            cache.versions[key] = None if tensor.is_inference() or cache.precision != "model" else tensor._version
+            cache.versions[key] = None if tensor.is_inference() or cache.precision != "model" or cache.offload else tensor._version
         return output
 
     def _reuse(self, run: RunState, cache: BlockCache, branch: str):
