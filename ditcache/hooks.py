@@ -228,7 +228,7 @@ class StepHook(ModelHook):
         from .memory import DryRunError, LayoutPlan, choose_layout  # the planner runs the engine itself on a fake copy
 
         settings = self.run.settings
-        if settings.cache_memory is None:
+        if settings.cache_memory is None or not settings.caches:
             return None
         shapes = tuple((name, tuple(value.shape), value.dtype) for name, value in call.arguments.items() if isinstance(value, torch.Tensor))
         key = (shapes, streams, steps)

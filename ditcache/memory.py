@@ -173,50 +173,46 @@ def _stored_bytes(stored, precision: str) -> int:
 
 
 @dataclass(frozen=True)
-class LayoutCosts:
-    """What each layout holds for one call's shapes, per guidance stream, from dry runs: ``memo`` the run's memos;
-    ``branch`` per branch key its kept value and the other per-block state (scores, counters) in bytes;
-    ``chains`` the unbroken runs of blocks, and ``residuals`` each block's residual tensors; ``hidden`` H."""
+class BranchCosts:
+    """What the branch layout holds per guidance stream, from a dry run: each kept value (a key's differences
+    have its shape), the other per-block state (scores, counters) and the run's memos, in bytes."""
 
+    values: tuple
+    other: int
     memo: int
-    branch_values: tuple
-    branch_other: int
-    branch_memo: int
+
+    def bytes(self, layout: CacheLayout) -> int:
+        return self.memo + self.other + (layout.order + 1) * sum(_stored_bytes(v, layout.precision) for v in self.values)
+
+
+@dataclass(frozen=True)
+class ResidualCosts:
+    """What the residual layouts hold per guidance stream, from a dry call: the unbroken chains of blocks, each
+    block's residual tensors, the run's memos; ``hidden`` is H, the largest block's residual in bytes."""
+
     chains: tuple
     residuals: dict
+    memo: int
     hidden: int
 
     def bytes(self, layout: CacheLayout) -> int:
-        terms = layout.order + 1
-        if layout.span == 0:
-            return self.branch_memo + self.branch_other + terms * sum(_stored_bytes(v, layout.precision) for v in self.branch_values)
-        total = self.memo
-        for chain in self.chains:
-            for start in chain[:: layout.span]:
-                total += terms * sum(_stored_bytes(v, layout.precision) for v in self.residuals[start])
-        return total
+        spans = [start for chain in self.chains for start in chain[:: layout.span]]
+        return self.memo + (layout.order + 1) * sum(_stored_bytes(v, layout.precision) for start in spans for v in self.residuals[start])
 
 
-def layout_costs(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, dtype: torch.dtype | None,
-                 residual: bool) -> LayoutCosts:
-    """Dry runs of one guidance stream: the config's branch layout (if it is one) and a residual per block (if
-    ``residual``)."""
-    memo, values, other, chains, residuals, hidden = 0, (), 0, (), {}, 0
-    branch_memo = 0
-    if settings.cache_span == 0:
-        run = _dry_run(transformer, with_layout(settings, settings.layout), call, steps, 1, dtype)
-        caches = run.caches.blocks.values()
-        values = tuple(value for cache in caches for value in cache.branches.values())
-        kept = sum(codecs.nbytes(value) for cache in caches for values_ in ([*cache.branches.values()], *cache.differences.values()) for value in values_)
-        other = sum(cache.nbytes() for cache in caches) - kept
-        branch_memo = run.memo.nbytes()
-    if residual:
-        run = _dry_run(transformer, with_layout(settings, CacheLayout(1, "model", 0)), call, steps, 1, dtype, dry_steps=1)
-        chains = tuple(tuple(chain) for chain in run.spans.chains)
-        residuals = {name: tuple(cache.branches.values()) for (name, _), cache in run.caches.blocks.items()}
-        memo = run.memo.nbytes()
-        hidden = max(sum(codecs.nbytes(v) for v in values_) for values_ in residuals.values())
-    return LayoutCosts(memo, values, other, branch_memo, chains, residuals, hidden)
+def branch_costs(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, dtype: torch.dtype | None) -> BranchCosts:
+    run = _dry_run(transformer, with_layout(settings, settings.layout), call, steps, 1, dtype)
+    caches = list(run.caches.blocks.values())
+    values = tuple(value for cache in caches for value in cache.branches.values())
+    kept = sum(codecs.nbytes(v) for cache in caches for v in [*cache.branches.values(), *(d for ds in cache.differences.values() for d in ds)])
+    return BranchCosts(values, sum(cache.nbytes() for cache in caches) - kept, run.memo.nbytes())
+
+
+def residual_costs(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, dtype: torch.dtype | None) -> ResidualCosts:
+    run = _dry_run(transformer, with_layout(settings, CacheLayout(1, "model", 0)), call, steps, 1, dtype, dry_steps=1)
+    residuals = {name: tuple(cache.branches.values()) for (name, _), cache in run.caches.blocks.items()}
+    hidden = max(sum(codecs.nbytes(v) for v in values) for values in residuals.values())
+    return ResidualCosts(tuple(tuple(chain) for chain in run.spans.chains), residuals, run.memo.nbytes(), hidden)
 
 
 @dataclass(frozen=True)
@@ -235,12 +231,23 @@ def choose_layout(transformer: nn.Module, settings: EngineSettings, call: dict, 
     if residual is None:
         residual = residual_possible(transformer_adapter(transformer), settings)
     residual = residual or settings.cache_span > 0
-    costs = layout_costs(transformer, settings, call, steps, dtype, residual)
-    hidden = costs.hidden or max((_stored_bytes(v, "model") for v in costs.branch_values), default=1)
+    own = settings.layout
+    residuals = residual_costs(transformer, settings, call, steps, dtype) if residual else None
+    branches = None
+    if own.span == 0:
+        # every branch layout holds at least a residual per block (each block's attention returns a tensor of the
+        # hidden states' size) and more memos: where that does not fit, the branch layout's dry run is skipped
+        floor = streams * residuals.bytes(CacheLayout(1, own.precision, own.order)) if residuals else 0
+        limit = settings.cache_memory.limit(residuals.hidden) if residuals else None
+        if limit is None or floor <= limit:
+            branches = branch_costs(transformer, settings, call, steps, dtype)
+    hidden = residuals.hidden if residuals else max(_stored_bytes(v, "model") for v in branches.values)
     limit = settings.cache_memory.limit(hidden)
-    candidates = layouts_to_try(settings.layout, residual)
     sizes = []
-    for layout in candidates:
+    for layout in layouts_to_try(own, residual):
+        costs = residuals if layout.span else branches
+        if costs is None:
+            continue
         size = streams * costs.bytes(layout)
         if size <= limit:
             return LayoutPlan(layout, limit, size)
