@@ -251,3 +251,15 @@ def test_an_offloaded_cache_takes_no_device_budget():
     with pytest.raises(ValueError, match="`cache_memory` bounds the cache on the device"):
         FORAConfig(cache_offload=True, cache_memory="8H")
     assert preset("ditcache", cache_offload=True).cache_memory is None
+
+
+def test_a_budget_that_cannot_be_planned_without_data_warns_and_keeps_the_smallest_layout():
+    """Mochi's attention keeps the prompt tokens its mask's values select, which a dry run cannot: the run warns
+    and keeps one residual per chain in float8 at the config's order."""
+    model = build("mochi")
+    argument = SPECS[type(model).__name__].timestep_argument
+    apply_cache(model, preset("ditcache"))
+    with pytest.warns(UserWarning, match=r"cache_memory=16H cannot be planned: .*reads its inputs' values"), torch.no_grad():
+        for t in timesteps("mochi"):
+            model(**FAMILIES["mochi"][1](), **{argument: t})
+    assert cache_stats(model).cache_layout == "chain, float8, order 2"
