@@ -167,14 +167,15 @@ class ErrorMeter:
         torch.distributed.all_reduce(total, group=self.group)
         self._sums = total
 
-    def add(self, cached: torch.Tensor, fresh: torch.Tensor) -> int:
+    def add(self, cached: torch.Tensor, fresh: torch.Tensor, noise: torch.Tensor | None = None) -> int:
         """Add the rows' squared error and squared fresh values to this step's sums, on the device; the
-        FLOPs it costs."""
+        FLOPs it costs. ``noise``: the squared error the cache's storage alone adds (float8 rounding), which no
+        full step removes, taken off the error (not below 0) so that it does not shorten the intervals."""
         dtype = torch.promote_types(fresh.dtype, torch.float32)  # half-precision rows summed in float32
-        sums = torch.stack([
-            torch.linalg.vector_norm(fresh - cached, dtype=dtype).square(),
-            torch.linalg.vector_norm(fresh, dtype=dtype).square(),
-        ])
+        error = torch.linalg.vector_norm(fresh - cached, dtype=dtype).square()
+        if noise is not None:
+            error = (error - noise).clamp_min(0.0)
+        sums = torch.stack([error, torch.linalg.vector_norm(fresh, dtype=dtype).square()])
         self._sums = sums if self._sums is None else self._sums + sums
         return 5 * fresh.numel()
 

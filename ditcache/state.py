@@ -141,6 +141,7 @@ class BlockCache:
     device: torch.device | None = None  # where the values are computed (and their device copies go)
     device_copies: dict[int, Stored] = field(default_factory=dict)  # offloaded: id(host copy) -> its device copy
     ready: object | None = None  # offloaded: the CUDA event after which a prefetch's copies may be read
+    rounding: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # float8: each kept term's squared rounding error
 
     def on_device(self, stored: Stored) -> Stored:
         """``stored`` where it is computed with: itself, or (offloaded) its device copy, made now if no prefetch
@@ -191,7 +192,11 @@ class BlockCache:
             for k in range(1, min(order, len(old) + 1)):
                 difference = (difference - old[k - 1]) / (step - nodes[k])
                 differences.append(difference)
-        kept = [codecs.encode(value, self.precision), *(codecs.encode(d, self.precision) for d in differences)]
+        terms = [value, *differences]
+        kept = [codecs.encode(term, self.precision) for term in terms]
+        if self.precision != "model":  # what storing alone loses, on the device: the error meter takes it off
+            self.rounding[branch] = [torch.linalg.vector_norm(codecs.decode(item) - term, dtype=torch.float32).square()
+                                     for item, term in zip(kept, terms)]
         if self.offload:
             self.device = value.device
             for item in (previous, *self.differences.get(branch, [])):
@@ -216,6 +221,17 @@ class BlockCache:
             value = torch.add(value, codecs.decode(self.on_device(difference)), alpha=factor)
         return value
 
+    def rounding_error(self, branch: str, step: int, forecaster: Forecaster) -> torch.Tensor | None:
+        """The squared error the storage's rounding adds to ``current(branch, step)``, None when stored as
+        computed: the kept terms' roundings, independent, add their squares, each times its forecast factor
+        squared; the differences were taken from rounded values too, which adds as much again (measured on a
+        branch moving on a line: tests/test_budget.py)."""
+        rounding = self.rounding.get(branch)
+        if rounding is None:
+            return None
+        factors = [1.0, *forecaster.factors(step, self.nodes[branch], len(rounding) - 1)] if len(rounding) > 1 else [1.0]
+        return 2 * sum(factor**2 * error for factor, error in zip(factors, rounding))
+
     def forecast_terms(self, branch: str, step: int, flat: torch.Tensor, forecaster: Forecaster) -> torch.Tensor | None:
         """The forecast's increment over the stored value, on the rows ``flat`` only (None without
         differences)."""
@@ -232,7 +248,8 @@ class BlockCache:
         """Device bytes: what is kept there (offloaded: the device copies alive now) and the per-token state."""
         differences = [t for values in self.differences.values() for t in values]
         kept = list(self.device_copies.values()) if self.offload else [*self.branches.values(), *differences]
-        tensors = [*kept, *self.base_scores.values(), *self.normalized_scores.values(), *self.since_recompute.values(),
+        rounding = [error for errors in self.rounding.values() for error in errors]
+        tensors = [*kept, *rounding, *self.base_scores.values(), *self.normalized_scores.values(), *self.since_recompute.values(),
                    self.text_keys, self.text_values]
         return sum(codecs.nbytes(t) for t in tensors)
 
@@ -584,7 +601,8 @@ class RunState:
         would have made on this step, added to the step's measurement with what it costs."""
         cached = cache.current(key, self.plan.step, self.settings.forecaster)
         forecast_flops = 2 * len(cache.differences.get(key, ())) * cached.numel()
-        self.ledger.add_estimate_flops(forecast_flops + self.plan.meter.add(cached, fresh))
+        noise = cache.rounding_error(key, self.plan.step, self.settings.forecaster)
+        self.ledger.add_estimate_flops(forecast_flops + self.plan.meter.add(cached, fresh, noise))
 
     @torch.compiler.disable
     def measure_rows(self, cached: torch.Tensor, fresh: torch.Tensor) -> None:

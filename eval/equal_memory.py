@@ -28,7 +28,7 @@ from ditcache.flops import count_flops
 PEER_METHODS = ("fbc:0.05", "fbc:0.1", "fbc:0.2", "fbc:0.3", "magcache:0.06", "magcache:0.12", "magcache:0.24",
                 "dbcache:0.08", "dbcache:0.16", "dbcache:0.3", "dbcache:0.5",
                 "dbcache:0.08:1", "dbcache:0.16:1", "dbcache:0.3:1", "dbcache:0.5:1")
-TOLERANCES = (0.1, 0.2, 0.4, 0.8, 1.6)
+TOLERANCES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 SPEEDUPS = (2, 3, 4, 5, 6)
 
 

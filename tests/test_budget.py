@@ -263,3 +263,27 @@ def test_a_budget_that_cannot_be_planned_without_data_warns_and_keeps_the_smalle
         for t in timesteps("mochi"):
             model(**FAMILIES["mochi"][1](), **{argument: t})
     assert cache_stats(model).cache_layout == "chain, float8, order 2"
+
+
+def test_float8_rounding_is_taken_off_the_measured_error():
+    """A branch that moves on a line is forecast exactly from its differences; in float8 the forecast is off by
+    the rounding only, which more full steps would not remove: the error meter takes it off (independent
+    roundings: their squares add, each times its forecast factor squared)."""
+    from ditcache.control import ErrorMeter
+    from ditcache.forecast import NEWTON
+    from ditcache.state import BlockCache
+
+    torch.manual_seed(0)
+    start, slope = torch.randn(4, 64, 32), torch.randn(4, 64, 32)
+    cache = BlockCache(precision="float8", max_order=2)
+    for step in (0, 2, 4):
+        cache.store("x", start + step * slope, step, order=2)
+    fresh = start + 6 * slope
+    plain, corrected = ErrorMeter(torch.device("cpu")), ErrorMeter(torch.device("cpu"))
+    for meter, noise in ((plain, None), (corrected, cache.rounding_error("x", 6, NEWTON))):
+        meter.open_step(6, 2, 2, True)
+        meter.add(cache.current("x", 6, NEWTON), fresh, noise)
+        meter.close_step()
+    error = {name: float(meter.measurements[0].sums[0] / meter.measurements[0].sums[1]) ** 0.5
+             for name, meter in (("plain", plain), ("corrected", corrected))}
+    assert error["plain"] > 0.01 and error["corrected"] < 0.3 * error["plain"]
