@@ -37,11 +37,11 @@ CONSTANT_HOOK = "ditcache.run_constant"
 TABLE_HOOK = "ditcache.step_table"
 BRANCH_HOOK = "ditcache.branch"
 RESIDUAL_HOOK = "ditcache.residual"
-# diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
-# same work twice, so ``apply_cache`` refuses a transformer that carries one.
 DEFAULT_PLANNED_STEPS = 50  # a budget's plan where the run's step count is unknown (per-step tables grow with it)
 CALLER_SEARCH_DEPTH = 32  # frames searched for the calling pipeline's __call__ (hooks, no_grad, progress wrappers)
 GROUP_OFFLOADING_HOOK = "group_offloading"  # diffusers' name for the hook that loads a group's weights
+# diffusers' own caches (and its text K/V cache): stacked under ditcache they would skip or reuse the
+# same work twice, so ``apply_cache`` refuses a transformer that carries one.
 FOREIGN_CACHE_HOOKS = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache", "text_kv_cache")
 
 
@@ -127,7 +127,6 @@ class StepHook(ModelHook):
         run = self.run
         run.in_call = False
         run.arguments = {}  # hold none of the call's tensors between calls
-
         run.end_call()
 
     def _enter(self, module: nn.Module, call) -> None:
