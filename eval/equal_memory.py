@@ -8,8 +8,8 @@ preset and the peers' envelope at matched FLOPs.
 The preset runs unbounded, at its default budget (16 H), at a quarter of what it held unbounded, and at B.
 
 FLOPs are counted by ``FlopCounterMode`` on the same runs for every method. The envelope at x: the best PSNR any
-peer reaches at x, each peer's points joined linearly in PSNR against FLOPs speedup along its Pareto front (no
-extrapolation: a method counts only between its fastest and its slowest point).
+peer reaches at x, each peer's points joined linearly in PSNR against FLOPs speedup along its Pareto front, and
+never below its best point that saves at least x (no extrapolation beyond its fastest point).
 """
 
 from __future__ import annotations
@@ -43,12 +43,14 @@ def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def at(points: list[tuple[float, float]], speed: float) -> float | None:
-    """PSNR at ``speed`` on the front of ``points``, joined linearly; None outside it."""
+    """PSNR at ``speed``: the front of ``points`` joined linearly where ``speed`` is within it, and at least the best
+    point that saves as much or more (a faster point serves any slower speed); None where no point is that fast."""
     line = front(points)
+    found = [p for s, p in points if s >= speed]
     for (x0, y0), (x1, y1) in zip(line, line[1:]):
         if x0 <= speed <= x1:
-            return y0 + (y1 - y0) * (speed - x0) / (x1 - x0)
-    return line[0][1] if len(line) == 1 and abs(line[0][0] - speed) < 1e-9 else None
+            found.append(y0 + (y1 - y0) * (speed - x0) / (x1 - x0))
+    return max(found, default=None)
 
 
 def main(argv: list[str] | None = None) -> None:
