@@ -71,23 +71,24 @@ def parse_budget(value: int | str) -> MemoryBudget:
     return MemoryBudget(bytes=size)
 
 
+PRECISIONS_TO_TRY = ("model", "float8_differences", "float8")
+
+
 def layouts_to_try(own: CacheLayout, residual: bool) -> list[CacheLayout]:
     """The layouts a budget tries, best first; the first that fits is kept. The config's own; where the model and
     the config allow residuals, each residual layout from per block to one per chain of blocks, each in the
-    model's precision and then in float8; else the config's own layout in float8; and only then the same at each
-    lower forecast order. Measured on the references at 50 steps (eval/BENCHMARKS.md, "A cache memory budget"):
-    a lower order costs 5-10 dB; at fixed intervals a residual layout holds what the branches hold (a span's
-    residual is the sum of its blocks' and forecasts are linear), and under error control the finer the spans the
-    better the measured error steers (per block about the branches' quality, per chain 1-4 dB below); float8
-    costs 0-1.4 dB and, per block, holds less than the branches in float8 at better quality."""
+    model's precision, then with its forecast differences in float8, then all in float8; else the config's own
+    layout in those precisions; and only then the same at each lower forecast order. Measured on the references
+    at 50 steps (eval/BENCHMARKS.md, "A cache memory budget"): a lower order costs 5-10 dB; the differences in
+    float8 cost nothing measurable (within 0.1 dB); at fixed intervals a residual layout holds what the branches
+    hold (a span's residual is the sum of its blocks' and forecasts are linear), and under error control the finer
+    the spans the better the measured error steers (per block about the branches' quality, per chain 1-4 dB
+    below); all in float8 costs 0-2 dB and, per block, holds less than the branches at better quality."""
     layouts = []
     for order in range(own.order, -1, -1):
-        if residual:
-            spans = [span for span in SPANS if span >= max(own.span, 1)]
-            layouts += [CacheLayout(own.span, own.precision, order)]
-            layouts += [CacheLayout(span, precision, order) for span in spans for precision in ("model", "float8")]
-        else:
-            layouts += [CacheLayout(own.span, precision, order) for precision in (own.precision, "float8")]
+        layouts.append(CacheLayout(own.span, own.precision, order))
+        spans = [span for span in SPANS if span >= max(own.span, 1)] if residual else [own.span]
+        layouts += [CacheLayout(span, precision, order) for span in spans for precision in PRECISIONS_TO_TRY]
     return list(dict.fromkeys(layouts))
 
 

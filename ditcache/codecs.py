@@ -13,7 +13,10 @@ import torch
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448: each row is scaled so that its largest magnitude lands here
 FLOAT8_RELATIVE_ERROR = 2.0**-4  # e4m3 keeps 3 mantissa bits: rounding moves a normal value by at most 1/16 of it
-CACHE_PRECISIONS = ("model", "float8")
+# "model": as computed; "float8": values and forecast differences in float8; "float8_differences": the value as
+# computed, its differences in float8 (a forecast's differences are multiplied by factors that shrink with order,
+# so their rounding matters least)
+CACHE_PRECISIONS = ("model", "float8_differences", "float8")
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,13 @@ class Float8Rows:
 Stored = torch.Tensor | Float8Rows
 
 
+def term_precision(precision: str, difference: bool) -> str:
+    """How a cache of ``precision`` keeps a value (``difference`` False) or a forecast difference: "model" or "float8"."""
+    return "float8" if precision == "float8" or (precision == "float8_differences" and difference) else "model"
+
+
 def encode(value: torch.Tensor, precision: str) -> Stored:
-    """``value`` as the cache keeps it with ``precision`` (one of ``CACHE_PRECISIONS``)."""
+    """``value`` as the cache keeps a term of ``precision`` ("model" or "float8", ``term_precision``)."""
     return Float8Rows.encode(value) if precision == "float8" else value
 
 

@@ -251,8 +251,9 @@ class ToCaConfig:
         random_share: with a tolerance, the share of each partial step's recomputed tokens drawn at random
             rather than by score, on which the error is measured without bias (0: on all recomputed tokens).
         cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
-            computed) or ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of
-            bf16's bytes; recomputed rows then serve their step only).
+            computed), ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of bf16's
+            bytes; recomputed rows then serve their step only) or ``"float8_differences"`` (the value as
+            computed, its forecast differences in float8).
         cache_layout: ``"branch"`` only: ToCa recomputes tokens of branch outputs (see :class:`FORAConfig`).
         cache_memory: a budget for the cache, for all guidance streams together: bytes, or a string such as
             ``"4GiB"`` or ``"16H"`` (H: one hidden-state tensor of a call). Within it the engine keeps the
@@ -348,8 +349,9 @@ class FORAConfig:
             random, to measure the error between full steps (their fresh values are kept; their FLOPs
             counted), in [0, 1).
         cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
-            computed) or ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of
-            bf16's bytes; recomputed rows then serve their step only).
+            computed), ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of bf16's
+            bytes; recomputed rows then serve their step only) or ``"float8_differences"`` (the value as
+            computed, its forecast differences in float8).
         cache_layout: what the cache keeps: ``"branch"`` (each cached branch's output), ``"block"`` (each block's
             residual, its output minus its input: one tensor per block), ``"span:N"`` (the residual of each span
             of N consecutive blocks, which partial steps skip whole) or ``"chain"`` (one residual per unbroken run

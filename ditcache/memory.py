@@ -162,8 +162,14 @@ def _dry_run(transformer: nn.Module, settings: EngineSettings, call: dict, steps
     return run
 
 
+def _terms_bytes(stored, layout: CacheLayout) -> int:
+    """Bytes of a kept value and its ``layout.order`` differences (each of its shape) in ``layout.precision``."""
+    return (_stored_bytes(stored, codecs.term_precision(layout.precision, False))
+            + layout.order * _stored_bytes(stored, codecs.term_precision(layout.precision, True)))
+
+
 def _stored_bytes(stored, precision: str) -> int:
-    """Bytes of a kept tensor if it were kept in ``precision``."""
+    """Bytes of a kept tensor if it were kept in ``precision`` ("model" or "float8")."""
     shape = stored.data.shape if isinstance(stored, codecs.Float8Rows) else stored.shape
     numel = math.prod(shape)
     if precision == "float8":
@@ -182,7 +188,7 @@ class BranchCosts:
     memo: int
 
     def bytes(self, layout: CacheLayout) -> int:
-        return self.memo + self.other + (layout.order + 1) * sum(_stored_bytes(v, layout.precision) for v in self.values)
+        return self.memo + self.other + sum(_terms_bytes(v, layout) for v in self.values)
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,7 @@ class ResidualCosts:
 
     def bytes(self, layout: CacheLayout) -> int:
         spans = [start for chain in self.chains for start in chain[:: layout.span]]
-        return self.memo + (layout.order + 1) * sum(_stored_bytes(v, layout.precision) for start in spans for v in self.residuals[start])
+        return self.memo + sum(_terms_bytes(v, layout) for start in spans for v in self.residuals[start])
 
 
 def branch_costs(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, dtype: torch.dtype | None) -> BranchCosts:

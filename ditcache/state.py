@@ -193,7 +193,7 @@ class BlockCache:
                 difference = (difference - old[k - 1]) / (step - nodes[k])
                 differences.append(difference)
         terms = [value, *differences]
-        kept = [codecs.encode(term, self.precision) for term in terms]
+        kept = [codecs.encode(term, codecs.term_precision(self.precision, index > 0)) for index, term in enumerate(terms)]
         if self.precision != "model":  # what storing alone loses, on the device: the error meter takes it off
             self.rounding[branch] = [torch.linalg.vector_norm(codecs.decode(item) - term, dtype=torch.float32).square()
                                      for item, term in zip(kept, terms)]

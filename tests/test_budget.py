@@ -43,11 +43,13 @@ def test_toca_and_token_merging_refuse_residual_layouts():
 
 def test_the_budget_gives_up_layout_and_precision_before_forecast_order():
     layouts = layouts_to_try(CacheLayout(0, "model", 2), residual=True)
-    assert layouts[:4] == [CacheLayout(0, "model", 2), CacheLayout(1, "model", 2), CacheLayout(1, "float8", 2), CacheLayout(2, "model", 2)]
+    assert layouts[:5] == [CacheLayout(0, "model", 2), CacheLayout(1, "model", 2), CacheLayout(1, "float8_differences", 2),
+                           CacheLayout(1, "float8", 2), CacheLayout(2, "model", 2)]
     assert layouts[layouts.index(CacheLayout(WHOLE_CHAIN, "float8", 2)) + 1] == CacheLayout(0, "model", 1)
     assert [layout.order for layout in layouts] == sorted((layout.order for layout in layouts), reverse=True)
     assert layouts_to_try(CacheLayout(0, "model", 1), residual=False) == [
-        CacheLayout(0, "model", 1), CacheLayout(0, "float8", 1), CacheLayout(0, "model", 0), CacheLayout(0, "float8", 0)]
+        CacheLayout(0, "model", 1), CacheLayout(0, "float8_differences", 1), CacheLayout(0, "float8", 1),
+        CacheLayout(0, "model", 0), CacheLayout(0, "float8_differences", 0), CacheLayout(0, "float8", 0)]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -287,3 +289,21 @@ def test_float8_rounding_is_taken_off_the_measured_error():
     error = {name: float(meter.measurements[0].sums[0] / meter.measurements[0].sums[1]) ** 0.5
              for name, meter in (("plain", plain), ("corrected", corrected))}
     assert error["plain"] > 0.01 and error["corrected"] < 0.3 * error["plain"]
+
+
+def test_float8_differences_keep_the_value_as_computed_and_the_differences_in_float8():
+    from ditcache.codecs import Float8Rows
+    from ditcache.forecast import NEWTON
+    from ditcache.state import BlockCache
+
+    torch.manual_seed(0)
+    values = [torch.randn(2, 16, 64, dtype=torch.bfloat16) for _ in range(3)]
+    caches = {precision: BlockCache(precision=precision, max_order=2) for precision in ("model", "float8_differences")}
+    for step, value in zip((0, 2, 4), values):
+        for cache in caches.values():
+            cache.store("x", value, step, order=2)
+    mixed = caches["float8_differences"]
+    assert torch.equal(mixed.kept("x"), values[-1]) and all(isinstance(d, Float8Rows) for d in mixed.differences["x"])
+    assert mixed.nbytes() < 0.72 * caches["model"].nbytes()  # 1 + 2 x (1/2 + a scale per row) of 3 bf16 terms
+    exact, rounded = caches["model"].current("x", 6, NEWTON).float(), mixed.current("x", 6, NEWTON).float()
+    assert (rounded - exact).norm() < 0.05 * exact.norm()

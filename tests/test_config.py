@@ -161,5 +161,5 @@ def test_fora_resolves_to_no_recompute():
 
 @pytest.mark.parametrize("make", [ToCaConfig, FORAConfig, lambda **kwargs: preset("ditcache", **kwargs)])
 def test_an_unknown_cache_precision_is_named_with_the_allowed_ones(make):
-    with pytest.raises(ValueError, match="`cache_precision` must be one of 'model', 'float8'; got 'fp4'"):
+    with pytest.raises(ValueError, match="`cache_precision` must be one of 'model', 'float8_differences', 'float8'; got 'fp4'"):
         make(cache_precision="fp4")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .. import codecs
 from .. import scores as S
 from ..config import EngineSettings
 from ..flops import measured_flops
@@ -206,7 +207,7 @@ class BranchAdapter:
                 run.measure_kept(cache, key, tensor)
             cache.store(key, tensor, run.plan.step, order)
             # a tensor kept as computed could be changed in place by the model; an encoded copy cannot
-            cache.versions[key] = None if tensor.is_inference() or cache.precision != "model" or cache.offload else tensor._version
+            cache.versions[key] = None if tensor.is_inference() or codecs.term_precision(cache.precision, False) != "model" or cache.offload else tensor._version
         return output
 
     def _reuse(self, run: RunState, cache: BlockCache, branch: str):
