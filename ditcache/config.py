@@ -255,15 +255,9 @@ class ToCaConfig:
             bytes; recomputed rows then serve their step only) or ``"float8_differences"`` (the value as
             computed, its forecast differences in float8).
         cache_layout: ``"branch"`` only: ToCa recomputes tokens of branch outputs (see :class:`FORAConfig`).
-        cache_memory: a budget for the cache, for all guidance streams together: bytes, or a string such as
-            ``"4GiB"`` or ``"16H"`` (H: one hidden-state tensor of a call). Within it the engine keeps the
-            config's own layout where it fits, else gives up storage precision (float8), then forecast order (``ditcache.budget.layouts_to_try``), choosing at the
-            start of each run from the call's shapes; a budget that no layout meets raises ``ValueError`` there,
-            before anything runs, stating the minimum (``ditcache.estimate_cache_bytes`` tells it beforehand).
-            ``cache_stats(...).cache_layout`` says what was chosen. ``None``: no budget.
-        cache_offload: keep the cache's values and forecast differences in host memory (pinned, where CUDA is)
-            and copy each block's to the device when it runs, the next block's prefetched on a side stream; for
-            caches no budget fits on the device. Rows a partial step recomputes then serve that step only.
+        cache_memory, cache_offload: the cache's budget and its offloading to host memory, as in
+            :class:`FORAConfig`; ToCa keeps the branch layout, so a budget gives up storage precision, then forecast
+            order. Rows a partial step recomputes serve that step only when offloaded.
     """
 
     cache_interval: int | None = None
