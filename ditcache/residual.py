@@ -212,7 +212,8 @@ class ResidualHook(ModelHook):
     def _full(self, run: RunState, tracker: SpanTracker, inputs, args: tuple, kwargs: dict):
         if run.plan.is_full:
             tracker.full_block(run, self.name, inputs)
-        shapes = tuple(tuple(t.shape) for t in inputs)
+        # every tensor argument's shape: a block's cost also depends on what it attends to (the text's length)
+        shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
         output, flops = measured_flops(run, self._flops, shapes, self.name, self.block, lambda: self.fn_ref.original_forward(*args, **kwargs))
         run.ledger.add_flops(flops, flops)
         outputs = self._outputs(output)
