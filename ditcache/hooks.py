@@ -28,7 +28,7 @@ from .adapters import TransformerAdapter, transformer_adapter
 from .budget import WHOLE_CHAIN, CacheLayout
 from .config import CacheConfig, EngineSettings, resolve_configs
 from .flops import record_layer_flops
-from .residual import block_streams, residual_hooks
+from .residual import block_streams, known_streams, residual_hooks
 from .state import CacheStats, CallSignature, Memo, RunState, SelectionEvent
 
 STEP_HOOK = "ditcache.step"
@@ -550,7 +550,7 @@ def residual_possible(model: TransformerAdapter, settings: EngineSettings) -> bo
     """Whether runs may keep residuals: asked for by the config, or open to its budget where every block's
     streams are known. A config asking for one on a model whose blocks are not known is refused."""
     if settings.cache_span:
-        residual_hooks(None, model.blocks())  # raises, naming the block, where one is not known
+        known_streams(model.blocks())  # raises, naming the block, where one is not known
         return True
     return settings.cache_memory is not None and settings.residual_allowed and all(
         block_streams(block) is not None for _, block in model.blocks())

@@ -209,14 +209,14 @@ class ResidualCosts:
 def branch_costs(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, dtype: torch.dtype | None) -> BranchCosts:
     run = _dry_run(transformer, with_layout(settings, settings.layout), call, steps, 1, dtype)
     caches = list(run.caches.blocks.values())
-    values = tuple(value for cache in caches for value in cache.branches.values())
-    kept = sum(codecs.nbytes(v) for cache in caches for v in [*cache.branches.values(), *(d for ds in cache.differences.values() for d in ds)])
+    values = tuple(entry.value for cache in caches for entry in cache.entries.values())
+    kept = sum(codecs.nbytes(term) for cache in caches for term in cache.stored())
     return BranchCosts(values, sum(cache.nbytes() for cache in caches) - kept, run.memo.nbytes())
 
 
 def residual_costs(transformer: nn.Module, settings: EngineSettings, call: dict, steps: int, dtype: torch.dtype | None) -> ResidualCosts:
     run = _dry_run(transformer, with_layout(settings, CacheLayout(1, "model", 0)), call, steps, 1, dtype, dry_steps=1)
-    residuals = {name: tuple(cache.branches.values()) for (name, _), cache in run.caches.blocks.items()}
+    residuals = {name: tuple(entry.value for entry in cache.entries.values()) for (name, _), cache in run.caches.blocks.items()}
     hidden = max(sum(codecs.nbytes(v) for v in values) for values in residuals.values())
     return ResidualCosts(tuple(tuple(chain) for chain in run.spans.chains), residuals, run.memo.nbytes(), hidden)
 

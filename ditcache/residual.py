@@ -28,9 +28,10 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 from torch import nn
 
 from .flops import measured_flops
+from .store import RESIDUAL, BlockCache, CacheKey
 
 if TYPE_CHECKING:
-    from .state import BlockCache, RunState
+    from .state import RunState
 
 @dataclass(frozen=True)
 class BlockStreams:
@@ -87,7 +88,7 @@ class _OpenSpan:
 class SpanTracker:
     """One call's spans: opened and closed on full steps (the roles they give each block are kept for the
     partial steps), followed on partial steps. Keys of a span's residuals in its first block's ``BlockCache``:
-    ``"residual.0"`` (hidden states), ``"residual.1"`` (the text stream where blocks return it)."""
+    ``CacheKey(RESIDUAL, 0, i)``, i the position of the stream among those the block returns (``BlockStreams``)."""
 
     def __init__(self, span: int):
         self.span = span
@@ -142,8 +143,8 @@ class SpanTracker:
         for index, (before, after) in enumerate(zip(span.inputs, span.outputs)):
             if after is None or before is None:  # a stream the span's last block does not return (SD3's last text)
                 continue
-            key, residual = f"residual.{index}", after - before
-            if run.plan.meter is not None and key in cache.branches:
+            key, residual = CacheKey(RESIDUAL, 0, index), after - before
+            if run.plan.meter is not None and key in cache:
                 run.measure_kept(cache, key, residual)
             cache.store(key, residual, run.plan.step, run.settings.forecast_order)
 
@@ -223,24 +224,24 @@ class ResidualHook(ModelHook):
         if run.plan.is_full:
             tracker.full_block_done(outputs)
             structure = None if isinstance(output, torch.Tensor) else (type(output), len(output), tuple(o is None for o in outputs))
-            run.block_cache(self.name).layouts["output"] = (structure, flops)
+            run.block_cache(self.name).structures[RESIDUAL, 0] = (structure, flops)
         else:
             tracker.last_outputs = outputs
         return output
 
     def _partial(self, run: RunState, tracker: SpanTracker, inputs):
         start = tracker.roles[self.name]
-        structure, flops = run.block_cache(self.name).layouts["output"]
+        structure, flops = run.block_cache(self.name).structures[RESIDUAL, 0]
         if start == self.name:
             cache: BlockCache = run.block_cache(start)
             values, forecast_flops = [], 0
             for index, before in enumerate(inputs):
-                key = f"residual.{index}"
-                if key not in cache.branches:  # a stream the span does not return
+                key = CacheKey(RESIDUAL, 0, index)
+                if key not in cache:  # a stream the span does not return
                     values.append(None)
                     continue
                 residual = cache.current(key, run.plan.step, run.settings.forecaster)
-                forecast_flops += 2 * len(cache.differences.get(key, ())) * residual.numel() + residual.numel()
+                forecast_flops += cache.forecast_flops(key, residual.numel()) + residual.numel()
                 values.append(before + residual)
             outputs = tuple(values)
             run.ledger.add_flops(forecast_flops, flops)
@@ -256,15 +257,18 @@ class ResidualHook(ModelHook):
         return self._assemble(structure, outputs)
 
 
-def residual_hooks(run: RunState, blocks: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, ResidualHook]]:
-    """A ``ResidualHook`` per block; ValueError naming a block class whose streams are unknown."""
-    hooks = []
-    for name, block in blocks:
-        streams = block_streams(block)
-        if streams is None:
+def known_streams(blocks: list[tuple[str, nn.Module]]) -> list[BlockStreams]:
+    """Each block's streams; ValueError naming a block class whose streams are unknown."""
+    streams = [block_streams(block) for _, block in blocks]
+    for (name, block), known in zip(blocks, streams):
+        if known is None:
             raise ValueError(
                 f"{name} ({type(block).__name__}): which hidden states it takes and returns is not known, so a residual "
                 "cache_layout cannot serve it; use cache_layout='branch' (and no cache_memory)."
             )
-        hooks.append((block, ResidualHook(run, name, block, streams)))
-    return hooks
+    return streams
+
+
+def residual_hooks(run: RunState, blocks: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, ResidualHook]]:
+    """A ``ResidualHook`` per block (``known_streams`` refuses a block whose streams are unknown)."""
+    return [(block, ResidualHook(run, name, block, streams)) for (name, block), streams in zip(blocks, known_streams(blocks))]

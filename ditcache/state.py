@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import codecs
 from .budget import CacheLayout
-from .codecs import Stored
 from .config import EngineSettings
 from .control import ErrorMeter
-from .forecast import Forecaster
 from .residual import SpanTracker
+from .store import BlockCache, CacheKey
 
 _RUN_STARTS = itertools.count()  # orders the runs of several transformers (Wan 2.2's experts)
 
@@ -99,165 +97,6 @@ class CacheStats:
     def flops_speedup(self) -> float:
         """``flops_full / flops``: how many times fewer FLOPs the cached run executed."""
         return self.flops_full / self.flops if self.flops else 1.0
-
-
-@dataclass
-class BlockCache:
-    """One block's cached branch outputs (before their gates) and token-selection state.
-
-    With a forecast order ``K`` (1 to 4) each branch also keeps the Newton divided differences of its
-    last ``K + 1`` full-step values, so that a partial step reuses the Taylor (Newton) extrapolation of
-    the branch to that step instead of its last value; a polynomial of degree ``K`` in the step index is
-    forecast exactly, whatever the spacing of the full steps. TaylorSeer forecasts
-    ``F(k) = sum_i D^i k^i / i!`` instead, ``k`` the offset from the last full step and its differences
-    divided by the last interval only. The two agree at order 1 (the line through the last two full
-    steps); from order 2 on they differ even at an even spacing ``N``, where TaylorSeer's ``D^i / i!`` are
-    the divided differences kept here but multiply ``k^i`` instead of ``k (k + N) ... (k + (i - 1) N)``,
-    so that TaylorSeer is exact for degree 1 only (tests/test_forecast.py).
-
-    The forecast state is anchored at full steps: rows a partial step recomputes are written into that
-    step's forecast only (without a forecast, into the stored value, where they persist, as ToCa
-    defines it). Re-anchoring recomputed rows in the stored value was measured too: within 0.2 dB on the
-    reference DiT, 0.2-1.0 dB worse on the reference FLUX (eval/BENCHMARKS.md).
-
-    With ``precision="float8"`` values and differences are kept in float8 with a scale per token
-    (``ditcache.codecs``) and decoded when read: a partial step's recomputed rows then serve that step only,
-    as with a forecast.
-    """
-
-    branches: dict[str, Stored] = field(default_factory=dict)  # value at the last full step
-    differences: dict[str, list[Stored]] = field(default_factory=dict)  # f[s0, s1], f[s0, s1, s2], ...
-    nodes: dict[str, list[int]] = field(default_factory=dict)  # full steps s0 > s1 > ... behind them
-    base_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # per token group
-    normalized_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # the same at unit L2 norm
-    since_recompute: dict[str, torch.Tensor] = field(default_factory=dict)  # per branch
-    text_keys: torch.Tensor | None = None  # cross-attention keys, to refresh entropy rows
-    text_values: torch.Tensor | None = None  # cross-attention values, where partial steps recompute its rows
-    layouts: dict[str, tuple] = field(default_factory=dict)  # generic path: each branch's output structure and FLOPs
-    versions: dict[str, int | None] = field(default_factory=dict)  # generic path: kept tensors' version counters
-    precision: str = "model"  # how values and differences are stored (ditcache.codecs.CACHE_PRECISIONS)
-    max_order: int = 4  # the run's layout's forecast order: ``store`` keeps no more differences
-    offload: bool = False  # values and differences kept in host memory; device copies made on read or prefetched
-    device: torch.device | None = None  # where the values are computed (and their device copies go)
-    device_copies: dict[int, Stored] = field(default_factory=dict)  # offloaded: id(host copy) -> its device copy
-    ready: object | None = None  # offloaded: the CUDA event after which a prefetch's copies may be read
-    rounding: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # float8: each kept term's squared rounding error
-
-    def on_device(self, stored: Stored) -> Stored:
-        """``stored`` where it is computed with: itself, or (offloaded) its device copy, made now if no prefetch
-        made it."""
-        if not self.offload:
-            return stored
-        if self.ready is not None:  # prefetched on the side stream: wait for the copies, and tell the allocator
-            current = torch.cuda.current_stream()  # that this stream uses them, so that it keeps them until it is done
-            current.wait_event(self.ready)
-            for copy in self.device_copies.values():
-                for tensor in (copy.data, copy.scale) if isinstance(copy, codecs.Float8Rows) else (copy,):
-                    tensor.record_stream(current)
-            self.ready = None
-        copy = self.device_copies.get(id(stored))
-        if copy is None:
-            copy = self.device_copies[id(stored)] = codecs.to_device(stored, self.device)
-        return copy
-
-    def prefetch(self, stream) -> None:
-        """Copy every offloaded value and difference to the device, on ``stream`` (a CUDA side stream; None on the
-        CPU, where the copies are made now), ahead of the block's call."""
-        stored = [*self.branches.values(), *(d for values in self.differences.values() for d in values)]
-        if stream is None:
-            for item in stored:
-                self.on_device(item)
-            return
-        stream.wait_stream(torch.cuda.current_stream())  # the host copies of the last full step are complete
-        with torch.cuda.stream(stream):
-            for item in stored:
-                self.device_copies.setdefault(id(item), codecs.to_device(item, self.device))
-            self.ready = torch.cuda.Event()
-            self.ready.record(stream)
-
-    def release(self) -> None:
-        """Drop the device copies (the block's call is over)."""
-        self.device_copies.clear()
-        self.ready = None
-
-    def store(self, branch: str, value: torch.Tensor, step: int, order: int) -> None:
-        """Keep a full step's output and update its divided differences up to ``order`` (at most ``max_order``)."""
-        order = min(order, self.max_order)
-        previous, nodes = self.branches.get(branch), self.nodes.get(branch, [])
-        differences = []
-        if order and previous is not None:
-            old = [codecs.decode(self.on_device(d)) for d in self.differences.get(branch, [])]
-            difference = (value - codecs.decode(self.on_device(previous))) / (step - nodes[0])
-            differences.append(difference)
-            for k in range(1, min(order, len(old) + 1)):
-                difference = (difference - old[k - 1]) / (step - nodes[k])
-                differences.append(difference)
-        terms = [value, *differences]
-        kept = [codecs.encode(term, codecs.term_precision(self.precision, index > 0)) for index, term in enumerate(terms)]
-        if self.precision != "model":  # what storing alone loses, on the device: the error meter takes it off
-            self.rounding[branch] = [torch.linalg.vector_norm(codecs.decode(item) - term, dtype=torch.float32).square()
-                                     for item, term in zip(kept, terms)]
-        if self.offload:
-            self.device = value.device
-            for item in (previous, *self.differences.get(branch, [])):
-                self.device_copies.pop(id(item), None)
-            kept = [codecs.to_host(item) for item in kept]
-        self.branches[branch], self.differences[branch] = kept[0], kept[1:]
-        self.nodes[branch] = [step, *nodes][: order + 1]
-
-    def kept(self, branch: str) -> torch.Tensor:
-        """The value kept at the last full step: the stored tensor itself as computed (recomputed rows written
-        into it persist), a decoded copy in float8, the device copy when offloaded (rows written into it serve the
-        block's call only)."""
-        return codecs.decode(self.on_device(self.branches[branch]))
-
-    def current(self, branch: str, step: int, forecaster: Forecaster) -> torch.Tensor:
-        """The value a partial step uses for a branch. Without differences: ``kept(branch)``. With them: a new
-        tensor, ``forecaster``'s forecast at ``step`` (recomputed rows written into it serve this step only)."""
-        value, differences = self.kept(branch), self.differences.get(branch)
-        if not differences:
-            return value
-        for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
-            value = torch.add(value, codecs.decode(self.on_device(difference)), alpha=factor)
-        return value
-
-    def rounding_error(self, branch: str, step: int, forecaster: Forecaster) -> torch.Tensor | None:
-        """The squared error the storage's rounding adds to ``current(branch, step)``, None when stored as
-        computed: the kept terms' roundings, independent, add their squares, each times its forecast factor
-        squared; the differences were taken from rounded values too, which adds as much again (measured on a
-        branch moving on a line: tests/test_budget.py)."""
-        rounding = self.rounding.get(branch)
-        if rounding is None:
-            return None
-        factors = [1.0, *forecaster.factors(step, self.nodes[branch], len(rounding) - 1)] if len(rounding) > 1 else [1.0]
-        return 2 * sum(factor**2 * error for factor, error in zip(factors, rounding))
-
-    def forecast_terms(self, branch: str, step: int, flat: torch.Tensor, forecaster: Forecaster) -> torch.Tensor | None:
-        """The forecast's increment over the stored value, on the rows ``flat`` only (None without
-        differences)."""
-        differences = self.differences.get(branch)
-        if not differences:
-            return None
-        terms = None
-        for difference, factor in zip(differences, forecaster.factors(step, self.nodes[branch], len(differences))):
-            rows = codecs.rows(self.on_device(difference), flat) * factor
-            terms = rows if terms is None else terms + rows
-        return terms
-
-    def nbytes(self) -> int:
-        """Device bytes: what is kept there (offloaded: the device copies alive now) and the per-token state."""
-        differences = [t for values in self.differences.values() for t in values]
-        kept = list(self.device_copies.values()) if self.offload else [*self.branches.values(), *differences]
-        rounding = [error for errors in self.rounding.values() for error in errors]
-        tensors = [*kept, *rounding, *self.base_scores.values(), *self.normalized_scores.values(), *self.since_recompute.values(),
-                   self.text_keys, self.text_values]
-        return sum(codecs.nbytes(t) for t in tensors)
-
-    def host_nbytes(self) -> int:
-        """Host bytes of an offloaded cache's values and differences (0 on the device)."""
-        if not self.offload:
-            return 0
-        return sum(codecs.nbytes(t) for t in [*self.branches.values(), *(d for v in self.differences.values() for d in v)])
 
 
 @dataclass(frozen=True)
@@ -596,11 +435,11 @@ class RunState:
         return self.caches.block(block_name, self.stream)
 
     @torch.compiler.disable
-    def measure_kept(self, cache: BlockCache, key: str, fresh: torch.Tensor) -> None:
+    def measure_kept(self, cache: BlockCache, key: CacheKey, fresh: torch.Tensor) -> None:
         """On a full step, before ``fresh`` is stored under ``key``: the error its kept value (or forecast)
         would have made on this step, added to the step's measurement with what it costs."""
         cached = cache.current(key, self.plan.step, self.settings.forecaster)
-        forecast_flops = 2 * len(cache.differences.get(key, ())) * cached.numel()
+        forecast_flops = cache.forecast_flops(key, cached.numel())
         noise = cache.rounding_error(key, self.plan.step, self.settings.forecaster)
         self.ledger.add_estimate_flops(forecast_flops + self.plan.meter.add(cached, fresh, noise))
 

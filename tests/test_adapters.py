@@ -9,7 +9,8 @@ from ditcache.adapters import transformer_adapter
 from ditcache.adapters.basic_transformer import BasicTransformerBlockAdapter
 from ditcache.config import SCORES
 from ditcache.eval.builders import dit_transformer, pixart_transformer
-from ditcache.state import BlockCache, CallSignature, RunState
+from ditcache.state import CallSignature, RunState
+from ditcache.store import BlockCache, CacheKey
 
 BATCH, GRID, TEXT = 4, (4, 6), 7
 TOKENS = GRID[0] * GRID[1]
@@ -72,7 +73,7 @@ def test_full_path_equals_diffusers_block(family, score):
         actual = adapter.forward(run, cache, *args, **kwargs)
     assert (actual - expected).abs().max().item() <= 1e-6
     assert cache.base_scores["image"].shape == (BATCH, TOKENS)
-    assert set(cache.branches) == ({"attn", "mlp"} if family == "dit" else {"attn", "cross_attn", "mlp"})
+    assert {key.branch for key in cache.entries} == ({"attn", "mlp"} if family == "dit" else {"attn", "cross_attn", "mlp"})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,7 +85,7 @@ def test_fora_partial_step_reuses_every_branch_with_current_gates(family):
     run, cache = make_run(config, family), BlockCache()
     with torch.no_grad():
         adapter.forward(run, cache, *make_inputs(block, seed=0)[0], **make_inputs(block, seed=0)[1])
-        cached = {name: value.clone() for name, value in cache.branches.items()}
+        cached = {key.branch: cache.kept(key).clone() for key in cache.entries}
         run.begin_step(900.0)
         assert not run.plan.is_full
         args, kwargs = make_inputs(block, seed=1)
@@ -108,7 +109,7 @@ def test_toca_partial_step_recomputes_the_selected_rows_only(family, guidance):
     with torch.no_grad():
         args, kwargs = make_inputs(block, seed=0, guidance=guidance)
         adapter.forward(run, cache, *args, **kwargs)
-        cached = {name: value.clone() for name, value in cache.branches.items()}
+        cached = {key.branch: cache.kept(key).clone() for key in cache.entries}
         run.begin_step(900.0)
         args, kwargs = make_inputs(block, seed=1, guidance=guidance)
         actual = adapter.forward(run, cache, *args, **kwargs)
@@ -129,7 +130,7 @@ def test_toca_partial_step_recomputes_the_selected_rows_only(family, guidance):
                 selected = torch.cat([selected, selected])
             assert selected.sum(-1).eq(TOKENS // 2).all()
             expected_branches[name] = torch.where(selected[..., None], fresh["out"], cached[name])
-            torch.testing.assert_close(cache.branches[name], expected_branches[name], atol=1e-6, rtol=0)
+            torch.testing.assert_close(cache.kept(CacheKey(name)), expected_branches[name], atol=1e-6, rtol=0)
         handles = [replace_output(modules[name], value) for name, value in expected_branches.items()]
         expected = block(*args, **kwargs)
         for handle in handles:
@@ -144,11 +145,11 @@ def test_guidance_halves_recompute_the_same_tokens():
     run, cache = make_run(config, "dit", guidance=True), BlockCache()
     with torch.no_grad():
         adapter.forward(run, cache, *dit_block_inputs(block, 0, True)[0], **dit_block_inputs(block, 0, True)[1])
-        before = cache.branches["mlp"].clone()
+        before = cache.kept(CacheKey("mlp")).clone()
         run.begin_step(900.0)
         args, kwargs = dit_block_inputs(block, 1, True)
         adapter.forward(run, cache, *args, **kwargs)
-    changed = (cache.branches["mlp"] != before).any(-1)
+    changed = (cache.kept(CacheKey("mlp")) != before).any(-1)
     assert changed.sum() == BATCH * TOKENS // 4
     assert torch.equal(changed[: BATCH // 2], changed[BATCH // 2 :])
 

@@ -237,14 +237,15 @@ def test_an_offloaded_cache_gives_the_images_of_the_cache_on_the_device(name):
 def test_offloading_copies_each_block_back_when_it_runs_and_prefetches_the_next():
     from ditcache.budget import CacheLayout
     from ditcache.state import StreamCaches
+    from ditcache.store import CacheKey
 
     caches = StreamCaches(CacheLayout(0, "model", 1), offload=True)
     for name in ("a", "b", "c"):
-        caches.block(name, 0).store("x", torch.full((2, 3), float(ord(name))), step=0, order=1)
+        caches.block(name, 0).store(CacheKey("x"), torch.full((2, 3), float(ord(name))), step=0, order=1)
     caches.end_call()
     assert all(not cache.device_copies for cache in caches.blocks.values())  # nothing on the device between calls
     a = caches.block("a", 0)
-    assert torch.equal(a.kept("x"), torch.full((2, 3), 97.0)) and len(caches.blocks[("b", 0)].device_copies) == 1
+    assert torch.equal(a.kept(CacheKey("x")), torch.full((2, 3), 97.0)) and len(caches.blocks[("b", 0)].device_copies) == 1
     caches.block("b", 0)
     assert not a.device_copies and len(caches.blocks[("c", 0)].device_copies) == 1  # a released, c prefetched
 
@@ -273,18 +274,18 @@ def test_float8_rounding_is_taken_off_the_measured_error():
     roundings: their squares add, each times its forecast factor squared)."""
     from ditcache.control import ErrorMeter
     from ditcache.forecast import NEWTON
-    from ditcache.state import BlockCache
+    from ditcache.store import BlockCache, CacheKey
 
     torch.manual_seed(0)
     start, slope = torch.randn(4, 64, 32), torch.randn(4, 64, 32)
     cache = BlockCache(precision="float8", max_order=2)
     for step in (0, 2, 4):
-        cache.store("x", start + step * slope, step, order=2)
+        cache.store(CacheKey("x"), start + step * slope, step, order=2)
     fresh = start + 6 * slope
     plain, corrected = ErrorMeter(torch.device("cpu")), ErrorMeter(torch.device("cpu"))
-    for meter, noise in ((plain, None), (corrected, cache.rounding_error("x", 6, NEWTON))):
+    for meter, noise in ((plain, None), (corrected, cache.rounding_error(CacheKey("x"), 6, NEWTON))):
         meter.open_step(6, 2, 2, True)
-        meter.add(cache.current("x", 6, NEWTON), fresh, noise)
+        meter.add(cache.current(CacheKey("x"), 6, NEWTON), fresh, noise)
         meter.close_step()
     error = {name: float(meter.measurements[0].sums[0] / meter.measurements[0].sums[1]) ** 0.5
              for name, meter in (("plain", plain), ("corrected", corrected))}
@@ -294,16 +295,45 @@ def test_float8_rounding_is_taken_off_the_measured_error():
 def test_float8_differences_keep_the_value_as_computed_and_the_differences_in_float8():
     from ditcache.codecs import Float8Rows
     from ditcache.forecast import NEWTON
-    from ditcache.state import BlockCache
+    from ditcache.store import BlockCache, CacheKey
 
     torch.manual_seed(0)
     values = [torch.randn(2, 16, 64, dtype=torch.bfloat16) for _ in range(3)]
     caches = {precision: BlockCache(precision=precision, max_order=2) for precision in ("model", "float8_differences")}
     for step, value in zip((0, 2, 4), values):
         for cache in caches.values():
-            cache.store("x", value, step, order=2)
+            cache.store(CacheKey("x"), value, step, order=2)
     mixed = caches["float8_differences"]
-    assert torch.equal(mixed.kept("x"), values[-1]) and all(isinstance(d, Float8Rows) for d in mixed.differences["x"])
+    assert torch.equal(mixed.kept(CacheKey("x")), values[-1]) and all(isinstance(d, Float8Rows) for d in mixed.entries[CacheKey("x")].differences)
     assert mixed.nbytes() < 0.72 * caches["model"].nbytes()  # 1 + 2 x (1/2 + a scale per row) of 3 bf16 terms
-    exact, rounded = caches["model"].current("x", 6, NEWTON).float(), mixed.current("x", 6, NEWTON).float()
+    exact, rounded = caches["model"].current(CacheKey("x"), 6, NEWTON).float(), mixed.current(CacheKey("x"), 6, NEWTON).float()
     assert (rounded - exact).norm() < 0.05 * exact.norm()
+
+
+def test_every_path_keeps_its_tensors_in_one_store_under_one_kind_of_key():
+    """``CacheKey(branch, call, output)`` means the same on each path: a block adapter keeps one tensor per branch,
+    the generic path every tensor each branch module returns (SD3's joint attention returns two), a residual layout
+    one per stream of hidden states a block returns (SD3's blocks return the text's and the image's)."""
+    from ditcache.hooks import STEP_HOOK
+    from ditcache.store import RESIDUAL, CacheKey
+
+    def keys(model, family=None):
+        if family is None:
+            with torch.no_grad():
+                for t in (900, 800):
+                    model(torch.randn(1, 4, 8, 8), timestep=torch.tensor([t]), class_labels=torch.tensor([1]))
+        else:
+            run(model, family)
+        caches = model._diffusers_hook.get_hook(STEP_HOOK).run.caches.blocks
+        return {key for cache in caches.values() for key in cache.entries}
+
+    dit = builders.dit_transformer()
+    apply_cache(dit, FORAConfig(cache_interval=2))
+    assert keys(dit) == {CacheKey("attn"), CacheKey("mlp")}
+    sd3 = build("sd3")
+    apply_cache(sd3, FORAConfig(cache_interval=2))
+    joint, image_only = {CacheKey("attn", 0, 0), CacheKey("attn", 0, 1)}, {CacheKey("attn2"), CacheKey("ff"), CacheKey("ff_context")}
+    assert keys(sd3, "sd3") == joint | image_only
+    remove_cache(sd3)
+    apply_cache(sd3, FORAConfig(cache_interval=2, cache_layout="block"))
+    assert keys(sd3, "sd3") == {CacheKey(RESIDUAL, 0, 0), CacheKey(RESIDUAL, 0, 1)}

@@ -8,7 +8,8 @@ import torch
 
 from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, preset, record_selections, remove_cache
 from ditcache.control import DECISION_LAG, ErrorControl, ErrorMeter, Measurement
-from ditcache.state import BlockCache, CallSignature, RunState
+from ditcache.state import CallSignature, RunState
+from ditcache.store import BlockCache, CacheKey
 
 from test_engine import run_dit, run_pixart
 from test_generic import build, run
@@ -33,11 +34,11 @@ def synthetic_run(features, config, steps: int = STEPS):
         run.begin_step(steps - 1.0 - step)
         fresh = features(step)
         if run.plan.is_full:
-            if "branch" in cache.branches:
-                run.plan.meter.add(cache.current("branch", step, run.settings.forecaster), fresh)
-            cache.store("branch", fresh, step, config.forecast_order)
+            if CacheKey("branch") in cache:
+                run.plan.meter.add(cache.current(CacheKey("branch"), step, run.settings.forecaster), fresh)
+            cache.store(CacheKey("branch"), fresh, step, config.forecast_order)
         else:
-            run.plan.meter.add(cache.current("branch", step, run.settings.forecaster)[:, rows], fresh[:, rows])
+            run.plan.meter.add(cache.current(CacheKey("branch"), step, run.settings.forecaster)[:, rows], fresh[:, rows])
     run.end_call()
     return run.stats()
 

@@ -10,7 +10,8 @@ from ditcache.adapters.flux import FluxDoubleBlockAdapter, FluxSingleBlockAdapte
 from ditcache.eval.builders import flux_transformer
 from ditcache.flops import count_flops
 from ditcache.hooks import STEP_HOOK
-from ditcache.state import BlockCache, CallSignature, RunState
+from ditcache.state import CallSignature, RunState
+from ditcache.store import BlockCache, CacheKey
 
 BATCH, GRID, TEXT = 2, (3, 4), 5
 IMAGE = GRID[0] * GRID[1]
@@ -64,7 +65,7 @@ def partial_step(transformer, kind, config):
         adapter.forward(run, cache, **block_inputs(transformer, seed=0))
         run.begin_step(0.9)
     assert not run.plan.is_full
-    cached = {name: value.clone() for name, value in cache.branches.items()}
+    cached = {key.branch: cache.kept(key).clone() for key in cache.entries}
     inputs = block_inputs(transformer, seed=1)
     return adapter, cache, cached, inputs, adapter.forward(run, cache, **inputs)
 
@@ -117,7 +118,7 @@ def test_double_block_toca_recomputes_selected_rows_of_both_mlps(transformer):
             selected = cache.since_recompute[name] == 0
             assert selected.sum(-1).eq(round(tokens / 2)).all()
             torch.testing.assert_close(
-                cache.branches[name], torch.where(selected[..., None], fresh[name], cached[name]), atol=1e-6, rtol=0
+                cache.kept(CacheKey(name)), torch.where(selected[..., None], fresh[name], cached[name]), atol=1e-6, rtol=0
             )
 
 
@@ -142,7 +143,7 @@ def test_single_block_partial_step(transformer, ratio):
             assert "single_mlp" not in cache.since_recompute
             selected = torch.zeros(BATCH, TEXT + IMAGE, dtype=torch.bool)
         mixed = torch.where(selected[..., None], fresh["output"], cached["output"])
-        torch.testing.assert_close(cache.branches["output"], mixed, atol=1e-6, rtol=0)
+        torch.testing.assert_close(cache.kept(CacheKey("output")), mixed, atol=1e-6, rtol=0)
         handle = replace_output(block.proj_out, mixed)
         expected = block(**inputs)
         handle.remove()

@@ -8,7 +8,7 @@ import torch
 
 from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats
 from ditcache.forecast import NEWTON, Forecaster, hermite
-from ditcache.state import BlockCache
+from ditcache.store import BlockCache, CacheKey
 
 from test_engine import run_dit, run_pixart
 
@@ -24,12 +24,12 @@ def polynomial(step: float, degree: int) -> torch.Tensor:
 def test_order_k_forecasts_a_degree_k_polynomial_exactly(order, full_steps):
     cache = BlockCache()
     for step in full_steps:
-        cache.store("mlp", polynomial(step, order), step, order)
-    assert cache.nodes["mlp"] == list(reversed(full_steps))[: order + 1]
+        cache.store(CacheKey("mlp"), polynomial(step, order), step, order)
+    assert cache.entries[CacheKey("mlp")].nodes == list(reversed(full_steps))[: order + 1]
     for step in (full_steps[-1] + 1, full_steps[-1] + 2, 17):
-        torch.testing.assert_close(cache.current("mlp", step, NEWTON), polynomial(step, order), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cache.current(CacheKey("mlp"), step, NEWTON), polynomial(step, order), rtol=1e-12, atol=1e-12)
         flat = torch.tensor([0, 2, 3])
-        terms = cache.forecast_terms("mlp", step, flat, NEWTON)
+        terms = cache.forecast_terms(CacheKey("mlp"), step, flat, NEWTON)
         if order == 0:
             assert terms is None
         else:
@@ -38,8 +38,8 @@ def test_order_k_forecasts_a_degree_k_polynomial_exactly(order, full_steps):
     if order:  # one degree too many is not exact: the test can tell a forecast from a copy
         cache = BlockCache()
         for step in full_steps:
-            cache.store("mlp", polynomial(step, order + 1), step, order)
-        assert not torch.allclose(cache.current("mlp", 17, NEWTON), polynomial(17, order + 1))
+            cache.store(CacheKey("mlp"), polynomial(step, order + 1), step, order)
+        assert not torch.allclose(cache.current(CacheKey("mlp"), 17, NEWTON), polynomial(17, order + 1))
 
 
 def taylorseer(values, steps, order: int, step: int) -> torch.Tensor:
@@ -67,21 +67,21 @@ def test_newton_and_taylorseer_forms(order):
     for full_steps, even in (((0, 3, 6, 9, 12), True), ((1, 2, 7, 8, 12), False)):
         cache, values = BlockCache(), [feature(step) for step in full_steps]
         for value, step in zip(values, full_steps):
-            cache.store("attn", value, step, order)
-        assert torch.allclose(cache.current("attn", 14, NEWTON), taylorseer(values, full_steps, order, 14)) == (order == 1)
+            cache.store(CacheKey("attn"), value, step, order)
+        assert torch.allclose(cache.current(CacheKey("attn"), 14, NEWTON), taylorseer(values, full_steps, order, 14)) == (order == 1)
         if even:
             backward = values
-            for i, difference in enumerate(cache.differences["attn"], 1):
+            for i, difference in enumerate(cache.entries[CacheKey("attn")].differences, 1):
                 backward = [b - a for a, b in zip(backward, backward[1:])]  # the i-th backward differences
                 torch.testing.assert_close(difference, backward[-1] / 3**i / math.factorial(i), rtol=1e-12, atol=1e-12)
 
 
 def test_forecast_uses_the_full_steps_it_has():
     cache = BlockCache()
-    cache.store("attn", polynomial(0, 2), 0, 2)
-    assert cache.current("attn", 3, NEWTON) is cache.branches["attn"]  # one full step: plain reuse
-    cache.store("attn", polynomial(4, 1), 4, 2)
-    assert len(cache.differences["attn"]) == 1 and cache.nodes["attn"] == [4, 0]
+    cache.store(CacheKey("attn"), polynomial(0, 2), 0, 2)
+    assert cache.current(CacheKey("attn"), 3, NEWTON) is cache.kept(CacheKey("attn"))  # one full step: plain reuse
+    cache.store(CacheKey("attn"), polynomial(4, 1), 4, 2)
+    assert len(cache.entries[CacheKey("attn")].differences) == 1 and cache.entries[CacheKey("attn")].nodes == [4, 0]
 
 
 def test_order_zero_is_the_method_without_forecasting(dit_pipe):
@@ -130,7 +130,7 @@ def test_bdf2_heun_is_the_predictor_corrector_it_names(full_steps):
     values = [feature(step) for step in full_steps]
     cache = BlockCache()
     for value, step in zip(values, full_steps):
-        cache.store("mlp", value, step, 2)
+        cache.store(CacheKey("mlp"), value, step, 2)
     (s2, s1, s0), (f2, f1, f0) = full_steps, values
 
     def quadratic_slope(nodes, points, at):  # derivative at `at` of the quadratic through (nodes, points)
@@ -144,12 +144,12 @@ def test_bdf2_heun_is_the_predictor_corrector_it_names(full_steps):
         g0 = quadratic_slope((s0, s1, s2), (f0, f1, f2), s0)
         predicted = f0 + k * g0
         corrected = f0 + k / 2 * (g0 + quadratic_slope((step, s0, s1), (predicted, f0, f1), step))
-        torch.testing.assert_close(cache.current("mlp", step, forecaster), corrected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cache.current(CacheKey("mlp"), step, forecaster), corrected, rtol=1e-12, atol=1e-12)
     # exact for a line, not for a quadratic (the corrector damps the curvature)
     cache = BlockCache()
     for step in full_steps:
-        cache.store("mlp", polynomial(step, 1), step, 2)
-    torch.testing.assert_close(cache.current("mlp", s0 + 4, forecaster), polynomial(s0 + 4, 1), rtol=1e-12, atol=1e-12)
+        cache.store(CacheKey("mlp"), polynomial(step, 1), step, 2)
+    torch.testing.assert_close(cache.current(CacheKey("mlp"), s0 + 4, forecaster), polynomial(s0 + 4, 1), rtol=1e-12, atol=1e-12)
 
 
 def test_forecasters_run_and_differ(dit_pipe, flux_pipe):

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from ditcache import FORAConfig, ToCaConfig, ToMeConfig, apply_cache, cache_stats, remove_cache
 from ditcache.adapters import transformer_adapter
 from ditcache.models import STDiT3Model
-from ditcache.state import BlockCache, CallSignature, RunState
+from ditcache.state import CallSignature, RunState
+from ditcache.store import BlockCache
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(hidden_size=64, depth=2, num_heads=4, caption_channels=32, model_max_length=8, input_sq_size=64)
@@ -117,7 +118,7 @@ def test_block_adapter_full_path_equals_the_block(temporal, score):
     cache = BlockCache()
     got = adapter.forward(run, cache, x, y, t, mask, None, None, frames, per_frame, rope)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    assert set(cache.branches) == {"attn", "cross_attn", "mlp"}
+    assert {key.branch for key in cache.entries} == {"attn", "cross_attn", "mlp"}
     assert cache.base_scores["image"].shape == (2, frames * per_frame)
     if score == "attention":  # the attention the block computed: qk norm, then rotary positions in time
         from ditcache import scores

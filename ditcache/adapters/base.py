@@ -18,7 +18,8 @@ from .. import scores as S
 from ..config import EngineSettings
 from ..merging import TokenMatch, bipartite_match, merge, unmerge
 from ..selection import choose_tokens
-from ..state import BlockCache, Memo, RunState
+from ..state import Memo, RunState
+from ..store import BlockCache, CacheKey
 
 
 @contextmanager
@@ -155,9 +156,10 @@ class BlockAdapter:
         differences when the settings forecast); under error control, first measure the error the
         cached value would have made on this step."""
         if self.settings.caches:
-            if run.plan.meter is not None and branch in cache.branches and branch in self.measured_branches:
-                run.measure_kept(cache, branch, output)
-            cache.store(branch, output.contiguous(), run.plan.step, self.settings.forecast_order)
+            key = CacheKey(branch)
+            if run.plan.meter is not None and key in cache and branch in self.measured_branches:
+                run.measure_kept(cache, key, output)
+            cache.store(key, output.contiguous(), run.plan.step, self.settings.forecast_order)
 
     @torch.compiler.disable
     def measure(self, run: RunState, cached: torch.Tensor, selection: "Selection", fresh: torch.Tensor) -> None:
@@ -175,27 +177,29 @@ class BlockAdapter:
 
     def reuse(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
         """The value of ``branch`` on this partial step: its last output, or its forecast."""
-        if not cache.differences.get(branch):
-            return cache.kept(branch)
-        return self._forecast(run, cache, branch)
+        key = CacheKey(branch)
+        if not cache.order(key):
+            return cache.kept(key)
+        return self._forecast(run, cache, key)
 
     @torch.compiler.disable  # the step enters as a Python number: keep it out of compiled graphs
-    def _forecast(self, run: RunState, cache: BlockCache, branch: str) -> torch.Tensor:
-        value = cache.current(branch, run.plan.step, self.settings.forecaster)
-        run.ledger.add_flops(2 * len(cache.differences[branch]) * value.numel(), 0)
+    def _forecast(self, run: RunState, cache: BlockCache, key: CacheKey) -> torch.Tensor:
+        value = cache.current(key, run.plan.step, self.settings.forecaster)
+        run.ledger.add_flops(cache.forecast_flops(key, value.numel()), 0)
         return value
 
     def reuse_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
         """The selected rows of ``reuse(run, cache, branch)``, forecasting those rows only."""
-        rows = gather_rows(cache.kept(branch), selection)
-        if not cache.differences.get(branch):
+        key = CacheKey(branch)
+        rows = gather_rows(cache.kept(key), selection)
+        if not cache.order(key):
             return rows
-        return rows + self._forecast_rows(run, cache, branch, selection).view_as(rows)
+        return rows + self._forecast_rows(run, cache, key, selection).view_as(rows)
 
     @torch.compiler.disable
-    def _forecast_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
-        terms = cache.forecast_terms(branch, run.plan.step, selection.flat, self.settings.forecaster)
-        run.ledger.add_flops(2 * len(cache.differences[branch]) * terms.numel(), 0)
+    def _forecast_rows(self, run: RunState, cache: BlockCache, key: CacheKey, selection: "Selection") -> torch.Tensor:
+        terms = cache.forecast_terms(key, run.plan.step, selection.flat, self.settings.forecaster)
+        run.ledger.add_flops(cache.forecast_flops(key, terms.numel()), 0)
         return terms
 
     # -- token merging --------------------------------------------------------------------------

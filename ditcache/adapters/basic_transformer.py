@@ -19,7 +19,8 @@ from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
 from ..flops import BranchCost, linears_flops
 from ..merging import unmerge
-from ..state import BlockCache, RunState
+from ..state import RunState
+from ..store import BlockCache
 from .base import (
     BlockAdapter,
     capture_outputs,

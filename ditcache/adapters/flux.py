@@ -21,7 +21,8 @@ from ..kernels import gather_modulate, scatter_gate_residual
 from ..config import EngineSettings
 from ..flops import BranchCost, linear_flops, linears_flops
 from ..merging import TokenMatch, merge, unmerge
-from ..state import BlockCache, RunState
+from ..state import RunState
+from ..store import BlockCache, CacheKey
 from .base import BlockAdapter, capture_outputs, gated_residual, step_table
 
 
@@ -203,7 +204,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
         hidden_states, recomputed["mlp"] = self._partial_mlp(
             run, cache, "mlp", block.ff, block.norm2, hidden_states, shift_mlp, scale_mlp, gate_mlp
         )
-        if "ip_attn" in cache.branches:
+        if CacheKey("ip_attn") in cache:
             hidden_states = hidden_states + self.reuse(run, cache, "ip_attn")
 
         encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa.unsqueeze(1), self.reuse(run, cache, "context_attn"))

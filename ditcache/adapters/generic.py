@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .. import codecs
 from .. import scores as S
 from ..config import EngineSettings
 from ..flops import measured_flops
 from ..selection import choose_tokens
-from ..state import BlockCache, RunState
+from ..state import RunState
+from ..store import BlockCache, CacheKey
 from . import TransformerAdapter
 from .base import capture_outputs, split_heads
 
@@ -173,18 +173,17 @@ class BranchAdapter:
         serial, calls = self._calls
         calls = calls + 1 if serial == run.call_serial else 0
         self._calls = (run.call_serial, calls)
-        key = f"{self.branch}.{calls}"
         group = None if self.group is None else (self.group if calls == 0 else f"{self.group}.{calls}")
-        if run.plan.is_full or key not in cache.layouts:
-            output = self._compute(run, cache, key, compute, args, kwargs)
+        if run.plan.is_full or (self.branch, calls) not in cache.structures:
+            output = self._compute(run, cache, calls, compute, args, kwargs)
             if group is not None and isinstance(output, torch.Tensor):
                 self.tokens.full_step(run, cache, group, *output.shape[:2])
             return output
-        if group is not None and cache.layouts[key][0] is None and group in cache.since_recompute:
-            return self._recompute_rows(run, cache, key, group, compute, args, kwargs)
-        return self._reuse(run, cache, key)
+        if group is not None and cache.structures[self.branch, calls][0] is None and group in cache.since_recompute:
+            return self._recompute_rows(run, cache, calls, group, compute, args, kwargs)
+        return self._reuse(run, cache, calls)
 
-    def _compute(self, run: RunState, cache: BlockCache, branch: str, compute, args: tuple, kwargs: dict):
+    def _compute(self, run: RunState, cache: BlockCache, call_index: int, compute, args: tuple, kwargs: dict):
         score_flops = 0
 
         def call():
@@ -199,37 +198,34 @@ class BranchAdapter:
         flops = executed - score_flops  # the branch's own, as an uncached call costs
         run.ledger.add_flops(executed, flops)
         layout, tensors = _flatten(output, self.branch)
-        cache.layouts[branch] = (layout, flops)
+        cache.structures[self.branch, call_index] = (layout, flops)
         order = self.settings.forecast_order
         for index, tensor in enumerate(tensors):
-            key = f"{branch}.{index}"
-            if run.plan.meter is not None and self.measured and key in cache.branches:
+            key = CacheKey(self.branch, call_index, index)
+            if run.plan.meter is not None and self.measured and key in cache:
                 run.measure_kept(cache, key, tensor)
             cache.store(key, tensor, run.plan.step, order)
-            # a tensor kept as computed could be changed in place by the model; an encoded copy cannot
-            cache.versions[key] = None if tensor.is_inference() or codecs.term_precision(cache.precision, False) != "model" or cache.offload else tensor._version
         return output
 
-    def _reuse(self, run: RunState, cache: BlockCache, branch: str):
-        layout, flops = cache.layouts[branch]
+    def _reuse(self, run: RunState, cache: BlockCache, call_index: int):
+        layout, flops = cache.structures[self.branch, call_index]
         tensors, forecast_flops = [], 0
         for index in range(_count(layout)):
-            key = f"{branch}.{index}"
-            stored, version = cache.branches[key], cache.versions[key]
-            if version is not None and stored._version != version:
+            key = CacheKey(self.branch, call_index, index)
+            if cache.changed_in_place(key):
                 raise RuntimeError(
                     f"{self.block_name}.{self.branch}: the block changed this branch's output in place after it was "
                     "kept, so reusing it would be wrong; this branch cannot be cached on the generic path."
                 )
             value = cache.current(key, run.plan.step, self.settings.forecaster)
-            forecast_flops += 2 * len(cache.differences.get(key, ())) * value.numel()
+            forecast_flops += cache.forecast_flops(key, value.numel())
             tensors.append(value)
         run.ledger.add_flops(forecast_flops, flops)
         return _unflatten(layout, tensors)
 
-    def _recompute_rows(self, run: RunState, cache: BlockCache, key: str, group: str, compute, args: tuple, kwargs: dict):
+    def _recompute_rows(self, run: RunState, cache: BlockCache, call_index: int, group: str, compute, args: tuple, kwargs: dict):
         """The kept value (or its forecast) with this step's chosen tokens computed anew."""
-        value = self._reuse(run, cache, key)
+        value = self._reuse(run, cache, call_index)
         name = None if args else "hidden_states"
         if not args and name not in kwargs:  # the token input is not recognisable: reuse the branch whole
             return value
@@ -249,9 +245,7 @@ class BranchAdapter:
             cached_rows = value.gather(1, index[:, start:, None].expand(-1, -1, value.shape[-1]))
             run.measure_rows(cached_rows, fresh[:, start:].to(value.dtype))
         value.scatter_(1, index[..., None].expand(-1, -1, value.shape[-1]), fresh.to(value.dtype))
-        stored = cache.branches[f"{key}.0"]
-        if cache.versions[f"{key}.0"] is not None:
-            cache.versions[f"{key}.0"] = stored._version  # this write into the kept value is ours
+        cache.note_write(CacheKey(self.branch, call_index))  # when the kept value itself was written into
         return value
 
 

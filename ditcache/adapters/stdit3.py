@@ -17,7 +17,8 @@ from .. import scores as S
 from ..config import EngineSettings
 from ..flops import BranchCost
 from ..models.stdit3 import STDiT3Block, modulate
-from ..state import BlockCache, RunState
+from ..state import RunState
+from ..store import BlockCache, CacheKey
 from .base import BlockAdapter, capture_outputs, gated_residual, gather_rows, scatter_rows
 
 
@@ -75,7 +76,7 @@ class STDiT3BlockAdapter(BlockAdapter):
         x = x + gate_msa * attn
         self.keep(run, cache, "attn", attn)
 
-        cross_due = "cross_attn" not in cache.branches or self.settings.schedule.branch_due("cross_attn", run.plan.step, len(run.plan.full_step_indices))
+        cross_due = CacheKey("cross_attn") not in cache or self.settings.schedule.branch_due("cross_attn", run.plan.step, len(run.plan.full_step_indices))
         if cross_due:
             text = block.cross_attn.text_keys_values(y)
             query = block.cross_attn.queries(x)
