@@ -121,14 +121,16 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a released name (flux1-dev, wan2.1-t2v-14b, wan2.1-t2v-1.3b), "
+    parser.add_argument("--model", required=True, help="a released name (flux1-dev, sd3.5-large, pixart-sigma-xl-1024, "
+                        "dit-xl-2-256, wan2.1-t2v-14b, wan2.1-t2v-1.3b, hunyuanvideo, cogvideox-5b, ltx-video), "
                         "a transformer's config.json, or a model folder (a pipeline's or a transformer's)")
     parser.add_argument("--height", type=_at_least(16), default=1024, help="image height in pixels (default: 1024)")
     parser.add_argument("--width", type=_at_least(16), default=1024, help="image width in pixels (default: 1024)")
-    parser.add_argument("--frames", type=_at_least(1), default=81, help="video frames (Wan; default: 81)")
+    parser.add_argument("--frames", type=_at_least(1), default=81, help="video frames (video models; default: 81)")
     parser.add_argument("--batch", type=_at_least(1), default=1, help="images per call (default: 1)")
     parser.add_argument("--steps", type=_at_least(1), default=50, help="denoising steps (default: 50)")
-    parser.add_argument("--text-tokens", type=_at_least(1), default=512, help="prompt tokens (default: 512, as released)")
+    parser.add_argument("--text-tokens", type=_at_least(1), help="prompt tokens (default: the released pipeline's: "
+                        "FLUX.1 and Wan 512, SD3 333, PixArt 300, HunyuanVideo 256, CogVideoX 226, LTX-Video 128)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--methods", nargs="+", metavar="SPEC", help="ditcache's methods to estimate (default: fora:4, "
                         "fora:4:order=1, toca:4:0.9:auto:auto, ditcache): " + METHOD_SPEC_HELP.split(", or diffusers")[0])

@@ -286,15 +286,17 @@ def load_config(source: str) -> dict:
     return config
 
 
-def vae_scale(source: str) -> int:
-    """The spatial downsampling of the pipeline's VAE: from a pipeline folder's ``vae/config.json``, else 8 (the
-    released FLUX.1 and Wan 2.1 VAEs)."""
+def vae_scale(source: str) -> int | None:
+    """The spatial downsampling of the pipeline's VAE, from a pipeline folder's ``vae/config.json``; None without
+    one (then the family's released VAE's, ``PipelineGeometry.scale``)."""
     path = Path(source) / "vae" / "config.json"
     if not path.is_file():
-        return 8
+        return None
     config = json.loads(path.read_text())
     if "scale_factor_spatial" in config:  # Wan's VAE
         return int(config["scale_factor_spatial"])
+    if "spatial_compression_ratio" in config:  # LTX-Video's
+        return int(config["spatial_compression_ratio"])
     return 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
 
 
@@ -319,33 +321,138 @@ class CallAtSize:
     hidden_bytes: int
 
 
-def call_at_size(transformer: nn.Module, height: int, width: int, frames: int, batch: int, text_tokens: int,
-                 dtype: torch.dtype, scale: int = 8) -> CallAtSize:
-    """The call that the family's pipeline makes at ``height`` x ``width`` (x ``frames``), its VAE downsampling
-    by ``scale``."""
-    config, name = transformer.config, type(transformer).__name__
+@dataclass(frozen=True)
+class Size:
+    """An image or video size as a pipeline call gets it, and the VAE's downsampling in space and time."""
 
-    def empty(*shape, kind=dtype):
-        return torch.empty(*shape, dtype=kind, device="meta")
+    height: int
+    width: int
+    frames: int
+    batch: int
+    text_tokens: int
+    scale: int
+    temporal: int
 
-    if name == "FluxTransformer2DModel":  # VAE, then 2x2 patches packed into tokens
-        tokens, width_ = (height // (2 * scale)) * (width // (2 * scale)), config.num_attention_heads * config.attention_head_dim
-        arguments = {"hidden_states": empty(batch, tokens, config.in_channels),
-                     "encoder_hidden_states": empty(batch, text_tokens, config.joint_attention_dim),
-                     "pooled_projections": empty(batch, config.pooled_projection_dim), "timestep": empty(batch),
-                     "img_ids": empty(tokens, 3), "txt_ids": empty(text_tokens, 3)}
-        if config.guidance_embeds:
-            arguments["guidance"] = empty(batch)
-        return CallAtSize(arguments, 1, batch * (tokens + text_tokens) * width_ * dtype.itemsize)
-    if name == "WanTransformer3DModel":  # VAE / 4 in time, then 1x2x2 patches; guidance in two calls
-        latent = ((frames - 1) // 4 + 1, height // scale, width // scale)
-        patch = config.patch_size
-        tokens = (latent[0] // patch[0]) * (latent[1] // patch[1]) * (latent[2] // patch[2])
-        arguments = {"hidden_states": empty(batch, config.in_channels, *latent),
-                     "encoder_hidden_states": empty(batch, text_tokens, config.text_dim), "timestep": empty(batch)}
-        return CallAtSize(arguments, 2, batch * tokens * config.num_attention_heads * config.attention_head_dim * dtype.itemsize)
-    raise ValueError(f"`ditcache memory` builds the calls of FLUX.1 and Wan 2.1 pipelines, not {name}'s: "
-                     "call ditcache.estimate_cache_bytes with one call's arguments.")
+    def latent(self, patch: int = 1) -> tuple[int, int]:
+        return self.height // (self.scale * patch), self.width // (self.scale * patch)
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // self.temporal + 1
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _flux(config, size: Size, dtype):  # VAE, then 2x2 patches packed into tokens
+    b, (h, w), text = size.batch, size.latent(2), size.text_tokens
+    arguments = {"hidden_states": _meta(b, h * w, config.in_channels, dtype=dtype),
+                 "encoder_hidden_states": _meta(b, text, config.joint_attention_dim, dtype=dtype),
+                 "pooled_projections": _meta(b, config.pooled_projection_dim, dtype=dtype), "timestep": _meta(b, dtype=dtype),
+                 "img_ids": _meta(h * w, 3, dtype=dtype), "txt_ids": _meta(text, 3, dtype=dtype)}
+    if config.guidance_embeds:
+        arguments["guidance"] = _meta(b, dtype=dtype)
+    return arguments, h * w + text
+
+
+def _wan(config, size: Size, dtype):  # VAE / 4 in time, then 1x2x2 patches
+    b, (h, w), f = size.batch, size.latent(), size.latent_frames
+    patch = config.patch_size
+    arguments = {"hidden_states": _meta(b, config.in_channels, f, h, w, dtype=dtype),
+                 "encoder_hidden_states": _meta(b, size.text_tokens, config.text_dim, dtype=dtype), "timestep": _meta(b, dtype=dtype)}
+    return arguments, (f // patch[0]) * (h // patch[1]) * (w // patch[2])
+
+
+def _sd3(config, size: Size, dtype):  # guidance batched; image and text tokens attend jointly
+    b, (h, w) = 2 * size.batch, size.latent()
+    arguments = {"hidden_states": _meta(b, config.in_channels, h, w, dtype=dtype),
+                 "encoder_hidden_states": _meta(b, size.text_tokens, config.joint_attention_dim, dtype=dtype),
+                 "pooled_projections": _meta(b, config.pooled_projection_dim, dtype=dtype), "timestep": _meta(b, dtype=dtype)}
+    return arguments, (h // config.patch_size) * (w // config.patch_size) + size.text_tokens
+
+
+def _pixart(config, size: Size, dtype):  # guidance batched; text by cross-attention
+    b, (h, w) = 2 * size.batch, size.latent()
+    arguments = {"hidden_states": _meta(b, config.in_channels, h, w, dtype=dtype),
+                 "encoder_hidden_states": _meta(b, size.text_tokens, config.caption_channels, dtype=dtype),
+                 "encoder_attention_mask": _meta(b, size.text_tokens, dtype=dtype), "timestep": _meta(b, dtype=dtype),
+                 "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return arguments, (h // config.patch_size) * (w // config.patch_size)
+
+
+def _dit(config, size: Size, dtype):  # guidance batched; a class label, no text
+    b, (h, w) = 2 * size.batch, size.latent()
+    arguments = {"hidden_states": _meta(b, config.in_channels, h, w, dtype=dtype), "timestep": _meta(b, dtype=dtype),
+                 "class_labels": _meta(b, dtype=torch.long)}
+    return arguments, (h // config.patch_size) * (w // config.patch_size)
+
+
+def _hunyuan_video(config, size: Size, dtype):  # guidance embedded (one call); image and text tokens attend jointly
+    b, (h, w), f = size.batch, size.latent(), size.latent_frames
+    arguments = {"hidden_states": _meta(b, config.in_channels, f, h, w, dtype=dtype), "timestep": _meta(b, dtype=dtype),
+                 "encoder_hidden_states": _meta(b, size.text_tokens, config.text_embed_dim, dtype=dtype),
+                 "encoder_attention_mask": _meta(b, size.text_tokens, dtype=dtype),
+                 "pooled_projections": _meta(b, config.pooled_projection_dim, dtype=dtype), "guidance": _meta(b, dtype=dtype)}
+    patch = (config.patch_size_t, config.patch_size, config.patch_size)
+    return arguments, (f // patch[0]) * (h // patch[1]) * (w // patch[2]) + size.text_tokens
+
+
+def _cogvideox(config, size: Size, dtype):  # guidance batched; frames before channels; joint attention
+    b, (h, w), f = 2 * size.batch, size.latent(), size.latent_frames
+    arguments = {"hidden_states": _meta(b, f, config.in_channels, h, w, dtype=dtype),
+                 "encoder_hidden_states": _meta(b, size.text_tokens, config.text_embed_dim, dtype=dtype), "timestep": _meta(b, dtype=dtype)}
+    return arguments, f * (h // config.patch_size) * (w // config.patch_size) + size.text_tokens
+
+
+def _ltx_video(config, size: Size, dtype):  # guidance batched; latent tokens packed, the grid given as numbers
+    b, (h, w), f = 2 * size.batch, size.latent(), size.latent_frames
+    arguments = {"hidden_states": _meta(b, f * h * w, config.in_channels, dtype=dtype),
+                 "encoder_hidden_states": _meta(b, size.text_tokens, config.caption_channels, dtype=dtype),
+                 "encoder_attention_mask": _meta(b, size.text_tokens, dtype=dtype), "timestep": _meta(b, dtype=dtype),
+                 "num_frames": f, "height": h, "width": w,
+                 "rope_interpolation_scale": (size.temporal / 25.0, size.scale, size.scale)}
+    return arguments, f * h * w
+
+
+@dataclass(frozen=True)
+class PipelineGeometry:
+    """What a family's released pipeline makes of a size: its VAE's downsampling, its prompt length, how it runs
+    guidance, and ``call`` (config, ``Size``, dtype) -> one call's arguments and its tokens."""
+
+    call: object
+    scale: int = 8
+    temporal: int = 0  # frames per latent frame (0: images)
+    text_tokens: int = 0
+    calls_per_step: int = 1  # 2: guidance as two calls (each with its own cache); else batched or embedded
+
+
+GEOMETRIES = {
+    "FluxTransformer2DModel": PipelineGeometry(_flux, text_tokens=512),
+    "WanTransformer3DModel": PipelineGeometry(_wan, temporal=4, text_tokens=512, calls_per_step=2),
+    "SD3Transformer2DModel": PipelineGeometry(_sd3, text_tokens=333),  # 77 CLIP + 256 T5
+    "PixArtTransformer2DModel": PipelineGeometry(_pixart, text_tokens=300),
+    "DiTTransformer2DModel": PipelineGeometry(_dit),
+    "HunyuanVideoTransformer3DModel": PipelineGeometry(_hunyuan_video, temporal=4, text_tokens=256),
+    "CogVideoXTransformer3DModel": PipelineGeometry(_cogvideox, temporal=4, text_tokens=226),
+    "LTXVideoTransformer3DModel": PipelineGeometry(_ltx_video, scale=32, temporal=8, text_tokens=128),
+}
+
+
+def call_at_size(transformer: nn.Module, height: int, width: int, frames: int, batch: int, text_tokens: int | None,
+                 dtype: torch.dtype, scale: int | None = None) -> CallAtSize:
+    """The call that the family's released pipeline makes at ``height`` x ``width`` (x ``frames``), with its prompt
+    length unless ``text_tokens`` is given, its VAE downsampling unless ``scale`` is."""
+    name = type(transformer).__name__
+    geometry = GEOMETRIES.get(name)
+    if geometry is None:
+        raise ValueError(f"`ditcache memory` builds the calls of {', '.join(sorted(GEOMETRIES))}, not {name}'s: "
+                         "call ditcache.estimate_cache_bytes with one call's arguments.")
+    size = Size(height, width, frames if geometry.temporal else 1, batch, geometry.text_tokens if text_tokens is None else text_tokens,
+                scale or geometry.scale, geometry.temporal or 1)
+    arguments, tokens = geometry.call(transformer.config, size, dtype)
+    hidden = arguments["hidden_states"].shape[0] * tokens * transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return CallAtSize(arguments, geometry.calls_per_step, hidden * dtype.itemsize)
 
 
 def run(args) -> list[tuple[str, int, float]]:
@@ -367,7 +474,8 @@ def run(args) -> list[tuple[str, int, float]]:
         size, layout = estimate_cache(transformer, method.config, num_inference_steps=args.steps, calls_per_step=call.calls_per_step,
                                       dtype=dtype, **call.arguments)
         rows.append((method.spec, size, size / call.hidden_bytes, layout))
-    print(f"{args.model} at {args.height}x{args.width}" + (f"x{args.frames}" if "Wan" in type(transformer).__name__ else "")
+    video = GEOMETRIES[type(transformer).__name__].temporal
+    print(f"{args.model} at {args.height}x{args.width}" + (f"x{args.frames}" if video else "")
           + f", batch {args.batch}, {args.dtype}, {args.steps} steps, {call.calls_per_step} call(s) per step; "
           f"H = {call.hidden_bytes / 2**20:.0f} MiB")
     print(f"{'method':<24} {'cache':>10} {'in H':>8}  layout")

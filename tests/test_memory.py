@@ -2,6 +2,7 @@
 real run measures, on every registered family, and at released sizes without allocating a weight."""
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -148,24 +149,59 @@ def test_bad_estimate_arguments_are_named(argument, value, message):
         estimate_cache_bytes(build("wan"), FORAConfig(cache_interval=3), **{argument: value})
 
 
-def test_the_memory_command_at_a_pipelines_size_is_what_its_run_holds(saved_pipelines, capsys):
-    from diffusers import FluxPipeline
+COMMAND_PIPELINES = {  # the pipeline's arguments at a size, and the same size for `ditcache memory`
+    "flux": (dict(prompt="a red fox", height=64, width=48, max_sequence_length=8), ["--height", "64", "--width", "48", "--text-tokens", "8"]),
+    "dit": (dict(class_labels=[1]), ["--height", "16", "--width", "16"]),
+    "pixart_sigma": (dict(prompt="a red fox", height=16, width=24, max_sequence_length=8, use_resolution_binning=False,
+                          clean_caption=False), ["--height", "16", "--width", "24", "--text-tokens", "8"]),
+    "wan": (dict(prompt="a red fox", height=16, width=16, num_frames=5, max_sequence_length=8),
+            ["--height", "16", "--width", "16", "--frames", "5", "--text-tokens", "8"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COMMAND_PIPELINES))
+def test_the_memory_command_at_a_pipelines_size_is_what_its_run_holds(family, saved_pipelines, tmp_path, capsys):
+    """The call ``ditcache memory`` builds for a size is the one the family's pipeline makes: the same cache, and H
+    one hidden-state tensor of that call (guidance batched by DiT and PixArt, two calls by Wan)."""
+    from diffusers import DiffusionPipeline
 
     from ditcache import memory
     from ditcache.cli import build_parser
 
-    pipe = FluxPipeline.from_pretrained(saved_pipelines / "flux")
+    folder = saved_pipelines / family
+    if family == "wan":
+        builders.wan_pipeline(folder := tmp_path / "wan")
+    pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    calls, handle = first_call(pipe.transformer)
     apply_cache(pipe, preset("ditcache"))
-    pipe("a red fox", num_inference_steps=STEPS, height=64, width=48, max_sequence_length=8, output_type="latent")
-    args = build_parser().parse_args(["memory", "--model", str(saved_pipelines / "flux"), "--height", "64", "--width", "48",
-                                      "--text-tokens", "8", "--steps", str(STEPS), "--dtype", "float32", "--methods", "ditcache", "fora:3"])
+    arguments, size = COMMAND_PIPELINES[family]
+    pipe(**arguments, num_inference_steps=STEPS, output_type="latent")
+    handle.remove()
+    args = build_parser().parse_args(["memory", "--model", str(folder), *size, "--steps", str(STEPS), "--dtype", "float32",
+                                      "--methods", "ditcache", "fora:3"])
     (name, size, in_h, _), _ = memory.run(args)
     assert name == "ditcache" and size == pytest.approx(cache_stats(pipe).cache_bytes, rel=0.05)
-    tokens = (64 // (2 * pipe.vae_scale_factor)) * (48 // (2 * pipe.vae_scale_factor)) + 8  # image and text
-    hidden = tokens * pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim * 4
-    assert in_h == pytest.approx(size / hidden)
+    hidden = calls[0]["hidden_states"]
+    tokens = hidden.shape[1] if hidden.ndim == 3 else math.prod(hidden.shape[2:]) // math.prod(pipe.transformer.config.patch_size
+                                                                                              if family == "wan" else (2, 2))
+    text = calls[0]["encoder_hidden_states"].shape[1] if family == "flux" else 0  # joint attention: text tokens too
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    assert in_h == pytest.approx(size / (hidden.shape[0] * (tokens + text) * width * 4))
     assert "H = " in capsys.readouterr().out
+
+
+def test_every_released_config_builds_its_pipelines_call():
+    """Each released config shipped (``ditcache/models/configs``) on the meta device, at a small size: the call its
+    pipeline makes runs the model dry, and the cache is known."""
+    from ditcache import memory
+
+    for config in sorted(memory.RELEASED_CONFIGS.glob("*.json")):
+        transformer = memory.meta_transformer(memory.load_config(config.stem))
+        call = memory.call_at_size(transformer, 256, 256, 9, 1, None, torch.bfloat16)
+        size, _ = memory.estimate_cache(transformer, FORAConfig(cache_interval=3), num_inference_steps=STEPS,
+                                        calls_per_step=call.calls_per_step, dtype=torch.bfloat16, **call.arguments)
+        assert size > 0 and all(p.is_meta for p in transformer.parameters()), config.stem
 
 
 @pytest.mark.parametrize(("model", "size", "limit"), [
@@ -184,7 +220,7 @@ def test_the_presets_default_budget_fits_the_released_models_at_their_sizes(mode
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--model", "nope"], "neither a released name (flux1-dev, wan2.1-t2v-1.3b, wan2.1-t2v-14b)"),
+    (["--model", "nope"], "neither a released name (cogvideox-5b, dit-xl-2-256, flux1-dev, hunyuanvideo"),
     (["--model", "flux1-dev", "--methods", "fbc:0.1"], "estimates ditcache's own methods"),
     (["--model", "flux1-dev", "--methods", "fora:0"], "cache_interval"),
 ])
