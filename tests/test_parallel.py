@@ -46,7 +46,8 @@ def flux(config, parallel: bool):
 
 
 def configs() -> dict:
-    return {"toca": ToCaConfig(cache_interval=3, cache_ratio=0.7, tolerance=0.05), "ditcache": preset("ditcache")}
+    return {"toca": ToCaConfig(cache_interval=3, cache_ratio=0.7, tolerance=0.05), "ditcache": preset("ditcache"),
+            "budget": preset("ditcache", cache_memory="8H")}
 
 
 def worker(rank: int, port: int, folder: str) -> None:
@@ -59,7 +60,8 @@ def worker(rank: int, port: int, folder: str) -> None:
     results = {}
     for name, config in configs().items():
         outputs, stats = flux(config, parallel=True)
-        results[name] = {"full": torch.tensor(stats.full_step_indices), "last": outputs[-1]}
+        results[name] = {"full": torch.tensor(stats.full_step_indices), "last": outputs[-1], "layout": stats.cache_layout,
+                         "bytes": stats.cache_bytes, "budget": stats.cache_budget}
     from test_generic import build
 
     wan = build("wan")
@@ -88,10 +90,16 @@ def test_ulysses_ranks_decide_together_and_as_one_process_would(tmp_path):
     # ToCa with error control: each rank recomputes tokens of its own shard, and both follow one schedule
     assert torch.equal(ranks[0]["toca"]["full"], ranks[1]["toca"]["full"])
     assert 3 < len(ranks[0]["toca"]["full"]) < STEPS
-    # The preset recomputes no token: its measurements summed over the shards are the single process's
-    outputs, stats = flux(configs()["ditcache"], parallel=False)
-    for results in ranks:
-        assert tuple(results["ditcache"]["full"].tolist()) == stats.full_step_indices
-        torch.testing.assert_close(results["ditcache"]["last"], outputs[-1], rtol=1e-5, atol=1e-5)
+    # The preset recomputes no token: its measurements summed over the shards are the single process's. With a budget
+    # that binds, each rank plans on the whole call's shapes (an upper bound of its shard's cache): every rank keeps
+    # the single process's layout, within the budget
+    for name in ("ditcache", "budget"):
+        outputs, stats = flux(configs()[name], parallel=False)
+        for results in ranks:
+            assert tuple(results[name]["full"].tolist()) == stats.full_step_indices
+            torch.testing.assert_close(results[name]["last"], outputs[-1], rtol=1e-5, atol=1e-5)
+            assert results[name]["layout"] == stats.cache_layout and results[name]["budget"] == stats.cache_budget
+            assert 0 < results[name]["bytes"] <= stats.cache_bytes <= stats.cache_budget
+    assert stats.cache_layout != "branch, model, order 2"  # the budget chose
     for results in ranks:
         assert "under context parallelism choose score='k_norm' or 'random'" in results["wan_refusal"]
