@@ -21,6 +21,7 @@ import torch
 from ditcache import cache_stats
 from ditcache.eval import metrics
 from ditcache.eval.control_check import MODELS, reference_images
+from ditcache.eval.gaps import at
 from ditcache.eval.held_memory import held_bytes, live_bytes_at_calls
 from ditcache.eval.speed import parse_method
 from ditcache.flops import count_flops
@@ -30,27 +31,6 @@ PEER_METHODS = ("fbc:0.05", "fbc:0.1", "fbc:0.2", "fbc:0.3", "magcache:0.06", "m
                 "dbcache:0.08:1", "dbcache:0.16:1", "dbcache:0.3:1", "dbcache:0.5:1")
 TOLERANCES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 SPEEDUPS = (2, 3, 4, 5, 6)
-
-
-def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The Pareto front of (FLOPs speedup, PSNR) points: each kept point is better in PSNR than every faster one."""
-    kept, best = [], -float("inf")
-    for speed, psnr in sorted(points, reverse=True):
-        if psnr > best:
-            kept.append((speed, psnr))
-            best = psnr
-    return sorted(kept)
-
-
-def at(points: list[tuple[float, float]], speed: float) -> float | None:
-    """PSNR at ``speed``: the front of ``points`` joined linearly where ``speed`` is within it, and at least the best
-    point that saves as much or more (a faster point serves any slower speed); None where no point is that fast."""
-    line = front(points)
-    found = [p for s, p in points if s >= speed]
-    for (x0, y0), (x1, y1) in zip(line, line[1:]):
-        if x0 <= speed <= x1:
-            found.append(y0 + (y1 - y0) * (speed - x0) / (x1 - x0))
-    return max(found, default=None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ image grid per prompt (the first ``grid_prompts`` prompts). Layout of ``DIR``::
     images/<method>-<hash>/        p00000-s0.png + p00000-s0.json (prompt, seed, latency) per image
     metrics/<method>-<hash>.json   finished metric values, keyed by what they depend on
     results.csv, results.json, speed_quality.png, grids/prompt-00000.png
+    gaps.md                        with ``ours``: their gaps to the others' envelope at matched FLOPs
 
 Resumable: every file is written to a temporary name and renamed, an image counts as done when its
 sidecar JSON exists, and finished metrics are kept, so rerunning the command after a crash or
@@ -30,7 +31,7 @@ from ditcache import cli
 from .sweep_config import SweepConfig, expand_methods, load_config, load_prompts
 from .sweep_generation import batches, check_manifest, generate, is_done, load_pipeline, units
 from .sweep_metrics import Evaluator, ImageFiles, evaluate
-from .sweep_report import TIMING_COLUMNS, format_results, plot_grids, plot_speed_quality, write_results
+from .sweep_report import TIMING_COLUMNS, format_results, plot_grids, plot_speed_quality, write_gaps, write_results
 
 __all__ = ["SweepConfig", "load_config", "load_prompts", "expand_methods", "Evaluator", "ImageFiles", "TIMING_COLUMNS",
            "format_results", "run", "main", "run_from_arguments"]
@@ -59,10 +60,13 @@ def run(config: SweepConfig, output: Path, device: str, allow_changed: bool = Fa
     with torch.inference_mode():
         rows = evaluate(pipe, config, output, device, quiet)
     write_results(output, rows)
+    gaps = write_gaps(output, rows, config)
     plot_speed_quality(output, rows, config.plot_x)
     plot_grids(output, config)
     if not quiet:
         print(format_results(rows))
+        if gaps is not None:
+            print(gaps)
         for spec, why in config.skipped.items():
             print(f"skipped {spec}: {why}")
         print(f"{missing} images generated now, {len(units(config)) - missing} already there; results in {output}")

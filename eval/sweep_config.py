@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .gaps import GAP_SPEEDUPS, method_family
 from .speed import parse_method
 
 FIDELITY_METRICS = ("psnr", "ssim", "lpips")  # against the uncached image of the same prompt and seed
@@ -53,6 +54,9 @@ class SweepConfig:
     (``dbcache`` without ``cache-dit``) is left out, named in ``skipped``. On the scenes reference:
     ``scenes_accuracy`` (the judge of ``eval/scenes.py``: per named object, and ``scenes_accuracy_prompt``
     per whole prompt) and ``scenes_fid`` (the objects' cut-outs against held-out real scenes').
+    ``ours``: method families (``ditcache:N``: a method with its first number as ``N``) or methods whose gap to the
+    envelope of all the other methods, PSNR at matched FLOPs, the report gives at ``gap_speedups``
+    (``eval/gaps.py`` documents the interpolation); it needs ``psnr`` among the metrics.
     """
 
     pipeline: str
@@ -70,6 +74,8 @@ class SweepConfig:
     grid_prompts: int = 8
     plot_x: str = "speedup"  # or "flops_speedup"
     batch_size: int = 1  # images per pipeline call (each with its own seed's generator)
+    ours: list[str] = field(default_factory=list)  # method families (or methods) reported against all the others
+    gap_speedups: list[float] = field(default_factory=lambda: list(GAP_SPEEDUPS))
 
     def __post_init__(self):
         unknown = sorted(set(self.metrics) - set(METRICS))
@@ -96,6 +102,20 @@ class SweepConfig:
             raise ValueError(f"call must be a mapping of pipeline arguments (e.g. {{num_frames: 51}}), got {reprlib.repr(self.call)}")
         if not isinstance(self.metric_options, dict):
             raise ValueError(f"metric_options must be a mapping, got {reprlib.repr(self.metric_options)}")
+        self._check_ours()
+
+    def _check_ours(self) -> None:
+        if not isinstance(self.ours, list) or not all(isinstance(name, str) for name in self.ours):
+            raise ValueError(f"ours must be a list of method families or methods, got {reprlib.repr(self.ours)}")
+        families = {method_family(spec) for spec in self.methods} | set(self.methods)
+        unknown = [name for name in self.ours if name not in families]
+        if unknown:
+            raise ValueError(f"ours: {unknown} name no method of this sweep; its families: {', '.join(sorted(families - set(self.methods)))}")
+        if self.ours and "psnr" not in self.metrics:
+            raise ValueError("ours: gaps are PSNR at matched FLOPs; add psnr to metrics")
+        if not (isinstance(self.gap_speedups, list) and self.gap_speedups
+                and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and x >= 1 for x in self.gap_speedups)):
+            raise ValueError(f"gap_speedups must be a non-empty list of numbers >= 1, got {reprlib.repr(self.gap_speedups)}")
 
     def folder(self, method: str) -> str:
         """Images (and metrics) of one method live here; the hash covers everything that changes their

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from pathlib import Path
 
 from PIL import Image
 
+from .gaps import format_gaps, gap_rows, method_family
 from .sweep_config import DIGITS_FID, PLOT_AXES, SCENES_FID, SweepConfig
 from .sweep_generation import Unit, atomic_write, write_json
 
@@ -43,12 +43,6 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool = Fals
             front.append((speedup, value))
             best = value
     return front[::-1]
-
-
-def method_family(method: str) -> str:
-    """A method with its first number (the interval or threshold) replaced by ``N``: the points of one
-    family differ only in how hard they cache, and are joined by a line in the plot."""
-    return re.sub(r"^([a-z]+):[0-9.]+", r"\1:N", method)
 
 
 def plot_speed_quality(output: Path, rows: list[dict], x: str = "speedup") -> None:
@@ -118,3 +112,30 @@ def format_results(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+
+
+def gap_families(rows: list[dict], config: SweepConfig) -> dict[str, list[tuple[float, float]]]:
+    """Each method family's (FLOPs speedup, PSNR) points, the uncached baseline left out; a method named in
+    ``config.ours`` alone is a family of its own."""
+    families: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["method"] == "uncached" or "psnr" not in row or "flops_speedup" not in row:
+            continue
+        name = row["method"] if row["method"] in config.ours else method_family(row["method"])
+        families.setdefault(name, []).append((row["flops_speedup"], row["psnr"]))
+    return families
+
+
+def write_gaps(output: Path, rows: list[dict], config: SweepConfig) -> str | None:
+    """``gaps.md``: each of ``config.ours`` against the envelope of every other method, PSNR at matched FLOPs
+    (``eval/gaps.py``); its text, None without ``ours``."""
+    if not config.ours:
+        return None
+    families = gap_families(rows, config)
+    ours = [name for name in config.ours if name in families]
+    table = format_gaps(gap_rows(families, ours, tuple(config.gap_speedups)), ours)
+    others = ", ".join(f"`{name}`" for name in families if name not in ours)
+    text = (f"{config.steps} steps; PSNR (dB) against uncached at matched FLOPs; the envelope of {others} "
+            "(each family joined along its own Pareto front: eval/gaps.py)\n\n" + table + "\n")
+    atomic_write(output / "gaps.md", text.encode())
+    return text

@@ -23,6 +23,8 @@ CONFIG = {
     "metrics": ["psnr", "ssim", "fid", "kid"],
     "metric_options": {"fid": {"feature": "ditcache.eval.builders:random_features"}},
     "grid_prompts": 2,
+    "ours": ["toca:N:0.7:attention"],
+    "gap_speedups": [1.2, 1.5, 100],
 }
 
 
@@ -58,6 +60,12 @@ def test_bad_sweep_configs_fail_before_any_work():
         sweep.SweepConfig(pipeline="tiny-dit", methods=[], prompts=["zero"], metrics=["fidd"])
     with pytest.raises(ValueError, match="cache_ratio"):
         sweep.SweepConfig(pipeline="tiny-dit", methods=["toca:3:1.5"], prompts=["zero"])
+    with pytest.raises(ValueError, match=r"ours: \['ditcache:N'\] name no method of this sweep; its families: fora:N"):
+        sweep.SweepConfig(pipeline="tiny-dit", methods=["fora:2", "fora:3"], prompts=["zero"], ours=["ditcache:N"])
+    with pytest.raises(ValueError, match="add psnr to metrics"):
+        sweep.SweepConfig(pipeline="tiny-dit", methods=["fora:2"], prompts=["zero"], ours=["fora:N"], metrics=["ssim"])
+    with pytest.raises(ValueError, match="gap_speedups must be a non-empty list of numbers >= 1"):
+        sweep.SweepConfig(pipeline="tiny-dit", methods=["fora:2"], prompts=["zero"], ours=["fora:N"], gap_speedups=[0.5])
 
 
 @pytest.mark.parametrize(
@@ -164,6 +172,29 @@ def test_sweep_writes_images_results_plots(finished):
     assert (output / "speed_quality.png").stat().st_size > 10_000
     assert sorted(p.name for p in (output / "grids").iterdir()) == ["prompt-00000.png", "prompt-00001.png"]
     assert not list(output.rglob("*.tmp"))
+    # ours against the envelope of the other two families, as eval/gaps.py computes it from the results
+    from ditcache.eval.gaps import at
+
+    points = {row["method"]: (row["flops_speedup"], row["psnr"]) for row in rows[1:]}
+    mine, theirs = at([points["toca:2:0.7:attention"]], 1.2), max(at([points[m]], 1.2) for m in ("fora:2", "toca:2:0.7:random"))
+    table = (output / "gaps.md").read_text().splitlines()
+    assert table[2].startswith("| FLOPs speedup | others' envelope, PSNR (dB) | toca:N:0.7:attention: value (gap) |")
+    assert table[4] == f"| 1.2 | {theirs:.2f} | {mine:.2f} ({mine - theirs:+.2f}) |"
+    assert table[6] == "| 100 | - | - |"  # no method is that fast: no value, no extrapolation
+
+
+def test_gaps_join_each_family_along_its_own_front():
+    from ditcache.eval.gaps import at, gap_rows
+
+    fast = [(2.0, 30.0), (4.0, 20.0), (3.0, 10.0)]  # (3, 10) is beaten by a faster point: off the front
+    assert at(fast, 3.0) == 25.0 and at(fast, 1.0) == 30.0 and at(fast, 5.0) is None
+    points = {"ours": [(2.0, 32.0), (3.0, 30.0)], "a": fast, "b": [(1.0, 50.0), (2.5, 28.0)]}
+    rows = gap_rows(points, ["ours"], (1.5, 2.5, 3.0, 3.5))
+    # at 1.5 "b" joins (1, 50) and (2.5, 28); "a" serves it from (2, 30); the envelope never joins "a" to "b"
+    assert rows[0]["envelope"] == pytest.approx(50 - 22 / 3) and rows[0]["ours gap"] == pytest.approx(32 - (50 - 22 / 3))
+    assert rows[1]["envelope"] == 28.0 and rows[1]["ours"] == 31.0 and rows[1]["ours gap"] == 3.0
+    assert rows[2]["envelope"] == 25.0 and rows[2]["ours gap"] == 5.0
+    assert rows[3]["ours"] is None and rows[3]["ours gap"] is None and rows[3]["envelope"] == 22.5
 
 
 @pytest.mark.slow
