@@ -503,10 +503,14 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     reused between full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
     against fidelity): it sets the controller's bound and the interval before its first measurement
-    (``ditcache_initial_interval``; from 3 on, one first full step on every family). Its cache holds at most 16
+    (``ditcache_initial_interval``; from 3 on, one first full step on every family; a ``cache_interval`` given
+    takes its place, and the first full steps and longest interval follow it). Its cache holds at most 16
     hidden states (``cache_memory="16H"``; ``cache_memory=None`` lifts the budget). ``changes`` override any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
     _check_float("tolerance", tolerance, 0.0)
     initial = ditcache_initial_interval(tolerance)
+    if "cache_interval" in changes:  # a first interval by hand: the first full steps and longest interval follow it
+        _check_int("cache_interval", changes["cache_interval"], 1, MAX_SIZE)
+        initial = changes["cache_interval"]
     # A long start replaces the family's first full steps (three on FLUX) by one: 3-11 dB at 5.6-6.4x on the
     # 64-token FLUX reference; a short one keeps them: one cost the 256-token reference 5 dB at 4.5x.
     start = 1 if initial >= 3 else None

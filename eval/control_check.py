@@ -25,13 +25,20 @@ DEFAULT_METHODS = tuple(f"fora:{n}:{forecast}" for n in (3, 5, 8) for forecast i
 MODELS = ("digits-flux", "digits-dit", train_scenes.NAME)
 
 
-def reference_images(name: str, steps: int, with_call: bool = False):
+SCHEDULERS = {"multistep": "DPMSolverMultistepScheduler"}  # another solver than the reference's own, by --scheduler
+
+
+def reference_images(name: str, steps: int, with_call: bool = False, scheduler: str | None = None):
     """The reference model ``name`` and a function drawing its fixed evaluation batch (8 images; 4 scenes); with
-    ``with_call``, also the call's arguments (MagCache calibrates on them)."""
+    ``with_call``, also the call's arguments (MagCache calibrates on them); ``scheduler`` (``SCHEDULERS``) replaces
+    the reference's own scheduler, built from its config."""
+    import diffusers
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(digits.reference_pipeline_path(name))
     pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if name == "digits-dit":
         call = dict(class_labels=list(range(8)), num_inference_steps=steps, guidance_scale=3.0, output_type="pt")
     elif name == "digits-flux":
@@ -52,14 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=MODELS, default="digits-flux")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="another solver than the reference's own")
     parser.add_argument("--budgets", nargs="*", type=float, default=[],
                         help="also run each of ditcache's methods with cache_memory at these fractions of what it held unbounded")
     args = parser.parse_args(argv)
     methods = [parse_method(spec) for spec in args.methods]  # every spec checked before any run
-    pipe, images = reference_images(args.model, args.steps)
+    pipe, images = reference_images(args.model, args.steps, scheduler=args.scheduler)
     with torch.no_grad():
         uncached = images()
-        print(f"{args.model}, {args.steps} steps, seed 0\n")
+        print(f"{args.model}, {args.steps} steps, {type(pipe.scheduler).__name__}, seed 0\n")
         print("| method | PSNR (dB) | FLOPs speedup | estimate (% of FLOPs) | cache KiB | layout | full steps |\n|---|---|---|---|---|---|---|")
         pending = list(methods)
         while pending:

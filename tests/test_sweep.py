@@ -117,6 +117,13 @@ def test_error_control_specs_set_their_fields():
     assert parse_method("ditcache:0.4:max=16").config == preset("ditcache", tolerance=0.4, max_interval=16)
     with pytest.raises(ValueError, match="unknown option 'share'"):
         parse_method("ditcache:0.4:share=0.5")
+    # the preset's first interval by hand: its first full steps and longest interval follow it, as the rule's would
+    assert parse_method("ditcache:0.8:first=2").config == preset("ditcache", tolerance=0.8, cache_interval=2)
+    short, long = parse_method("ditcache:0.8:first=2").config, parse_method("ditcache:0.1:first=5").config
+    assert (short.cache_interval, short.full_steps_at_start, short.max_interval) == (2, None, 12)
+    assert (long.cache_interval, long.full_steps_at_start, long.max_interval) == (5, 1, 15)
+    with pytest.raises(ValueError, match="unknown option 'first' for fora"):
+        parse_method("fora:3:first=2")
 
 
 def test_peer_specs_keep_their_values():
