@@ -37,6 +37,8 @@ DITCACHE_MAX_INTERVAL = 12  # preset("ditcache")'s longest interval, or 3 initia
 # preset("ditcache")'s cache budget: 16 hidden states for all guidance streams, at most 2 GiB at FLUX.1-dev 1024x1024
 # and 12 GiB at Wan 2.1 14B 1280x720x81 (eval/BENCHMARKS.md, "A cache memory budget").
 DITCACHE_CACHE_MEMORY = "16H"
+# preset("ditcache") runs uncached at this many steps or fewer: caching distilled 4-8 step runs was not measured to gain
+DITCACHE_MIN_STEPS = 8
 
 
 def family_preset(schedule: str, family: str) -> Preset:
@@ -196,6 +198,7 @@ class EngineSettings:
     cache_offload: bool = False  # values and differences in host memory, copied to the device block by block
     cache_memory: MemoryBudget | None = None
     residual_allowed: bool = False  # whether a budget may choose a residual layout (nothing recomputes branch tokens)
+    min_steps: int = 0  # runs of at most this many steps run uncached
 
     @property
     def layout(self) -> CacheLayout:
@@ -360,6 +363,9 @@ class FORAConfig:
         cache_offload: keep the cache's values and forecast differences in host memory (pinned, where CUDA is)
             and copy each block's to the device when it runs, the next block's prefetched on a side stream; for
             caches no budget fits on the device. Rows a partial step recomputes then serve that step only.
+        min_steps: runs of at most this many steps (as the pipeline's scheduler or the loop's ``cache_context``
+            tells them) run uncached, bit for bit, keeping nothing: every step is full, with the reason
+            ``"few_steps"`` in ``cache_stats(...).full_step_reasons``. 0: every run is cached.
     """
 
     cache_interval: int = 3
@@ -375,10 +381,12 @@ class FORAConfig:
     cache_layout: str = "branch"
     cache_memory: int | str | None = None
     cache_offload: bool = False
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         _normalise(self)
         _check_control(self)
+        _check_int("min_steps", self.min_steps, 0, MAX_SIZE)
         _check_float("probe_ratio", self.probe_ratio, 0.0, 1.0)
         if self.probe_ratio >= 1.0:
             raise ValueError(f"`probe_ratio` must be a number in [0, 1), got {self.probe_ratio!r}.")
@@ -400,7 +408,7 @@ class FORAConfig:
             spatial_bonus=0.0, spatial_grid=1, seed=0, forecast_order=self.forecast_order,
             forecaster=_forecaster(self), control=_control(self, schedule.cache_interval, 1.0),
             cache_precision=self.cache_precision, cache_span=cache_span(self.cache_layout), cache_memory=_budget(self),
-            residual_allowed=self.probe_ratio == 0, cache_offload=self.cache_offload,
+            residual_allowed=self.probe_ratio == 0, cache_offload=self.cache_offload, min_steps=self.min_steps,
         )
 
 
@@ -504,7 +512,8 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
     against fidelity): it sets the controller's bound and the interval before its first measurement
     (``ditcache_initial_interval``; from 3 on, one first full step on every family; a ``cache_interval`` given
-    takes its place, and the first full steps and longest interval follow it). Its cache holds at most 16
+    takes its place, and the first full steps and longest interval follow it). Runs of 8 steps or fewer run
+    uncached (``min_steps=8``: caching distilled few-step runs has no measured gain yet). Its cache holds at most 16
     hidden states (``cache_memory="16H"``; ``cache_memory=None`` lifts the budget). ``changes`` override any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
     _check_float("tolerance", tolerance, 0.0)
     initial = ditcache_initial_interval(tolerance)
@@ -518,7 +527,7 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     settings = dict(cache_interval=min(initial, MAX_SIZE), full_steps_at_start=start, forecast_order=2, forecaster="bdf2_heun",
                     max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE),
                     # an offloaded cache is bounded by host memory, not by the device budget
-                    cache_memory=None if changes.get("cache_offload") else DITCACHE_CACHE_MEMORY)
+                    cache_memory=None if changes.get("cache_offload") else DITCACHE_CACHE_MEMORY, min_steps=DITCACHE_MIN_STEPS)
     return FORAConfig(tolerance=tolerance, **settings | changes)
 
 

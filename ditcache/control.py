@@ -33,6 +33,7 @@ DECISION_LAG = 2
 
 FULL_STEP_REASONS = {
     "start": "one of the first steps, always full",
+    "few_steps": "the run has no more steps than the config's min_steps: it runs uncached, keeping nothing",
     "interval": "the fixed interval (or the interval before any measurement) came round",
     "error": "the measured error, extrapolated to this step, passed the tolerance",
     "max_interval": "the error was under the tolerance, but max_interval steps had passed",

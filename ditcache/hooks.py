@@ -391,7 +391,7 @@ class RunConstantHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         run = self.run
-        if not run.in_call or run.in_block:
+        if not run.in_call or run.in_block or run.plan.uncached:  # a run too short to cache keeps nothing
             return self.fn_ref.original_forward(*args, **kwargs)
         sources = self.sources(run, args, kwargs)
         # inference tensors keep no version counter: under inference mode (or with inference-mode sources)

@@ -131,7 +131,7 @@ class SpanTracker:
     def close(self, run: RunState) -> None:
         """Keep the open span's residual (measuring, under error control, what its forecast missed)."""
         span, self.open = self.open, None
-        if span is None:
+        if span is None or not run.caching:
             return
         for tensor, version in zip(span.inputs, span.versions):
             if version is not None and tensor._version != version:

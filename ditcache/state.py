@@ -197,6 +197,8 @@ class StepPlan:
         self.full_step_reasons: list[str] = []
         self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
         self.full_next_step = False  # the caches were dropped: the next step must be full (reason "memory")
+        # a run too short to cache (min_steps): every step full, nothing kept, uncached bit for bit
+        self.uncached = self.steps is not None and self.steps <= settings.min_steps
         if meter is None and settings.schedule.needs_step_count and self.steps is not None:
             self.full_step_plan = settings.schedule.full_step_plan(self.steps)
 
@@ -207,7 +209,9 @@ class StepPlan:
         self.progress = self._progress(timestep)
         self.steps_since_full += 1
         schedule, reason = self.settings.schedule, "interval"
-        if self.step < schedule.full_steps_at_start:
+        if self.uncached:
+            self.is_full, reason = True, "few_steps"
+        elif self.step < schedule.full_steps_at_start:
             self.is_full, reason = True, "start"
         elif self.full_next_step:
             self.is_full, reason, self.full_next_step = True, "memory", False
@@ -430,6 +434,11 @@ class RunState:
         self.stream = 0
         self.caches.step_selections = {}
         self.plan.begin_step(timestep)
+
+    @property
+    def caching(self) -> bool:
+        """Whether this run keeps anything for partial steps: the settings cache and the run is not too short."""
+        return self.settings.caches and not self.plan.uncached
 
     def block_cache(self, block_name: str) -> BlockCache:
         return self.caches.block(block_name, self.stream)

@@ -273,3 +273,21 @@ def test_the_ditcache_preset_runs_on_block_adapters_and_the_generic_path(dit_pip
     apply_cache(model, preset("ditcache", tolerance=0.5))
     outputs = run_generic(model, "sd3")
     assert all(torch.isfinite(output).all() for output in outputs) and cache_stats(model).partial_steps > 0
+
+
+def test_the_preset_runs_a_short_run_uncached_bit_for_bit_and_says_so(dit_pipe, flux_pipe):
+    """``min_steps``: a run of at most that many steps (the preset's 8) keeps nothing, not even the run's constants,
+    and is the uncached model's, every step full for the reason "few_steps"; one step more caches."""
+    from test_flux import run_flux
+
+    for pipe, call in ((dit_pipe, run_dit), (flux_pipe, run_flux)):
+        baseline = call(pipe, steps=8)
+        apply_cache(pipe, preset("ditcache", tolerance=0.8))
+        np.testing.assert_array_equal(call(pipe, steps=8), baseline)
+        stats = cache_stats(pipe)
+        assert stats.full_step_reasons == ("few_steps",) * 8 and stats.cache_bytes == 0
+        call(pipe, steps=9)
+        assert cache_stats(pipe).partial_steps > 0 and "few_steps" not in cache_stats(pipe).full_step_reasons
+        remove_cache(pipe)
+    with pytest.raises(ValueError, match="`min_steps` must be an integer"):
+        FORAConfig(min_steps=-1)

@@ -156,7 +156,7 @@ class FluxAdapter(TransformerAdapter):
         inside the transformer's forward, where diffusers has applied the call's LoRA scale."""
 
         def lookup(run, embed):
-            if not (run.plan.on_schedule and run.settings.caches):
+            if not (run.plan.on_schedule and run.caching):
                 return None
             memo = run.memo.get("temb", run.stream) or self._tabulate_embeddings(run, embed)
             return None if memo is None else (memo.value[run.plan.step], memo.flops)

@@ -155,7 +155,7 @@ class BlockAdapter:
         """Store a full step's branch output when partial steps will reuse it (with its divided
         differences when the settings forecast); under error control, first measure the error the
         cached value would have made on this step."""
-        if self.settings.caches:
+        if run.caching:
             key = CacheKey(branch)
             if run.plan.meter is not None and key in cache and branch in self.measured_branches:
                 run.measure_kept(cache, key, output)

@@ -200,7 +200,7 @@ class BranchAdapter:
         layout, tensors = _flatten(output, self.branch)
         cache.structures[self.branch, call_index] = (layout, flops)
         order = self.settings.forecast_order
-        for index, tensor in enumerate(tensors):
+        for index, tensor in enumerate(tensors if run.caching else ()):
             key = CacheKey(self.branch, call_index, index)
             if run.plan.meter is not None and self.measured and key in cache:
                 run.measure_kept(cache, key, tensor)
