@@ -210,6 +210,10 @@ class EngineSettings:
         """Whether any step may be partial, so that branch outputs are worth keeping."""
         return self.schedule.cache_interval > 1 or self.control is not None
 
+    def too_short(self, steps: int | None) -> bool:
+        """Whether a run of ``steps`` steps (None: not known) is too short to cache (``min_steps``)."""
+        return steps is not None and steps <= self.min_steps
+
     @property
     def recomputes_tokens(self) -> bool:
         return self.schedule.recompute > 0.0 and self.caches

@@ -227,7 +227,7 @@ class StepHook(ModelHook):
         from .memory import DryRunError, LayoutPlan, choose_layout  # the planner runs the engine itself on a fake copy
 
         settings = self.run.settings
-        if settings.cache_memory is None or not settings.caches:
+        if settings.cache_memory is None or not settings.caches or settings.too_short(steps):  # nothing will be kept
             return None
         shapes = tuple((name, tuple(value.shape), value.dtype) for name, value in call.arguments.items() if isinstance(value, torch.Tensor))
         key = (shapes, streams, steps)

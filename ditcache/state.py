@@ -198,7 +198,7 @@ class StepPlan:
         self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
         self.full_next_step = False  # the caches were dropped: the next step must be full (reason "memory")
         # a run too short to cache (min_steps): every step full, nothing kept, uncached bit for bit
-        self.uncached = self.steps is not None and self.steps <= settings.min_steps
+        self.uncached = settings.too_short(self.steps)
         if meter is None and settings.schedule.needs_step_count and self.steps is not None:
             self.full_step_plan = settings.schedule.full_step_plan(self.steps)
 

@@ -286,6 +286,7 @@ def test_the_preset_runs_a_short_run_uncached_bit_for_bit_and_says_so(dit_pipe, 
         np.testing.assert_array_equal(call(pipe, steps=8), baseline)
         stats = cache_stats(pipe)
         assert stats.full_step_reasons == ("few_steps",) * 8 and stats.cache_bytes == 0
+        assert stats.cache_budget == 0  # nothing to keep: the budget's layout is not even planned
         call(pipe, steps=9)
         assert cache_stats(pipe).partial_steps > 0 and "few_steps" not in cache_stats(pipe).full_step_reasons
         remove_cache(pipe)
