@@ -24,21 +24,20 @@ def method_family(method: str) -> str:
     return re.sub(r"^([a-z]+):[0-9.]+", r"\1:N", method)
 
 
-def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The Pareto front of (speedup, quality) points, higher quality better: each kept point is better than every
-    faster one; by rising speedup."""
-    kept, best = [], -float("inf")
-    for speed, value in sorted(points, reverse=True):
-        if value > best:
-            kept.append((speed, value))
+def pareto_front(points: list[tuple[float, float]], lower_is_better: bool = False) -> list[tuple[float, float]]:
+    """The (speedup, quality) points no other point beats in both speedup and quality, by rising speedup."""
+    front, best = [], None
+    for speedup, value in sorted(points, key=lambda p: (-p[0], p[1] if lower_is_better else -p[1])):
+        if best is None or (value < best if lower_is_better else value > best):
+            front.append((speedup, value))
             best = value
-    return sorted(kept)
+    return front[::-1]
 
 
 def at(points: list[tuple[float, float]], speed: float) -> float | None:
     """The quality of a family's ``points`` at ``speed`` (see the module's docstring); None where no point is that
     fast."""
-    line = front(points)
+    line = pareto_front(points)
     found = [value for s, value in points if s >= speed]
     for (x0, y0), (x1, y1) in zip(line, line[1:]):
         if x0 <= speed <= x1:

@@ -52,7 +52,7 @@ def check_manifest(output: Path, config: SweepConfig, allow_changed: bool) -> No
     current = asdict(config)
     if manifest.exists() and any((output / "images").glob("*/*.json")):
         previous = json.loads(manifest.read_text())
-        changed = sorted(k for k in set(previous) | set(current) - set(REPORT_ONLY) if previous.get(k) != current.get(k))
+        changed = sorted(k for k in (set(previous) | set(current)) - set(REPORT_ONLY) if previous.get(k) != current.get(k))
         if changed and not allow_changed:
             raise SystemExit(
                 f"{output} holds a sweep with a different configuration (changed: {', '.join(changed)}). "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .gaps import format_gaps, gap_rows, method_family
+from .gaps import format_gaps, gap_rows, method_family, pareto_front
 from .sweep_config import DIGITS_FID, PLOT_AXES, SCENES_FID, SweepConfig
 from .sweep_generation import Unit, atomic_write, write_json
 
@@ -33,16 +33,6 @@ def quality_columns(rows: list[dict]) -> list[str]:
     columns = ("psnr", "ssim", "lpips", "clip_score", "image_reward", "digits_accuracy", "scenes_accuracy",
                "scenes_accuracy_prompt", "fid", "kid_mean", DIGITS_FID, SCENES_FID)
     return [c for c in columns if any(c in row for row in rows)]
-
-
-def pareto_front(points: list[tuple[float, float]], lower_is_better: bool = False) -> list[tuple[float, float]]:
-    """The points no other point beats in both speedup and quality, by rising speedup."""
-    front, best = [], None
-    for speedup, value in sorted(points, key=lambda p: (-p[0], p[1] if lower_is_better else -p[1])):
-        if best is None or (value < best if lower_is_better else value > best):
-            front.append((speedup, value))
-            best = value
-    return front[::-1]
 
 
 def plot_speed_quality(output: Path, rows: list[dict], x: str = "speedup") -> None:
@@ -110,8 +100,6 @@ def format_results(rows: list[dict]) -> str:
         cells = " ".join(f"{row[c]:>12.4g}" if c in row else f"{'-':>12}" for c in columns)
         lines.append(f"{row['method']:<28} {row['images']:>6} {row['latency_s']:>9.3f} {cells}")
     return "\n".join(lines)
-
-
 
 
 def gap_families(rows: list[dict], config: SweepConfig) -> dict[str, list[tuple[float, float]]]:

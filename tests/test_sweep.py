@@ -232,6 +232,13 @@ def test_changed_config_is_refused_unless_allowed(finished, tmp_path):
     changed = write_config(tmp_path, steps=5)
     result = subprocess.run(command(changed, reference), env=environment(), capture_output=True, text=True)
     assert result.returncode != 0 and "different configuration (changed: steps)" in result.stderr
+    # what only the report reads is no different configuration: another `ours` goes on in the same folder
+    import shutil
+
+    from ditcache.eval.sweep_generation import check_manifest
+
+    shutil.copytree(reference, tmp_path / "copy", ignore=shutil.ignore_patterns("*.png"))
+    check_manifest(tmp_path / "copy", sweep.load_config(write_config(tmp_path, ours=["fora:N"], gap_speedups=[2])), False)
 
 
 @pytest.mark.slow
@@ -368,7 +375,7 @@ def test_a_batched_sweep_resumed_after_losing_half_a_batch_gives_the_uninterrupt
 
 
 def test_the_pareto_front_keeps_the_points_nothing_beats():
-    from ditcache.eval.sweep_report import pareto_front
+    from ditcache.eval.gaps import pareto_front
 
     points = [(1.0, 40.0), (2.0, 35.0), (2.0, 30.0), (3.0, 36.0), (4.0, 20.0), (1.5, 38.0)]
     assert pareto_front(points) == [(1.0, 40.0), (1.5, 38.0), (3.0, 36.0), (4.0, 20.0)]
