@@ -130,7 +130,8 @@ class BlockCache:
         stream.wait_stream(torch.cuda.current_stream())  # the host copies of the last full step are complete
         with torch.cuda.stream(stream):
             for item in self.stored():
-                self.device_copies.setdefault(id(item), codecs.to_device(item, self.device))
+                if id(item) not in self.device_copies:  # a copy made already is not made again
+                    self.device_copies[id(item)] = codecs.to_device(item, self.device)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
 
