@@ -21,7 +21,7 @@ import torch
 from ditcache import cache_stats
 from ditcache.eval import metrics
 from ditcache.eval.control_check import MODELS, reference_images
-from ditcache.eval.gaps import at
+from ditcache.eval.gaps import format_gaps, gap_rows, method_family
 from ditcache.eval.held_memory import held_bytes, live_bytes_at_calls
 from ditcache.eval.speed import parse_method
 from ditcache.flops import count_flops
@@ -78,20 +78,14 @@ def main(argv: list[str] | None = None) -> None:
         presets["default (16H)"] = [row(f"ditcache:{t}") for t in args.tolerances]
         presets["a quarter of unbounded"] = [row(f"ditcache:{t}:memory={quarter}") for t in args.tolerances]
         presets["B"] = [row(f"ditcache:{t}:memory={budget}") for t in args.tolerances]
-    families = {_family(spec) for spec in rows}
+    families = {method_family(spec) for spec in rows}
     at_b = max(held for *_, held in presets["B"])
     print(f"\nB = {budget / 1024:.0f} KiB (the most a peer held); the preset at B held at most {at_b / 1024:.0f} KiB; "
           f"a quarter of unbounded: {quarter / 1024:.0f} KiB\n")
-    print("| FLOPs speedup | peers' envelope (dB) | " + " | ".join(f"preset, {name}: gap (dB)" for name in presets) + " |")
-    print("|---|---|" + "---|" * len(presets))
-    for speed in SPEEDUPS:
-        values = [at([(s, p) for spec, (s, p, _) in rows.items() if _family(spec) == family], speed) for family in families]
-        theirs = max((value for value in values if value is not None), default=None)
-        cells = []
-        for points in presets.values():
-            mine = at([(s, p) for s, p, _ in points], speed)
-            cells.append("-" if mine is None else f"{mine:.2f}" + ("" if theirs is None else f" ({mine - theirs:+.2f})"))
-        print(f"| {speed} | {'-' if theirs is None else f'{theirs:.2f}'} | " + " | ".join(cells) + " |")
+    points = {family: [(s, p) for spec, (s, p, _) in rows.items() if method_family(spec) == family] for family in families}
+    ours = [f"preset, {name}" for name in presets]
+    points |= {mine: [(s, p) for s, p, _ in values] for mine, values in zip(ours, presets.values())}
+    print(format_gaps(gap_rows(points, ours, SPEEDUPS), ours))
     if args.plot:
         _plot(args, rows, presets, families)
 
@@ -104,7 +98,7 @@ def _plot(args, rows: dict, presets: dict, families: set) -> None:
 
     figure, axes = plt.subplots(figsize=(8, 5.5))
     for family in sorted(families):
-        points = sorted((s, p, h) for spec, (s, p, h) in rows.items() if _family(spec) == family)
+        points = sorted((s, p, h) for spec, (s, p, h) in rows.items() if method_family(spec) == family)
         axes.plot([s for s, _, _ in points], [p for _, p, _ in points], "o--", label=f"{family} (held {max(h for *_, h in points) / 1024:.0f} KiB)")
     for name, points in presets.items():
         points = sorted(points)
@@ -117,12 +111,6 @@ def _plot(args, rows: dict, presets: dict, families: set) -> None:
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(args.plot, dpi=120)
-
-
-def _family(spec: str) -> str:
-    """A peer's family: its name, and for DBCache whether its TaylorSeer calibrator is on."""
-    name, *values = spec.split(":")
-    return f"{name}:{values[1]}" if name == "dbcache" and len(values) > 1 else name
 
 
 if __name__ == "__main__":
