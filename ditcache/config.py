@@ -110,8 +110,11 @@ def _check_control(config) -> None:
     if config.tolerance is not None:
         _check_float("tolerance", config.tolerance, 0.0)
     _check_int("max_interval", config.max_interval, 1, MAX_SIZE)
-    changed = [name for name, default in (("max_interval", DEFAULT_MAX_INTERVAL), ("random_share", DEFAULT_RANDOM_SHARE))
-               if getattr(config, name, default) != default]
+    _check_bool("choose_order", config.choose_order)
+    if config.choose_order and config.forecast_order == 0:
+        raise ValueError("`choose_order` chooses among the forecast orders up to `forecast_order`: give a `forecast_order` in [1, 4].")
+    changed = [name for name, default in (("max_interval", DEFAULT_MAX_INTERVAL), ("random_share", DEFAULT_RANDOM_SHARE),
+                                          ("choose_order", False)) if getattr(config, name, default) != default]
     if changed and config.tolerance is None:
         raise ValueError(f"`{changed[0]}` is a setting of error control, which only a `tolerance` turns on: give a "
                          "`tolerance` with it (or leave it out).")
@@ -122,7 +125,7 @@ def _control(config, interval: int, random_share: float) -> ErrorControl | None:
     every step full: uncached, bit for bit."""
     if not config.tolerance:
         return None
-    return ErrorControl(config.tolerance, config.max_interval, min(interval, config.max_interval), random_share)
+    return ErrorControl(config.tolerance, config.max_interval, min(interval, config.max_interval), random_share, config.choose_order)
 
 
 def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
@@ -234,7 +237,8 @@ class ToCaConfig:
             ``1 - cache_ratio``), or a family's default preset (``"dit"``, ``"pixart"``, ``"flux"``,
             ``"opensora"``).
         score: which tokens to recompute: ``"attention"`` (attention received), ``"cross_attention_entropy"``,
-            ``"k_norm"``, ``"v_norm"`` or ``"random"``; ``"auto"`` takes the preset's.
+            ``"k_norm"``, ``"v_norm"``, ``"random"`` or ``"forecast_error"`` (each token's error of the forecast
+            at the last full step, measured there: block adapters only); ``"auto"`` takes the preset's.
         frequency_weight: weight of the cache-frequency term (steps since a token was recomputed,
             divided by N) relative to the L2-normalised score, whose weight is 1.
         spatial_bonus: bonus, as a fraction of the maximum score, given to the best token of each
@@ -257,6 +261,9 @@ class ToCaConfig:
         max_interval: with a tolerance, the most steps between two full steps.
         random_share: with a tolerance, the share of each partial step's recomputed tokens drawn at random
             rather than by score, on which the error is measured without bias (0: on all recomputed tokens).
+        choose_order: with a tolerance and a ``forecast_order``: each full step also measures the forecast of every
+            lower order (0: the kept value), and the steps after it forecast with the order that allows the longest
+            interval (``ditcache.control.ErrorControl``); ``forecast_order`` is then the highest it may choose.
         cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
             computed), ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of bf16's
             bytes; recomputed rows then serve their step only) or ``"float8_differences"`` (the value as
@@ -265,6 +272,7 @@ class ToCaConfig:
         cache_memory, cache_offload: the cache's budget and its offloading to host memory, as in
             :class:`FORAConfig`; ToCa keeps the branch layout, so a budget gives up storage precision, then forecast
             order. Rows a partial step recomputes serve that step only when offloaded.
+        min_steps: runs of at most this many steps run uncached, as in :class:`FORAConfig`.
     """
 
     cache_interval: int | None = None
@@ -282,14 +290,17 @@ class ToCaConfig:
     tolerance: float | None = None
     max_interval: int = DEFAULT_MAX_INTERVAL
     random_share: float = DEFAULT_RANDOM_SHARE
+    choose_order: bool = False
     cache_precision: str = "model"
     cache_layout: str = "branch"
     cache_memory: int | str | None = None
     cache_offload: bool = False
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         _normalise(self)
         _check_control(self)
+        _check_int("min_steps", self.min_steps, 0, MAX_SIZE)
         _check_float("random_share", self.random_share, 0.0, 1.0)
         _check_storage(self)
         if self.cache_interval is not None:
@@ -328,7 +339,7 @@ class ToCaConfig:
             forecaster=_forecaster(self),
             control=_control(self, schedule.cache_interval, self.random_share),
             cache_precision=self.cache_precision,
-            cache_memory=_budget(self), cache_offload=self.cache_offload,
+            cache_memory=_budget(self), cache_offload=self.cache_offload, min_steps=self.min_steps,
         )
 
 
@@ -344,7 +355,7 @@ class FORAConfig:
         forecaster, hermite_scale: the forecast's form, as in :class:`ToCaConfig`.
         schedule: ``"auto"`` (the detected model's default full-step rule) or ``"reference"`` (the
             published FORA runs' rule: on FLUX only step 0 is forced full).
-        tolerance, max_interval: error control, as in :class:`ToCaConfig`; without a probe the error is
+        tolerance, max_interval, choose_order: error control, as in :class:`ToCaConfig`; without a probe the error is
             measured on full steps only (the error a reuse would have made there).
         probe_ratio: with a tolerance, the share of tokens that partial steps compute afresh, drawn at
             random, to measure the error between full steps (their fresh values are kept; their FLOPs
@@ -380,6 +391,7 @@ class FORAConfig:
     schedule: str = "auto"
     tolerance: float | None = None
     max_interval: int = DEFAULT_MAX_INTERVAL
+    choose_order: bool = False
     probe_ratio: float = 0.0
     cache_precision: str = "model"
     cache_layout: str = "branch"
@@ -510,7 +522,7 @@ def ditcache_initial_interval(tolerance: float) -> int:
     return max(round(2 * math.sqrt(tolerance / 0.2)), 1)
 
 
-def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORAConfig:
+def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, recompute: float = 0.0, **changes) -> FORAConfig | ToCaConfig:
     """ditcache's own cache, for every family (block adapters and the generic path): whole branches
     reused between full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
@@ -518,8 +530,16 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
     (``ditcache_initial_interval``; from 3 on, one first full step on every family; a ``cache_interval`` given
     takes its place, and the first full steps and longest interval follow it). Runs of 8 steps or fewer run
     uncached (``min_steps=8``: caching distilled few-step runs has no measured gain yet). Its cache holds at most 16
-    hidden states (``cache_memory="16H"``; ``cache_memory=None`` lifts the budget). ``changes`` override any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache")."""
+    hidden states (``cache_memory="16H"``; ``cache_memory=None`` lifts the budget). ``changes`` override any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache").
+
+    ``recompute`` > 0 makes it token-wise (a :class:`ToCaConfig`, block adapters only): each partial step also
+    computes afresh that share of the tokens of the branches ToCa recomputes, those whose forecast erred most at
+    the last full step (``score="forecast_error"``), a quarter of them drawn at random, on which the error is
+    measured between full steps too."""
     _check_float("tolerance", tolerance, 0.0)
+    _check_float("recompute", recompute, 0.0, 1.0)
+    if recompute >= 1.0:
+        raise ValueError(f"`recompute` must be a number in [0, 1), got {recompute!r}.")
     initial = ditcache_initial_interval(tolerance)
     if "cache_interval" in changes:  # a first interval by hand: the first full steps and longest interval follow it
         _check_int("cache_interval", changes["cache_interval"], 1, MAX_SIZE)
@@ -532,6 +552,9 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, **changes) -> FORACon
                     max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE),
                     # an offloaded cache is bounded by host memory, not by the device budget
                     cache_memory=None if changes.get("cache_offload") else DITCACHE_CACHE_MEMORY, min_steps=DITCACHE_MIN_STEPS)
+    if recompute:
+        token_wise = dict(cache_ratio=1.0 - recompute, schedule="constant", score="forecast_error", frequency_weight=0.0, spatial_bonus=0.0)
+        return ToCaConfig(tolerance=tolerance, **settings | token_wise | changes)
     return FORAConfig(tolerance=tolerance, **settings | changes)
 
 

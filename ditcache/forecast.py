@@ -39,14 +39,23 @@ def hermite(n: int, x: float) -> float:
 
 @dataclass(frozen=True)
 class Forecaster:
-    """Which forecast a partial step uses (``kind`` one of ``FORECASTERS``) and HiCache's scale."""
+    """Which forecast a partial step uses (``kind`` one of ``FORECASTERS``), HiCache's scale, and the most
+    differences it uses (``order``; None: every one kept), which error control's order choice lowers."""
 
     kind: str = "newton"
     hermite_scale: float = 0.5
+    order: int | None = None
+
+    def terms(self, count: int) -> int:
+        """How many of ``count`` kept differences the forecast uses."""
+        return count if self.order is None else min(count, self.order)
 
     def factors(self, step: int, nodes: list[int], count: int) -> list[float]:
-        """The factors ``c_1 ... c_count`` of the first ``count`` divided differences at ``step``, from the
-        full steps ``nodes`` (latest first)."""
+        """The factors ``c_1 ... c_n`` of the first ``n = terms(count)`` divided differences at ``step``, from the
+        full steps ``nodes`` (latest first); with ``n`` below the kept ``count``, the forecast of order ``n``."""
+        count = self.terms(count)
+        if count == 0:
+            return []
         offset = step - nodes[0]
         if self.kind == "hermite":
             scale = self.hermite_scale

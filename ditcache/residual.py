@@ -240,8 +240,8 @@ class ResidualHook(ModelHook):
                 if key not in cache:  # a stream the span does not return
                     values.append(None)
                     continue
-                residual = cache.current(key, run.plan.step, run.settings.forecaster)
-                forecast_flops += cache.forecast_flops(key, residual.numel()) + residual.numel()
+                residual = cache.current(key, run.plan.step, run.forecaster)
+                forecast_flops += cache.forecast_flops(key, residual.numel(), run.forecaster) + residual.numel()
                 values.append(before + residual)
             outputs = tuple(values)
             run.ledger.add_flops(forecast_flops, flops)

@@ -18,8 +18,14 @@ SCORES: dict[str, tuple[str, ...]] = {
     "k_norm": ("key",),
     "v_norm": ("value",),
     "random": (),
+    "forecast_error": (),
 }
 """Each score and the projections it reads: the taps an adapter must capture for it."""
+
+MEASURED_SCORES = ("forecast_error",)
+"""Scores the engine measures instead of reading projections: ``forecast_error``, each token's squared error of its
+branches' forecast (or kept value) at the last full step, summed over channels and the branches of its group: a
+partial step recomputes the tokens its cache served worst (block adapters)."""
 
 SELF_ATTENTION_SCORES = tuple(name for name, reads in SCORES.items() if reads and not any(r.startswith("cross_") for r in reads))
 """The scores read from a block's own attention: with ``random``, all a block without cross-attention can give."""

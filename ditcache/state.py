@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from .budget import CacheLayout
 from .config import EngineSettings
-from .control import ErrorMeter
+from .control import ErrorMeter, squared_error
+from .forecast import Forecaster
 from .residual import SpanTracker
 from .store import BlockCache, CacheKey
 
@@ -43,6 +44,8 @@ class CacheStats:
         forecast_errors: with a ``tolerance``, each step's measured relative error of the cached branch
             outputs (nan where nothing was measured: the first step, steps recomputing nothing).
         estimate_flops: with a ``tolerance``, what measuring the error cost (included in ``flops``).
+        forecast_orders: each step's forecast order: of the forecast a partial step used, or a full step measured
+            (lower at the start, until enough full steps were stored; with ``choose_order``, what was chosen).
         cache_host_bytes: with ``cache_offload``, the most bytes the cache held in host memory (its device bytes,
             the blocks' copies while they run, are in ``cache_bytes``).
         cache_budget: with ``cache_memory``, the budget in bytes for this run's shapes and guidance streams (0: none).
@@ -62,6 +65,7 @@ class CacheStats:
     merged_fraction: float = 0.0
     full_step_reasons: tuple[str, ...] = ()
     forecast_errors: tuple[float, ...] = ()
+    forecast_orders: tuple[int, ...] = ()
     estimate_flops: int = 0
     flops_uncounted: tuple[str, ...] = ()
     cache_layout: str = ""
@@ -86,6 +90,7 @@ class CacheStats:
             merged_fraction=max(part.merged_fraction for part in parts),
             full_step_reasons=tuple(reason for part in parts for reason in part.full_step_reasons),
             forecast_errors=tuple(error for part in parts for error in part.forecast_errors),
+            forecast_orders=tuple(order for part in parts for order in part.forecast_orders),
             estimate_flops=sum(part.estimate_flops for part in parts),
             flops_uncounted=tuple(sorted({note for part in parts for note in part.flops_uncounted})),
             cache_layout=" / ".join(dict.fromkeys(part.cache_layout for part in parts)),
@@ -197,6 +202,8 @@ class StepPlan:
         self.full_step_reasons: list[str] = []
         self.full_step_plan: tuple[bool, ...] | None = None  # the grid rule's full steps, made at the start
         self.full_next_step = False  # the caches were dropped: the next step must be full (reason "memory")
+        self.chosen_order: int | None = None  # error control's order choice, once made
+        self.forecast_orders: list[int] = []  # each step's forecast order
         # a run too short to cache (min_steps): every step full, nothing kept, uncached bit for bit
         self.uncached = settings.too_short(self.steps)
         if meter is None and settings.schedule.needs_step_count and self.steps is not None:
@@ -216,24 +223,38 @@ class StepPlan:
         elif self.full_next_step:
             self.is_full, reason, self.full_next_step = True, "memory", False
         elif self.meter is not None:
-            measurements = self.meter.deciding(self.step, self.forecast_order, self.full_step_indices[-1])
-            interval, reason = self.settings.control.interval(measurements)
+            measurements = self.meter.deciding(self.step, self.forecast_order, self.full_step_indices[-1], self.stored_order)
+            interval, reason, order = self.settings.control.interval(measurements)
+            self.chosen_order = self.chosen_order if order is None else order
             self.is_full = self.steps_since_full >= interval
         elif self.full_step_plan is not None:
             self.is_full = self.step >= len(self.full_step_plan) or self.full_step_plan[self.step]
         else:
             self.is_full = schedule.is_full_step(self.step, self.steps_since_full, self.progress)
         if self.meter is not None:  # what this step measures: the forecast made from the full steps before it
-            self.meter.open_step(self.step, self.steps_since_full, self.forecast_order, self.is_full)
+            self.meter.open_step(self.step, self.steps_since_full, self.forecast_order, self.is_full, self.measured_orders)
+        self.forecast_orders.append(self.forecast_order)
         if self.is_full:
             self.steps_since_full = 0
             self.full_step_indices.append(self.step)
             self.full_step_reasons.append(reason)
 
     @property
-    def forecast_order(self) -> int:
-        """The order of the forecasts the caches hold now: lower until enough full steps were stored."""
+    def stored_order(self) -> int:
+        """The highest order the caches can forecast with: lower until enough full steps were stored."""
         return max(min(self.order, len(self.full_step_indices) - 1), 0)
+
+    @property
+    def forecast_order(self) -> int:
+        """The order of the forecasts made now: the stored order, at most the one error control chose."""
+        return self.stored_order if self.chosen_order is None else min(self.stored_order, self.chosen_order)
+
+    @property
+    def measured_orders(self) -> int:
+        """How many forecast orders (from 0) this step measures, before it is filed as full: under the order choice,
+        on full steps, every order the caches can forecast with; else none besides the forecast in force."""
+        control = self.settings.control
+        return self.stored_order + 1 if self.is_full and control is not None and control.choose_order else 0
 
     def _progress(self, timestep: float) -> float:
         if self.steps is not None and self.steps > 1:
@@ -440,17 +461,31 @@ class RunState:
         """Whether this run keeps anything for partial steps: the settings cache and the run is not too short."""
         return self.settings.caches and not self.plan.uncached
 
+    @property
+    def forecaster(self) -> Forecaster:
+        """The forecast partial steps make now: the settings' one, with at most the order error control chose."""
+        chosen = self.plan.chosen_order
+        return self.settings.forecaster if chosen is None else replace(self.settings.forecaster, order=chosen)
+
     def block_cache(self, block_name: str) -> BlockCache:
         return self.caches.block(block_name, self.stream)
 
     @torch.compiler.disable
-    def measure_kept(self, cache: BlockCache, key: CacheKey, fresh: torch.Tensor) -> None:
+    def measure_kept(self, cache: BlockCache, key: CacheKey, fresh: torch.Tensor, cached: torch.Tensor | None = None) -> None:
         """On a full step, before ``fresh`` is stored under ``key``: the error its kept value (or forecast)
-        would have made on this step, added to the step's measurement with what it costs."""
-        cached = cache.current(key, self.plan.step, self.settings.forecaster)
-        forecast_flops = cache.forecast_flops(key, cached.numel())
-        noise = cache.rounding_error(key, self.plan.step, self.settings.forecaster)
-        self.ledger.add_estimate_flops(forecast_flops + self.plan.meter.add(cached, fresh, noise))
+        would have made on this step, added to the step's measurement with what it costs (``cached``: that
+        forecast, when the caller made it already)."""
+        step, forecaster = self.plan.step, self.forecaster
+        cached = cache.current(key, step, forecaster) if cached is None else cached
+        forecast_flops = cache.forecast_flops(key, cached.numel(), forecaster)
+        noise = cache.rounding_error(key, step, forecaster)
+        order_errors = []
+        if self.plan.measured_orders:  # the order choice: every order's forecast, the highest kept standing for those above
+            for forecast, made_by in cache.forecasts(key, step, self.settings.forecaster):
+                order_errors.append(squared_error(forecast, fresh, cache.rounding_error(key, step, made_by)))
+            forecast_flops += cache.forecast_flops(key, cached.numel(), self.settings.forecaster)
+            order_errors += order_errors[-1:] * (self.plan.measured_orders - len(order_errors))
+        self.ledger.add_estimate_flops(forecast_flops + self.plan.meter.add(cached, fresh, noise, order_errors))
 
     @torch.compiler.disable
     def measure_rows(self, cached: torch.Tensor, fresh: torch.Tensor) -> None:
@@ -490,6 +525,7 @@ class RunState:
             merged_fraction=ledger.merged_fraction,
             full_step_reasons=tuple(plan.full_step_reasons),
             forecast_errors=plan.meter.errors(steps, wait=plan.run_finished) if plan.meter is not None else (),
+            forecast_orders=tuple(plan.forecast_orders),
             estimate_flops=ledger.estimate_flops,
             flops_uncounted=tuple(f"{name}: {why}" for name, why in sorted(self.flops_uncounted.items())),
         )

@@ -6,7 +6,8 @@ float8, offloaded to host memory) and the forecast's divided differences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -78,6 +79,7 @@ class BlockCache:
     base_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # per token group
     normalized_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # the same at unit L2 norm
     since_recompute: dict[str, torch.Tensor] = field(default_factory=dict)  # per branch
+    token_errors: dict[str, torch.Tensor] = field(default_factory=dict)  # per branch: the forecast_error score's part
     text_keys: torch.Tensor | None = None  # cross-attention keys, to refresh entropy rows
     text_values: torch.Tensor | None = None  # cross-attention values, where partial steps recompute its rows
     precision: str = "model"  # how values and differences are stored (ditcache.codecs.CACHE_PRECISIONS)
@@ -95,9 +97,10 @@ class BlockCache:
         entry = self.entries.get(key)
         return len(entry.differences) if entry is not None else 0
 
-    def forecast_flops(self, key: CacheKey, numel: int) -> int:
-        """What forecasting ``numel`` elements of ``key`` costs: a multiply and an add per difference."""
-        return 2 * self.order(key) * numel
+    def forecast_flops(self, key: CacheKey, numel: int, forecaster: Forecaster) -> int:
+        """What forecasting ``numel`` elements of ``key`` with ``forecaster`` costs: a multiply and an add per
+        difference it uses."""
+        return 2 * forecaster.terms(self.order(key)) * numel
 
     def on_device(self, stored: Stored) -> Stored:
         """``stored`` where it is computed with: itself, or (offloaded) its device copy, made now if no prefetch
@@ -188,12 +191,29 @@ class BlockCache:
 
     def current(self, key: CacheKey, step: int, forecaster: Forecaster) -> torch.Tensor:
         """The value a partial step uses for ``key``. Without differences: ``kept(key)``. With them: a new
-        tensor, ``forecaster``'s forecast at ``step`` (recomputed rows written into it serve this step only)."""
+        tensor, ``forecaster``'s forecast at ``step`` (recomputed rows written into it serve this step only;
+        a copy of the kept value where the forecaster uses none of them, so the differences keep their base)."""
         entry = self.entries[key]
         value = self.kept(key)
-        for difference, factor in zip(entry.differences, forecaster.factors(step, entry.nodes, len(entry.differences))):
+        if not entry.differences:
+            return value
+        factors = forecaster.factors(step, entry.nodes, len(entry.differences))
+        if not factors:
+            return value.clone()
+        for difference, factor in zip(entry.differences, factors):
             value = torch.add(value, codecs.decode(self.on_device(difference)), alpha=factor)
         return value
+
+    def forecasts(self, key: CacheKey, step: int, forecaster: Forecaster) -> Iterator[tuple[torch.Tensor, Forecaster]]:
+        """The forecast at ``step`` of every order from 0 to the differences kept, lowest first, each with the
+        forecaster that makes it (for ``rounding_error``); one forecast alive at a time besides the kept value."""
+        entry = self.entries[key]
+        value = self.kept(key)
+        yield value, replace(forecaster, order=0)
+        for order in range(1, len(entry.differences) + 1):
+            factor = replace(forecaster, order=order).factors(step, entry.nodes, order)[-1]
+            value = torch.add(value, codecs.decode(self.on_device(entry.differences[order - 1])), alpha=factor)
+            yield value, replace(forecaster, order=order)
 
     def rounding_error(self, key: CacheKey, step: int, forecaster: Forecaster) -> torch.Tensor | None:
         """The squared error the storage's rounding adds to ``current(key, step)``, None when stored as
@@ -221,6 +241,7 @@ class BlockCache:
         kept = list(self.device_copies.values()) if self.offload else self.stored()
         rounding = [error for entry in self.entries.values() for error in entry.rounding or ()]
         tensors = [*kept, *rounding, *self.base_scores.values(), *self.normalized_scores.values(), *self.since_recompute.values(),
+                   *self.token_errors.values(),
                    self.text_keys, self.text_values]
         return sum(codecs.nbytes(t) for t in tensors)
 

@@ -74,15 +74,20 @@ OPTIONS = {
     "layout": ("cache_layout", lambda value: f"span:{value[4:]}" if value.startswith("span") else value),
     "offload": ("cache_offload", lambda value: _flag("offload", value)),
     "memory": ("cache_memory", lambda value: int(value) if value.isdigit() else None if value == "none" else value),
-    "first": ("cache_interval", int),  # the preset's first interval by hand (no start derived from the run)
+    "first": ("cache_interval", int),  # the preset's first interval by hand
+    "start": ("full_steps_at_start", int),
+    "choose": ("choose_order", lambda value: _flag("choose", value)),
+    "recompute": ("recompute", float),  # the preset's token-wise variant
 }
+
+
 def _flag(name: str, value: str) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"`{name}` takes 0 or 1, got {value!r}.")
     return value == "1"
 
 
-ONLY = {"probe": "fora", "share": "toca", "first": "ditcache"}
+ONLY = {"probe": "fora", "share": "toca", "first": "ditcache", "recompute": "ditcache"}
 
 
 def parse_method(spec: str) -> Method:
@@ -97,9 +102,9 @@ def parse_method(spec: str) -> Method:
     trailing options too: ``:tol=X`` (the tolerance), ``:max=M`` (the longest interval; N is then the
     interval before the first measurement), ``:probe=P`` (FORA's probe share), ``:share=S`` (ToCa's random
     share), e.g. ``toca:4:0.9:v_norm:order=1:tol=0.1``; and the forecast's form: ``:fc=hermite``
-    (``:sigma=X`` its scale) or ``:fc=bdf2_heun`` (with ``:order=2``); the storage: ``:store=float8``, ``:layout=block|spanN|chain`` (``spanN`` for ``span:N``), ``:memory=4GiB|16H|none``, ``:offload=1``. ``ditcache[:tolerance]`` is
-    ``preset("ditcache")``, options as FORA's (e.g. ``ditcache:0.4:max=16``) and ``:first=K``, its first interval by
-    hand (the start is then not derived from the run's step count and solver)."""
+    (``:sigma=X`` its scale) or ``:fc=bdf2_heun`` (with ``:order=2``); the storage: ``:store=float8``, ``:layout=block|spanN|chain`` (``spanN`` for ``span:N``), ``:memory=4GiB|16H|none``, ``:offload=1``; the order choice of error control: ``:choose=1``; the first full steps: ``:start=K``. ``ditcache[:tolerance]`` is
+    ``preset("ditcache")``, options as FORA's (e.g. ``ditcache:0.4:max=16``), ``:first=K``, its first interval by
+    hand, and ``:recompute=R``, its token-wise variant."""
     try:
         return _parse_method(spec)
     except ValueError as error:

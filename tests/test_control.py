@@ -1,6 +1,7 @@
 """Error-controlled caching: the measured error of cached values, and the schedule that follows it."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,16 +30,16 @@ def synthetic_run(features, config, steps: int = STEPS):
     the rows, as the block adapters do."""
     run = RunState(config.resolve("generic"))
     run.start(CallSignature(1, (64,), torch.float64, torch.device("cpu")), steps - 1.0, tuple(range(steps - 1, -1, -1)), False)
-    cache, rows = BlockCache(), torch.arange(0, 64, 4)
+    cache, rows, key = BlockCache(), torch.arange(0, 64, 4), CacheKey("branch")
     for step in range(steps):
         run.begin_step(steps - 1.0 - step)
         fresh = features(step)
         if run.plan.is_full:
-            if CacheKey("branch") in cache:
-                run.plan.meter.add(cache.current(CacheKey("branch"), step, run.settings.forecaster), fresh)
-            cache.store(CacheKey("branch"), fresh, step, config.forecast_order)
+            if key in cache:
+                run.measure_kept(cache, key, fresh)
+            cache.store(key, fresh, step, config.forecast_order)
         else:
-            run.plan.meter.add(cache.current(CacheKey("branch"), step, run.settings.forecaster)[:, rows], fresh[:, rows])
+            run.measure_rows(cache.current(key, step, run.forecaster)[:, rows], fresh[:, rows])
     run.end_call()
     return run.stats()
 
@@ -73,18 +74,67 @@ def test_a_jump_triggers_a_full_step_as_soon_as_its_measurement_is_read():
 
 def test_the_controller_follows_the_step_size_formula():
     control = ErrorControl(tolerance=0.1, max_interval=8, initial_interval=3, random_share=0.25)
-    assert control.interval([]) == (3.0, "interval")
+    assert control.interval([]) == (3.0, "interval", None)
     at = lambda error, since, order, full=True: Measurement(0, since, order, full, torch.tensor([error**2, 1.0], dtype=torch.float64))  # noqa: E731
     assert control.interval([at(0.4, 2, 1)])[0] == pytest.approx(2 * (0.1 / 0.4) ** 0.5)
-    assert control.interval([at(0.05, 2, 0)]) == (4.0, "error")
-    assert control.interval([at(0.001, 2, 0)]) == (8.0, "max_interval")
-    assert control.interval([at(0.0, 2, 0)]) == (8.0, "max_interval")
-    assert control.interval([at(5.0, 1, 0)]) == (1.0, "error")  # never below one step
+    assert control.interval([at(0.05, 2, 0)]) == (4.0, "error", None)
+    assert control.interval([at(0.001, 2, 0)]) == (8.0, "max_interval", None)
+    assert control.interval([at(0.0, 2, 0)]) == (8.0, "max_interval", None)
+    assert control.interval([at(5.0, 1, 0)]) == (1.0, "error", None)  # never below one step
     # a partial step's measurement makes the next step full when past the tolerance, and else says nothing
-    assert control.interval([at(0.001, 1, 0, full=False), at(0.05, 2, 0)]) == (4.0, "error")
-    assert control.interval([at(0.09, 1, 0, full=False), at(0.05, 2, 0)]) == (4.0, "error")
-    assert control.interval([at(0.11, 1, 0, full=False), at(0.05, 2, 0)]) == (1.0, "error")
-    assert control.interval([at(0.001, 1, 0, full=False)]) == (3.0, "interval")  # before any full step's
+    assert control.interval([at(0.001, 1, 0, full=False), at(0.05, 2, 0)]) == (4.0, "error", None)
+    assert control.interval([at(0.09, 1, 0, full=False), at(0.05, 2, 0)]) == (4.0, "error", None)
+    assert control.interval([at(0.11, 1, 0, full=False), at(0.05, 2, 0)]) == (1.0, "error", None)
+    assert control.interval([at(0.001, 1, 0, full=False)]) == (3.0, "interval", None)  # before any full step's
+
+
+def test_the_order_choice_forecasts_with_the_order_that_erred_least():
+    """The interval is the one the highest order's error allows, as without the choice; the order is the one that
+    erred least over the interval measured, the lower one on a tie."""
+    control = ErrorControl(tolerance=0.1, max_interval=8, initial_interval=3, random_share=0.25, choose_order=True)
+
+    def full_step(*errors, since=4):  # the error of the forecast in force first, then of orders 0, 1, 2
+        sums = torch.tensor([errors[-1] ** 2, 1.0, *(error**2 for error in errors)], dtype=torch.float64)
+        return Measurement(0, since, 2, True, sums, orders=len(errors))
+
+    interval, reason, order = control.interval([full_step(0.05, 0.2, 0.3)])
+    assert (order, reason) == (0, "error") and interval == pytest.approx(4 * (0.1 / 0.3) ** (1 / 3))
+    interval, reason, order = control.interval([full_step(0.3, 0.1, 0.2, since=2)])
+    assert order == 1 and interval == pytest.approx(2 * (0.1 / 0.2) ** (1 / 3))
+    assert control.interval([full_step(0.2, 0.2, 0.01)]) == (8.0, "max_interval", 2)
+    assert control.interval([full_step(0.0, 0.0, 0.0)]) == (8.0, "max_interval", 0)  # a tie: the lowest order
+    assert control.interval([full_step(0.1, math.nan, 0.1)])[::2] == (1.0, None)
+    with pytest.raises(ValueError, match="choose_order.*forecast_order"):
+        FORAConfig(tolerance=0.1, choose_order=True)
+    with pytest.raises(ValueError, match="choose_order.*tolerance"):
+        FORAConfig(forecast_order=2, choose_order=True)
+
+
+def test_the_order_choice_reuses_noisy_features_and_forecasts_those_on_a_curve():
+    """Under ``choose_order`` partial steps forecast with the order that erred least at the last full step: plain
+    reuse for a branch whose fresh values scatter about a constant (differences only amplify the scatter), the
+    quadratic for one on a parabola; the full steps stay those the highest order's error allows."""
+    def noisy(step):
+        scatter = torch.randn(1, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        return torch.ones(1, 64, 4, dtype=torch.float64) + 0.01 * scatter
+
+    config = FORAConfig(cache_interval=3, max_interval=6, forecast_order=2, full_steps_at_start=3, tolerance=0.05)
+    for features, chosen in ((noisy, 0), (lambda step: polynomial(step, 2), 2)):
+        fixed = synthetic_run(features, config)
+        choosing = synthetic_run(features, replace(config, choose_order=True))
+        assert choosing.full_step_indices == fixed.full_step_indices
+        # the first full step that measured every order (the fourth) decides from DECISION_LAG steps after it on
+        decided = choosing.full_step_indices[3] + DECISION_LAG
+        assert set(fixed.forecast_orders[decided:]) == {2}
+        assert set(choosing.forecast_orders[decided:]) == {chosen}
+        partial = [step for step in range(decided, STEPS) if step not in choosing.full_step_indices]
+        errors = [(fixed.forecast_errors[step], choosing.forecast_errors[step]) for step in partial]
+        if chosen == 0:  # reuse errs by the scatter (0.01 sqrt 2); the quadratic through scattered values more
+            assert max(error for _, error in errors) < 0.02 < 0.03 < max(error for error, _ in errors)
+        else:
+            assert max(max(pair) for pair in errors) < 1e-12  # exact
+        # measuring every order costs a forecast and an error norm more per order, on full steps only
+        assert choosing.estimate_flops > fixed.estimate_flops
 
 
 def test_a_step_is_decided_from_measurements_the_device_finished_before():
@@ -292,3 +342,32 @@ def test_the_preset_runs_a_short_run_uncached_bit_for_bit_and_says_so(dit_pipe, 
         remove_cache(pipe)
     with pytest.raises(ValueError, match="`min_steps` must be an integer"):
         FORAConfig(min_steps=-1)
+
+
+def test_the_token_wise_preset_recomputes_its_share_of_the_worst_forecast_tokens(flux_pipe):
+    """``preset("ditcache", recompute=R)``: the preset's full steps and forecast, plus on each partial step the
+    share R of the recomputed branches' tokens, those whose forecast erred most at the last full step (a quarter
+    drawn at random, on which the error is measured); block adapters only."""
+    from test_flux import run_flux
+
+    config = preset("ditcache", tolerance=0.3, recompute=0.25, min_steps=0)
+    assert isinstance(config, ToCaConfig) and (config.score, config.cache_ratio, config.forecaster) == ("forecast_error", 0.75, "bdf2_heun")
+    apply_cache(flux_pipe, config)
+    with record_selections(flux_pipe) as events:
+        run_flux(flux_pipe, steps=12)
+    stats = cache_stats(flux_pipe)
+    remove_cache(flux_pipe)
+    assert stats.partial_steps > 0 and stats.recompute_fraction == pytest.approx(0.25, abs=0.02)
+    partial = [step for step in range(stats.steps) if step not in stats.full_step_indices]
+    assert all(math.isfinite(stats.forecast_errors[step]) for step in partial)  # measured on the recomputed tokens
+    scored = [event for event in events if event.score.abs().sum() > 0]
+    assert scored and all(event.frequency.abs().sum() == 0 and event.bonus.abs().sum() == 0 for event in events)
+    for event in scored:  # the tokens chosen by score are the top of the last full step's error
+        count = event.tokens.shape[1]
+        top = event.tokens[:, : count - round(count * 0.25)]
+        assert event.score.gather(1, top).min() >= event.score.topk(top.shape[1]).values.min() - 1e-6
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="recompute"):
+            preset("ditcache", recompute=bad)
+    with pytest.raises(ValueError, match="forecast_error.*block adapters"):
+        apply_cache(build("sd3"), preset("ditcache", recompute=0.1))

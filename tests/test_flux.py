@@ -286,3 +286,25 @@ def test_a_kept_text_projection_changed_in_place_is_computed_anew():
     torch.testing.assert_close(second, expected[1], rtol=0, atol=0)
     run = transformer._diffusers_hook.get_hook(STEP_HOOK).run
     assert run.memo.get("context_embedder", 0).versions[-1] == 0  # the second call computed and kept a fresh one
+
+
+def test_the_forecast_error_score_is_each_tokens_error_at_the_last_full_step_and_chooses_the_worst(transformer):
+    """``score="forecast_error"``: a full step keeps, per token of a branch's group, the squared error its kept value
+    (or forecast) made there; a partial step recomputes the tokens with the largest."""
+    config = ToCaConfig(cache_interval=4, cache_ratio=0.75, schedule="constant", score="forecast_error",
+                        full_steps_at_start=1, frequency_weight=0.0, spatial_bonus=0.0)
+    adapter = adapters(transformer, config)["double"]
+    run, cache = make_run(config), BlockCache()
+    first = torch.randn(BATCH, IMAGE, transformer.inner_dim, generator=torch.Generator().manual_seed(0))
+    adapter.keep(run, cache, "mlp", first)
+    assert cache.base_scores["image"].eq(0).all()  # nothing kept before: no error yet
+    worst = torch.tensor([3, 7, 11, 13][: round(IMAGE / 4)])
+    change = torch.zeros_like(first)
+    change[:, worst] = torch.linspace(1.0, 2.0, len(worst))[:, None]
+    adapter.keep(run, cache, "mlp", first + change)  # order 0: the kept value is the forecast
+    torch.testing.assert_close(cache.base_scores["image"], change.square().sum(-1))
+    assert "text" not in cache.base_scores  # the context MLP was not kept: its group has no score yet
+    run.begin_step(0.9)
+    assert not run.plan.is_full
+    selection = adapter.select(run, cache, "mlp", IMAGE)
+    assert sorted(selection.index[0].tolist()) == sorted(worst.tolist())

@@ -151,15 +151,49 @@ class BlockAdapter:
         """The branches whose cached value's error is measured: those partial steps recompute rows of."""
         return tuple(self.branch_groups)
 
+    @property
+    def error_groups(self) -> dict[str, str]:
+        """Each measured branch and the token group whose ``forecast_error`` score its errors add to."""
+        return {branch: self.branch_groups[branch] for branch in self.measured_branches}
+
+    @property
+    def tapped_score(self) -> str | None:
+        """The score a full step reads from the attention's projections (None: none, or one the engine measures)."""
+        score = self.settings.score
+        return score if self.settings.recomputes_tokens and score not in S.MEASURED_SCORES else None
+
     def keep(self, run: RunState, cache: BlockCache, branch: str, output: torch.Tensor) -> None:
         """Store a full step's branch output when partial steps will reuse it (with its divided
         differences when the settings forecast); under error control, first measure the error the
-        cached value would have made on this step."""
+        cached value would have made on this step, and with the ``forecast_error`` score keep it per token."""
         if run.caching:
             key = CacheKey(branch)
-            if run.plan.meter is not None and key in cache and branch in self.measured_branches:
-                run.measure_kept(cache, key, output)
+            measured = run.plan.meter is not None and branch in self.measured_branches
+            scored = self.settings.recomputes_tokens and self.settings.score == "forecast_error" and branch in self.error_groups
+            forecast = self._kept_forecast(run, cache, key) if key in cache and (measured or scored) else None
+            if measured and forecast is not None:
+                run.measure_kept(cache, key, output, forecast)
+            if scored:
+                self.store_token_errors(run, cache, branch, output, forecast)
             cache.store(key, output.contiguous(), run.plan.step, self.settings.forecast_order)
+
+    @torch.compiler.disable  # the step enters as a Python number: keep it out of compiled graphs
+    def _kept_forecast(self, run: RunState, cache: BlockCache, key: CacheKey) -> torch.Tensor:
+        return cache.current(key, run.plan.step, run.forecaster)
+
+    @torch.compiler.disable
+    def store_token_errors(self, run: RunState, cache: BlockCache, branch: str, output: torch.Tensor,
+                           forecast: torch.Tensor | None) -> None:
+        """The ``forecast_error`` score: each token's squared error of ``branch``'s forecast on this full step (zero
+        before any), summed with the other branches of its group as the group's base score."""
+        if forecast is None:
+            error = output.new_zeros(output.shape[:2], dtype=torch.float32)
+        else:
+            error = torch.linalg.vector_norm(output - forecast, dim=-1, dtype=torch.float32).square()
+        cache.token_errors[branch] = error
+        group = self.error_groups[branch]
+        branches = [name for name, named_group in self.error_groups.items() if named_group == group and name in cache.token_errors]
+        self.store_base_score(run, cache, group, sum(cache.token_errors[name] for name in branches))
 
     @torch.compiler.disable
     def measure(self, run: RunState, cached: torch.Tensor, selection: "Selection", fresh: torch.Tensor) -> None:
@@ -184,22 +218,22 @@ class BlockAdapter:
 
     @torch.compiler.disable  # the step enters as a Python number: keep it out of compiled graphs
     def _forecast(self, run: RunState, cache: BlockCache, key: CacheKey) -> torch.Tensor:
-        value = cache.current(key, run.plan.step, self.settings.forecaster)
-        run.ledger.add_flops(cache.forecast_flops(key, value.numel()), 0)
+        value = cache.current(key, run.plan.step, run.forecaster)
+        run.ledger.add_flops(cache.forecast_flops(key, value.numel(), run.forecaster), 0)
         return value
 
     def reuse_rows(self, run: RunState, cache: BlockCache, branch: str, selection: "Selection") -> torch.Tensor:
         """The selected rows of ``reuse(run, cache, branch)``, forecasting those rows only."""
         key = CacheKey(branch)
         rows = gather_rows(cache.kept(key), selection)
-        if not cache.order(key):
-            return rows
-        return rows + self._forecast_rows(run, cache, key, selection).view_as(rows)
+        terms = self._forecast_rows(run, cache, key, selection) if cache.order(key) else None
+        return rows if terms is None else rows + terms.view_as(rows)
 
     @torch.compiler.disable
-    def _forecast_rows(self, run: RunState, cache: BlockCache, key: CacheKey, selection: "Selection") -> torch.Tensor:
-        terms = cache.forecast_terms(key, run.plan.step, selection.flat, self.settings.forecaster)
-        run.ledger.add_flops(cache.forecast_flops(key, terms.numel()), 0)
+    def _forecast_rows(self, run: RunState, cache: BlockCache, key: CacheKey, selection: "Selection") -> torch.Tensor | None:
+        terms = cache.forecast_terms(key, run.plan.step, selection.flat, run.forecaster)
+        if terms is not None:
+            run.ledger.add_flops(cache.forecast_flops(key, terms.numel(), run.forecaster), 0)
         return terms
 
     # -- token merging --------------------------------------------------------------------------

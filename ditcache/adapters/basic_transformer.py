@@ -57,7 +57,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     def readable_scores(self) -> tuple[tuple[str, ...], str]:
         if self.block.attn2 is not None:
             return super().readable_scores()
-        return (*S.SELF_ATTENTION_SCORES, "random"), "needs cross-attention blocks (PixArt); this model has none"
+        return (*S.SELF_ATTENTION_SCORES, "random", *S.MEASURED_SCORES), "needs cross-attention blocks (PixArt); this model has none"
 
     # -- diffusers' math, piece by piece -------------------------------------------------------
     def _modulation(self, run, hidden_states, timestep, class_labels):
@@ -131,7 +131,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         block = self.block
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         encoder_hidden_states, encoder_attention_mask = text
-        score = self.settings.score if self.settings.recomputes_tokens else None
+        score = self.tapped_score
         match = self.match_tokens(run, hidden_states)
         if self.merges("attn", match) and attention_mask is not None:
             raise ValueError("token merging on self-attention needs the model to pass no self-attention mask.")

@@ -115,7 +115,7 @@ class _FluxMerging:
     to score."""
 
     def readable_scores(self) -> tuple[tuple[str, ...], str]:
-        return (*S.SELF_ATTENTION_SCORES, "random"), (
+        return (*S.SELF_ATTENTION_SCORES, "random", *S.MEASURED_SCORES), (
             "needs cross-attention blocks (PixArt, OpenSora); FLUX attends to text and image jointly")
 
     def batch_match(self, run: RunState, image_tokens: torch.Tensor) -> TokenMatch | None:
@@ -149,7 +149,7 @@ class FluxDoubleBlockAdapter(_FluxMerging, BlockAdapter):
 
     def _full(self, run, cache, hidden_states, encoder_hidden_states, temb, rotary, attn_kwargs):
         block = self.block
-        score = self.settings.score if self.settings.recomputes_tokens else None
+        score = self.tapped_score
         batch, image = hidden_states.shape[:2]
         text = encoder_hidden_states.shape[1]
         match = self.batch_match(run, hidden_states)
@@ -271,7 +271,7 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
     def _full(self, run, cache, hidden_states, temb, rotary, attn_kwargs, text):
         block = self.block
         batch, tokens = hidden_states.shape[:2]
-        score = self.settings.score if self.settings.recomputes_tokens else None
+        score = self.tapped_score
         match = self.batch_match(run, hidden_states[:, text:])
         merge_attn, merge_mlp = self.merges("attn", match), self.merges("mlp", match)
         norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
@@ -328,6 +328,10 @@ class FluxSingleBlockAdapter(_FluxMerging, BlockAdapter):
         """Partial steps recompute the fused output projection's rows (their attention half forecast, the MLP
         half fresh); a full step measures the same output, both halves fresh."""
         return ("output",)
+
+    @property
+    def error_groups(self) -> dict[str, str]:
+        return {"output": "joint"}
 
     def _flops(self, batch: int, tokens: int, rows: dict[str, int] | None, modulation: bool = True) -> int:
         """FLOPs of one call; ``rows`` maps ``attn``, ``mlp`` (the MLP's input projection) and ``out``

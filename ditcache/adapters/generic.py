@@ -217,8 +217,8 @@ class BranchAdapter:
                     f"{self.block_name}.{self.branch}: the block changed this branch's output in place after it was "
                     "kept, so reusing it would be wrong; this branch cannot be cached on the generic path."
                 )
-            value = cache.current(key, run.plan.step, self.settings.forecaster)
-            forecast_flops += cache.forecast_flops(key, value.numel())
+            value = cache.current(key, run.plan.step, run.forecaster)
+            forecast_flops += cache.forecast_flops(key, value.numel(), run.forecaster)
             tensors.append(value)
         run.ledger.add_flops(forecast_flops, flops)
         return _unflatten(layout, tensors)
@@ -280,6 +280,9 @@ class GenericTransformerAdapter(TransformerAdapter):
             raise ValueError(f"{name} has no token-wise path yet: it is cached by layer (FORAConfig, with or without forecast_order).")
         if settings.method == "toca" and settings.score != "random":
             scored = ", ".join(self.spec.attention_sequences) or "none"
+            if settings.score in S.MEASURED_SCORES:
+                raise ValueError(f"score={settings.score!r} is measured by the block adapters only (DiT, PixArt, FLUX.1, OpenSora), "
+                                 f"not on the generic path ({name}); use 'attention', 'k_norm', 'v_norm' or 'random'.")
             if settings.score not in S.SELF_ATTENTION_SCORES:
                 raise ValueError(
                     f"score={settings.score!r} is not available on the generic path ({name}): it reads a cross-attention "

@@ -66,7 +66,7 @@ class STDiT3BlockAdapter(BlockAdapter):
     def _full(self, run, cache, x, y, mask, modulation, frames, rope):
         block = self.block
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
-        score = self.settings.score if self.settings.recomputes_tokens else None
+        score = self.tapped_score
 
         match = None if block.temporal else self._frame_match(run, x, frames)
         x_m = modulate(block.norm1(x), shift_msa, scale_msa)
