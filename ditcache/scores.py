@@ -43,6 +43,8 @@ def token_scores(
     """Each token's ``score`` from the ``(batch, heads, tokens, head_dim)`` projections ``SCORES`` names for
     it, and the FLOPs it cost. ``scale`` is the attention's softmax scale (default ``head_dim ** -0.5``),
     ``bias`` the cross-attention mask; ``random`` draws ``shape = (batch, tokens)`` from ``generator``."""
+    if score in MEASURED_SCORES:
+        raise ValueError(f"score={score!r} is measured by the engine on full steps, not read from projections.")
     if score == "random":
         return random_scores(*shape, generator), 0
     if score in ("k_norm", "v_norm"):
