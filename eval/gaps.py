@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-GAP_SPEEDUPS = (1.5, 2, 3, 4, 5, 6, 8)
+GAP_SPEEDUPS = (1.25, 1.5, 2, 3, 4, 5, 6, 8)
 
 
 def method_family(method: str) -> str:
