@@ -262,8 +262,9 @@ class ToCaConfig:
         random_share: with a tolerance, the share of each partial step's recomputed tokens drawn at random
             rather than by score, on which the error is measured without bias (0: on all recomputed tokens).
         choose_order: with a tolerance and a ``forecast_order``: each full step also measures the forecast of every
-            lower order (0: the kept value), and the steps after it forecast with the order that allows the longest
-            interval (``ditcache.control.ErrorControl``); ``forecast_order`` is then the highest it may choose.
+            lower order (0: the kept value), and the steps after it forecast with the order that erred least there,
+            the interval still the highest order's (``ditcache.control.ErrorControl``); ``forecast_order`` is then
+            the highest it may choose.
         cache_precision: how the cache stores branch outputs and forecast differences: ``"model"`` (as
             computed), ``"float8"`` (e4m3 with one scale per token, ``ditcache.codecs``: about half of bf16's
             bytes; recomputed rows then serve their step only) or ``"float8_differences"`` (the value as
