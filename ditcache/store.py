@@ -211,9 +211,10 @@ class BlockCache:
         value = self.kept(key)
         yield value, replace(forecaster, order=0)
         for order in range(1, len(entry.differences) + 1):
-            factor = replace(forecaster, order=order).factors(step, entry.nodes, order)[-1]
+            made_by = replace(forecaster, order=order)
+            factor = made_by.factors(step, entry.nodes, order)[-1]
             value = torch.add(value, codecs.decode(self.on_device(entry.differences[order - 1])), alpha=factor)
-            yield value, replace(forecaster, order=order)
+            yield value, made_by
 
     def rounding_error(self, key: CacheKey, step: int, forecaster: Forecaster) -> torch.Tensor | None:
         """The squared error the storage's rounding adds to ``current(key, step)``, None when stored as
