@@ -34,6 +34,9 @@ DEFAULT_MAX_INTERVAL = 10  # error control's longest interval between full steps
 DEFAULT_RANDOM_SHARE = 0.25  # error control's share of ToCa's recomputed tokens drawn at random
 DITCACHE_TOLERANCE = 0.2  # preset("ditcache")'s default: about 4.2-4.6x fewer FLOPs at 42-50 dB at 50 steps
 DITCACHE_MAX_INTERVAL = 12  # preset("ditcache")'s longest interval, or 3 initial intervals where longer
+# preset("ditcache") chooses the forecast order by measurement from this tolerance on: -0.1 to +5.7 dB at matched FLOPs
+# in 16 cells (the three references at 20, 28 and 50 steps), mixed below it (-5.4 to +5.0)
+DITCACHE_CHOOSE_ORDER_FROM = 0.8
 # preset("ditcache")'s cache budget: 16 hidden states for all guidance streams, at most 2 GiB at FLUX.1-dev 1024x1024
 # and 12 GiB at Wan 2.1 14B 1280x720x81 (eval/BENCHMARKS.md, "A cache memory budget").
 DITCACHE_CACHE_MEMORY = "16H"
@@ -529,7 +532,8 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, recompute: float = 0.
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
     against fidelity): it sets the controller's bound and the interval before its first measurement
     (``ditcache_initial_interval``; from 3 on, one first full step on every family; a ``cache_interval`` given
-    takes its place, and the first full steps and longest interval follow it). Runs of 8 steps or fewer run
+    takes its place, and the first full steps and longest interval follow it). From tolerance 0.8 on, the forecast
+    order is chosen by measurement (``choose_order``). Runs of 8 steps or fewer run
     uncached (``min_steps=8``: caching distilled few-step runs has no measured gain yet). Its cache holds at most 16
     hidden states (``cache_memory="16H"``; ``cache_memory=None`` lifts the budget). ``changes`` override any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache").
 
@@ -551,6 +555,7 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, recompute: float = 0.
     # the largest tolerances ask for intervals past any run: held at the longest a config takes
     settings = dict(cache_interval=min(initial, MAX_SIZE), full_steps_at_start=start, forecast_order=2, forecaster="bdf2_heun",
                     max_interval=min(max(DITCACHE_MAX_INTERVAL, 3 * initial), MAX_SIZE),
+                    choose_order=tolerance >= DITCACHE_CHOOSE_ORDER_FROM and changes.get("forecast_order", 2) > 0,
                     # an offloaded cache is bounded by host memory, not by the device budget
                     cache_memory=None if changes.get("cache_offload") else DITCACHE_CACHE_MEMORY, min_steps=DITCACHE_MIN_STEPS)
     if recompute:

@@ -151,6 +151,9 @@ def _relative(squared_error: float, squared_value: float) -> float:
     return math.sqrt(squared_error / squared_value) if squared_value > 0 else 0.0
 
 
+ERROR_FLOPS = 3  # per element of a squared error: a difference, a square, a sum
+
+
 def squared_error(cached: torch.Tensor, fresh: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """``|fresh - cached|^2`` on the device, in float32 at least; ``noise``: the squared error the cache's storage
     alone adds (float8 rounding), which no full step removes, taken off (not below 0) so that it does not
@@ -207,15 +210,14 @@ class ErrorMeter:
         torch.distributed.all_reduce(total, group=self.group)
         self._sums = total
 
-    def add(self, cached: torch.Tensor, fresh: torch.Tensor, noise: torch.Tensor | None = None,
-            order_errors: list[torch.Tensor] = ()) -> int:
-        """Add the rows' squared error (``squared_error``) and squared fresh values to this step's sums, on the
-        device, with ``order_errors`` (the squared error of each order's forecast, as many as ``open_step`` was
-        told); the FLOPs it costs, besides making the forecasts."""
+    def add(self, error: torch.Tensor, fresh: torch.Tensor, order_errors: list[torch.Tensor] = ()) -> int:
+        """Add the rows' squared error ``error`` (``squared_error``) and squared fresh values to this step's sums, on
+        the device, with ``order_errors`` (the squared error of each order's forecast, as many as ``open_step`` was
+        told); the FLOPs the squared values cost (the errors' are the caller's: ``ERROR_FLOPS`` per element)."""
         value = torch.linalg.vector_norm(fresh, dtype=torch.promote_types(fresh.dtype, torch.float32)).square()
-        sums = torch.stack([squared_error(cached, fresh, noise), value, *order_errors])
+        sums = torch.stack([error, value, *order_errors])
         self._sums = sums if self._sums is None else self._sums + sums
-        return (5 + 3 * len(order_errors)) * fresh.numel()
+        return 2 * fresh.numel()
 
     def deciding(self, deciding: int, order: int, last_full: int, stored_order: int | None = None) -> list[Measurement]:
         """The measurements that decide step ``deciding``: of steps at least ``DECISION_LAG`` before it, of a

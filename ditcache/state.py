@@ -15,7 +15,7 @@ import torch
 
 from .budget import CacheLayout
 from .config import EngineSettings
-from .control import ErrorMeter, squared_error
+from .control import ERROR_FLOPS, ErrorMeter, squared_error
 from .forecast import Forecaster
 from .residual import SpanTracker
 from .store import BlockCache, CacheKey
@@ -474,24 +474,27 @@ class RunState:
     def measure_kept(self, cache: BlockCache, key: CacheKey, fresh: torch.Tensor, cached: torch.Tensor | None = None) -> None:
         """On a full step, before ``fresh`` is stored under ``key``: the error its kept value (or forecast)
         would have made on this step, added to the step's measurement with what it costs (``cached``: that
-        forecast, when the caller made it already)."""
+        forecast, when the caller made it already). Under the order choice every order's forecast is measured, the
+        one in force among them."""
         step, forecaster = self.plan.step, self.forecaster
-        cached = cache.current(key, step, forecaster) if cached is None else cached
-        forecast_flops = cache.forecast_flops(key, cached.numel(), forecaster)
-        noise = cache.rounding_error(key, step, forecaster)
-        order_errors = []
-        if self.plan.measured_orders:  # the order choice: every order's forecast, the highest kept standing for those above
-            for forecast, made_by in cache.forecasts(key, step, self.settings.forecaster):
-                order_errors.append(squared_error(forecast, fresh, cache.rounding_error(key, step, made_by)))
-            forecast_flops += cache.forecast_flops(key, cached.numel(), self.settings.forecaster)
+        if self.plan.measured_orders:  # the highest order kept stands for those above it
+            order_errors = [squared_error(forecast, fresh, cache.rounding_error(key, step, made_by))
+                            for forecast, made_by in cache.forecasts(key, step, self.settings.forecaster)]
+            error = order_errors[forecaster.terms(len(order_errors) - 1)]
+            flops = cache.forecast_flops(key, fresh.numel(), self.settings.forecaster) + ERROR_FLOPS * len(order_errors) * fresh.numel()
             order_errors += order_errors[-1:] * (self.plan.measured_orders - len(order_errors))
-        self.ledger.add_estimate_flops(forecast_flops + self.plan.meter.add(cached, fresh, noise, order_errors))
+        else:
+            cached = cache.current(key, step, forecaster) if cached is None else cached
+            error, order_errors = squared_error(cached, fresh, cache.rounding_error(key, step, forecaster)), []
+            flops = cache.forecast_flops(key, fresh.numel(), forecaster) + ERROR_FLOPS * fresh.numel()
+        self.ledger.add_estimate_flops(flops + self.plan.meter.add(error, fresh, order_errors))
 
     @torch.compiler.disable
     def measure_rows(self, cached: torch.Tensor, fresh: torch.Tensor) -> None:
         """On a partial step, recomputed rows' cached value (or forecast) ``cached`` against their fresh
         values, added to the step's measurement with what it costs."""
-        self.ledger.add_estimate_flops(self.plan.meter.add(cached, fresh))
+        error = squared_error(cached, fresh)
+        self.ledger.add_estimate_flops(ERROR_FLOPS * fresh.numel() + self.plan.meter.add(error, fresh))
 
     def end_call(self) -> None:
         ledger, plan = self.ledger, self.plan

@@ -272,7 +272,7 @@ def test_float8_rounding_is_taken_off_the_measured_error():
     """A branch that moves on a line is forecast exactly from its differences; in float8 the forecast is off by
     the rounding only, which more full steps would not remove: the error meter takes it off (independent
     roundings: their squares add, each times its forecast factor squared)."""
-    from ditcache.control import ErrorMeter
+    from ditcache.control import ErrorMeter, squared_error
     from ditcache.forecast import NEWTON
     from ditcache.store import BlockCache, CacheKey
 
@@ -285,7 +285,7 @@ def test_float8_rounding_is_taken_off_the_measured_error():
     plain, corrected = ErrorMeter(torch.device("cpu")), ErrorMeter(torch.device("cpu"))
     for meter, noise in ((plain, None), (corrected, cache.rounding_error(CacheKey("x"), 6, NEWTON))):
         meter.open_step(6, 2, 2, True)
-        meter.add(cache.current(CacheKey("x"), 6, NEWTON), fresh, noise)
+        meter.add(squared_error(cache.current(CacheKey("x"), 6, NEWTON), fresh, noise), fresh)
         meter.close_step()
     error = {name: float(meter.measurements[0].sums[0] / meter.measurements[0].sums[1]) ** 0.5
              for name, meter in (("plain", plain), ("corrected", corrected))}

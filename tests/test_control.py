@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ditcache import FORAConfig, ToCaConfig, apply_cache, cache_stats, preset, record_selections, remove_cache
-from ditcache.control import DECISION_LAG, ErrorControl, ErrorMeter, Measurement
+from ditcache.control import DECISION_LAG, ErrorControl, ErrorMeter, Measurement, squared_error
 from ditcache.state import CallSignature, RunState
 from ditcache.store import BlockCache, CacheKey
 
@@ -137,13 +137,39 @@ def test_the_order_choice_reuses_noisy_features_and_forecasts_those_on_a_curve()
         assert choosing.estimate_flops > fixed.estimate_flops
 
 
+def test_under_the_order_choice_the_error_in_force_is_the_measured_error_of_its_order():
+    """A full step under ``choose_order`` makes each order's forecast once: the error that sets the interval is the
+    entry of the per-order errors at the order in force, not a forecast made again."""
+    config = FORAConfig(cache_interval=3, max_interval=6, forecast_order=2, full_steps_at_start=3, tolerance=0.05, choose_order=True)
+    run = RunState(config.resolve("generic"))
+    run.start(CallSignature(1, (64,), torch.float64, torch.device("cpu")), STEPS - 1.0, tuple(range(STEPS - 1, -1, -1)), False)
+    meter = run.plan.meter
+    cache, key = BlockCache(), CacheKey("branch")
+    for step in range(STEPS):
+        run.begin_step(STEPS - 1.0 - step)
+        if run.plan.is_full:
+            if key in cache:
+                run.measure_kept(cache, key, polynomial(step, 3))
+            cache.store(key, polynomial(step, 3), step, config.forecast_order)
+    run.end_call()
+    chosen = [m for m in meter.measurements if m.full and m.orders]
+    assert all(m._read()[0] == m._read()[2 + m.order] for m in chosen)
+    # once three full steps are kept, the three orders err apart on a cubic
+    assert sum(len({*m._read()[2:2 + m.orders]}) == 3 for m in chosen) >= 2
+
+
+def test_the_preset_chooses_the_forecast_order_from_tolerance_0_8():
+    assert [preset("ditcache", tolerance=t).choose_order for t in (0.2, 0.79, 0.8, 3.2)] == [False, False, True, True]
+    assert not preset("ditcache", tolerance=1.6, forecast_order=0, forecaster="newton").choose_order
+
+
 def test_a_step_is_decided_from_measurements_the_device_finished_before():
     """The host reads a measurement only ``DECISION_LAG`` steps after its step, at most one per step: on a
     GPU the stream then holds the step in between, and never waits for the host."""
     meter = ErrorMeter(torch.device("cpu"))
     for step in range(8):
         meter.open_step(step, 1, 0, full=step % 3 == 0)
-        meter.add(torch.zeros(3), torch.ones(3) * (step + 1))
+        meter.add(squared_error(torch.zeros(3), torch.ones(3) * (step + 1)), torch.ones(3) * (step + 1))
         # decided from step - 1 back to the latest full step's measurement (steps 0, 3, 6), partial steps'
         # only since the last full step
         last_full = 3 * (step // 3)

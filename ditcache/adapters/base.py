@@ -170,8 +170,9 @@ class BlockAdapter:
             key = CacheKey(branch)
             measured = run.plan.meter is not None and branch in self.measured_branches
             scored = self.settings.recomputes_tokens and self.settings.score == "forecast_error" and branch in self.error_groups
-            forecast = self._kept_forecast(run, cache, key) if key in cache and (measured or scored) else None
-            if measured and forecast is not None:
+            # under the order choice the measurement makes every order's forecast itself
+            forecast = self._kept_forecast(run, cache, key) if key in cache and (scored or measured and not run.plan.measured_orders) else None
+            if measured and key in cache:
                 run.measure_kept(cache, key, output, forecast)
             if scored:
                 self.store_token_errors(run, cache, branch, output, forecast)
