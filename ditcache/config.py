@@ -260,7 +260,8 @@ class ToCaConfig:
         tolerance: error control (``ditcache.control``): instead of a fixed interval, the next full step
             comes when the cached branch outputs' relative RMS error, measured on the recomputed tokens and
             extrapolated, would pass this tolerance (>= 0; 0 makes every step full). ``cache_interval``
-            is then the interval before the first measurement. ``None``: the fixed interval.
+            is then the interval before the first measurement, at most a seventh of the run's steps
+            (``ditcache.control.STEPS_PER_FIRST_INTERVAL``). ``None``: the fixed interval.
         max_interval: with a tolerance, the most steps between two full steps.
         random_share: with a tolerance, the share of each partial step's recomputed tokens drawn at random
             rather than by score, on which the error is measured without bias (0: on all recomputed tokens).
@@ -522,7 +523,8 @@ def ditcache_initial_interval(tolerance: float) -> int:
     the fourth full step on), so that with a fixed start a large tolerance only stretches the later
     intervals; spacing the start like the controller spaces an order-1 forecast (the order in force over the
     first steps) gained 3-11 dB at 5.6-6.4x on the 64-token references at 50 steps, and costs 2-3 dB beyond
-    3x at 20 steps (eval/BENCHMARKS.md, "The first interval")."""
+    3x at 20 steps (eval/BENCHMARKS.md, "The first interval"), which the engine's cap on the first interval, a seventh
+    of the run's steps, now removes (``ErrorControl.first_interval``)."""
     return max(round(2 * math.sqrt(tolerance / 0.2)), 1)
 
 
@@ -531,8 +533,8 @@ def ditcache_config(tolerance: float = DITCACHE_TOLERANCE, recompute: float = 0.
     reused between full steps as FoCa's BDF2/Heun forecast, and the next full step chosen by error control
     from the error each full step measures of the interval before it. ``tolerance`` is the one knob (speed
     against fidelity): it sets the controller's bound and the interval before its first measurement
-    (``ditcache_initial_interval``; from 3 on, one first full step on every family; a ``cache_interval`` given
-    takes its place, and the first full steps and longest interval follow it). From tolerance 0.8 on, the forecast
+    (``ditcache_initial_interval``, at most a seventh of the run's steps; from 3 on, one first full step on every family;
+    a ``cache_interval`` given takes its place, and the first full steps and longest interval follow it). From tolerance 0.8 on, the forecast
     order is chosen by measurement (``choose_order``). Runs of 8 steps or fewer run
     uncached (``min_steps=8``: caching distilled few-step runs has no measured gain yet). Its cache holds at most 16
     hidden states (``cache_memory="16H"``; ``cache_memory=None`` lifts the budget). ``changes`` override any field. Chosen on the three reference models at 20 and 50 steps (eval/BENCHMARKS.md, "ditcache's own cache").

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import torch
 
 DECISION_LAG = 2
+# The interval before the first measurement is at most the run's steps over this: a long first interval, set by the
+# tolerance alone, skipped most of a short run unmeasured (eval/BENCHMARKS.md, "A first interval from the step count").
+STEPS_PER_FIRST_INTERVAL = 7
 
 FULL_STEP_REASONS = {
     "start": "one of the first steps, always full",
@@ -51,7 +54,7 @@ class ErrorControl:
         tolerance: the relative RMS error of the cached branch outputs that a partial step may reach.
         max_interval: the most steps between two full steps.
         initial_interval: the interval used before the first measurement is known (at most
-            ``max_interval``).
+            ``max_interval``, and in a run of known length at most a seventh of its steps: ``first_interval``).
         random_share: share of each partial step's recomputed tokens drawn at random instead of by
             score; the estimate reads those rows only, when there are any.
         choose_order: each full step measures the forecast of every order up to the run's (order 0: the
@@ -66,17 +69,24 @@ class ErrorControl:
     random_share: float
     choose_order: bool = False
 
-    def interval(self, measurements: "list[Measurement]") -> tuple[float, str, int | None]:
-        """The interval the measurements allow, the reason a full step at that interval has (the full
-        step's, or, before any, the initial interval; one step when a partial step measured an error past
-        the tolerance), and the forecast order chosen with it (None: no choice made)."""
+    def first_interval(self, steps: int | None) -> int:
+        """The interval before the first measurement in a run of ``steps`` (None: unknown): ``initial_interval``, at
+        most ``steps / STEPS_PER_FIRST_INTERVAL`` (rounded; at least one step)."""
+        if steps is None:
+            return self.initial_interval
+        return min(self.initial_interval, max(round(steps / STEPS_PER_FIRST_INTERVAL), 1))
+
+    def interval(self, measurements: "list[Measurement]", steps: int | None = None) -> tuple[float, str, int | None]:
+        """The interval the measurements allow in a run of ``steps``, the reason a full step at that interval has (the
+        full step's, or, before any, the first interval; one step when a partial step measured an error past the
+        tolerance), and the forecast order chosen with it (None: no choice made)."""
         if any(not math.isfinite(measurement.error) for measurement in measurements):
             return 1.0, "non_finite", None
         if any(not measurement.full and measurement.error > self.tolerance for measurement in measurements):
             return 1.0, "error", None
         full = next((measurement for measurement in measurements if measurement.full), None)
         if full is None:
-            return float(self.initial_interval), "interval", None
+            return float(self.first_interval(steps)), "interval", None
         if not full.order_errors:
             return (*self._interval(full.since_full, full.error, full.order), None)
         if any(not math.isfinite(error) for error in full.order_errors):

@@ -224,7 +224,7 @@ class StepPlan:
             self.is_full, reason, self.full_next_step = True, "memory", False
         elif self.meter is not None:
             measurements = self.meter.deciding(self.step, self.forecast_order, self.full_step_indices[-1], self.stored_order)
-            interval, reason, order = self.settings.control.interval(measurements)
+            interval, reason, order = self.settings.control.interval(measurements, self.steps)
             self.chosen_order = self.chosen_order if order is None else order
             self.is_full = self.steps_since_full >= interval
         elif self.full_step_plan is not None:

@@ -47,9 +47,10 @@ def synthetic_run(features, config, steps: int = STEPS):
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_polynomial_features_need_no_full_step_beyond_the_first_and_the_longest_interval(order):
     config = FORAConfig(cache_interval=6, max_interval=6, forecast_order=order, full_steps_at_start=order + 1, tolerance=1e-6)
-    stats = synthetic_run(lambda step: polynomial(step, order), config)
+    steps = 42  # the first interval, 6, is a seventh of the run: not shortened
+    stats = synthetic_run(lambda step: polynomial(step, order), config, steps=steps)
     start = tuple(range(order + 1))
-    assert stats.full_step_indices == start + tuple(range(order + 6, STEPS, 6))
+    assert stats.full_step_indices == start + tuple(range(order + 6, steps, 6))
     # the first interval is the initial one: no full step has measured a whole interval before it
     assert stats.full_step_reasons == ("start",) * (order + 1) + ("interval",) + ("max_interval",) * (len(stats.full_step_indices) - order - 2)
     measured = [error for error in stats.forecast_errors[order + 1:]]
@@ -62,9 +63,9 @@ def test_a_jump_triggers_a_full_step_as_soon_as_its_measurement_is_read():
     def features(step):
         return polynomial(step, 1) + (0.5 if step >= jump else 0.0)
 
-    config = FORAConfig(cache_interval=6, max_interval=6, forecast_order=1, full_steps_at_start=2, tolerance=0.01)
+    config = FORAConfig(cache_interval=4, max_interval=6, forecast_order=1, full_steps_at_start=2, tolerance=0.01)
     stats = synthetic_run(features, config)
-    assert stats.full_step_indices[:4] == (0, 1, 7, 13)  # exact forecasts until the jump
+    assert stats.full_step_indices[:4] == (0, 1, 5, 11)  # exact forecasts until the jump
     assert stats.forecast_errors[jump] > 0.1 and stats.forecast_errors[jump - 1] < 1e-12
     # measured at the jump, read DECISION_LAG steps later: the first step it can decide is full
     first_after = next(index for index in stats.full_step_indices if index > jump)
@@ -156,6 +157,17 @@ def test_under_the_order_choice_the_error_in_force_is_the_measured_error_of_its_
     assert all(m._read()[0] == m._read()[2 + m.order] for m in chosen)
     # once three full steps are kept, the three orders err apart on a cubic
     assert sum(len({*m._read()[2:2 + m.orders]}) == 3 for m in chosen) >= 2
+
+
+@pytest.mark.parametrize("steps, first", [(9, 1), (20, 3), (28, 4), (50, 6), (100, 6)])
+def test_the_first_interval_is_derived_from_the_step_count(steps, first):
+    """The interval before the first measurement is the tolerance's (6 steps at 1.6), at most a seventh of the run:
+    a short run starts with shorter intervals, measured sooner."""
+    config = preset("ditcache", tolerance=1.6, cache_memory=None)
+    assert config.resolve("generic").control.first_interval(steps) == first
+    stats = synthetic_run(lambda step: polynomial(step, 3), config, steps=steps)
+    assert stats.full_step_indices[:4] == (0, first, 2 * first, 3 * first)
+    assert stats.full_step_reasons[1:4] == ("interval",) * 3
 
 
 def test_the_preset_chooses_the_forecast_order_from_tolerance_0_8():
