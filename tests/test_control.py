@@ -28,6 +28,11 @@ def synthetic_run(features, config, steps: int = STEPS):
     """The engine's bookkeeping of one cached branch whose fresh value at each step is ``features(step)``:
     full steps measure the forecast against the fresh value and store it, partial steps measure a quarter of
     the rows, as the block adapters do."""
+    return synthetic_state(features, config, steps).stats()
+
+
+def synthetic_state(features, config, steps: int = STEPS) -> RunState:
+    """``synthetic_run``'s run, ended, for its error meter."""
     run = RunState(config.resolve("generic"))
     run.start(CallSignature(1, (64,), torch.float64, torch.device("cpu")), steps - 1.0, tuple(range(steps - 1, -1, -1)), False)
     cache, rows, key = BlockCache(), torch.arange(0, 64, 4), CacheKey("branch")
@@ -41,7 +46,7 @@ def synthetic_run(features, config, steps: int = STEPS):
         else:
             run.measure_rows(cache.current(key, step, run.forecaster)[:, rows], fresh[:, rows])
     run.end_call()
-    return run.stats()
+    return run
 
 
 @pytest.mark.parametrize("order", [0, 1, 2])
@@ -142,17 +147,7 @@ def test_under_the_order_choice_the_error_in_force_is_the_measured_error_of_its_
     """A full step under ``choose_order`` makes each order's forecast once: the error that sets the interval is the
     entry of the per-order errors at the order in force, not a forecast made again."""
     config = FORAConfig(cache_interval=3, max_interval=6, forecast_order=2, full_steps_at_start=3, tolerance=0.05, choose_order=True)
-    run = RunState(config.resolve("generic"))
-    run.start(CallSignature(1, (64,), torch.float64, torch.device("cpu")), STEPS - 1.0, tuple(range(STEPS - 1, -1, -1)), False)
-    meter = run.plan.meter
-    cache, key = BlockCache(), CacheKey("branch")
-    for step in range(STEPS):
-        run.begin_step(STEPS - 1.0 - step)
-        if run.plan.is_full:
-            if key in cache:
-                run.measure_kept(cache, key, polynomial(step, 3))
-            cache.store(key, polynomial(step, 3), step, config.forecast_order)
-    run.end_call()
+    meter = synthetic_state(lambda step: polynomial(step, 3), config).plan.meter
     chosen = [m for m in meter.measurements if m.full and m.orders]
     assert all(m._read()[0] == m._read()[2 + m.order] for m in chosen)
     # once three full steps are kept, the three orders err apart on a cubic
